@@ -1,0 +1,101 @@
+//! pvkit's vhost-user device backends.
+//!
+//! Each backend runs as its own process, conventionally named `vhost-user-blk`,
+//! `vhost-user-net` or `vhost-user-console`. The `pvkit` command is multi-call: started under
+//! one of those names (by symlink or by re-executing itself with that `argv[0]`), it becomes
+//! that backend. This crate holds the device logic; [`BackendKind`] names the backends and maps
+//! program names to them.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::fmt;
+use std::path::Path;
+
+/// Errors from choosing or starting a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A backend name that does not exist.
+    #[error("unknown backend '{0}' (expected one of: blk, net, console)")]
+    UnknownBackend(String),
+    /// The backend is not part of this build.
+    #[error("the {0} backend is not part of this build of pvkit yet")]
+    NotBuilt(BackendKind),
+}
+
+/// The three device backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// virtio-blk over vhost-user.
+    Blk,
+    /// virtio-net over vhost-user.
+    Net,
+    /// virtio-console over vhost-user.
+    Console,
+}
+
+impl BackendKind {
+    /// Every backend.
+    pub const ALL: [BackendKind; 3] = [BackendKind::Blk, BackendKind::Net, BackendKind::Console];
+
+    /// The short name used by `pvkit backend NAME`.
+    pub const fn short_name(self) -> &'static str {
+        match self {
+            BackendKind::Blk => "blk",
+            BackendKind::Net => "net",
+            BackendKind::Console => "console",
+        }
+    }
+
+    /// The conventional program name, which is also the `argv[0]` a backend process carries.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            BackendKind::Blk => "vhost-user-blk",
+            BackendKind::Net => "vhost-user-net",
+            BackendKind::Console => "vhost-user-console",
+        }
+    }
+
+    /// Parses a short name (`blk`) or a program name (`vhost-user-blk`).
+    pub fn from_name(name: &str) -> Result<BackendKind, BackendError> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.short_name() == name || k.program_name() == name)
+            .ok_or_else(|| BackendError::UnknownBackend(name.to_string()))
+    }
+
+    /// The backend a process invoked as `argv0` should become, if its file name is a
+    /// backend's program name (`/usr/bin/vhost-user-net` -> `Net`).
+    pub fn from_argv0(argv0: &str) -> Option<BackendKind> {
+        let file = Path::new(argv0).file_name()?.to_str()?;
+        BackendKind::ALL.into_iter().find(|k| k.program_name() == file)
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short_name())
+    }
+}
+
+/// Runs backend `kind` with its command-line arguments (without the program name) and
+/// returns when it exits.
+pub fn run_backend(kind: BackendKind, _args: &[String]) -> Result<(), BackendError> {
+    Err(BackendError::NotBuilt(kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for kind in BackendKind::ALL {
+            assert_eq!(BackendKind::from_name(kind.short_name()).unwrap(), kind);
+            assert_eq!(BackendKind::from_name(kind.program_name()).unwrap(), kind);
+            assert_eq!(BackendKind::from_argv0(&format!("/usr/local/bin/{}", kind.program_name())), Some(kind));
+        }
+        assert!(matches!(BackendKind::from_name("scsi"), Err(BackendError::UnknownBackend(n)) if n == "scsi"));
+        assert_eq!(BackendKind::from_argv0("/usr/bin/pvkit"), None);
+        assert_eq!(BackendKind::from_argv0(""), None);
+    }
+}

@@ -1,0 +1,24 @@
+//! `pvkit`: one multi-call binary for the whole toolkit.
+//!
+//! - `pvkit run|demo|bench ...` and `pvkit backend blk|net|console ...`;
+//! - invoked as `vhost-user-blk`, `vhost-user-net` or `vhost-user-console` (a symlink, or a
+//!   re-execution with that `argv[0]`), it is that backend.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(kind) = args.first().and_then(|a| pvkit_host_devices::BackendKind::from_argv0(a)) {
+        return match pvkit_host_devices::run_backend(kind, &args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("{}: {err}", kind.program_name());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    cli::main(args)
+}

@@ -1,0 +1,17 @@
+//! The VMM glue: guest memory, vCPUs, the virtio-mmio transport and a vhost-user frontend
+//! per device, wired so that doorbells and interrupts go between guest and backend through
+//! the kernel (ioeventfd, irqfd).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::path::Path;
+
+/// Whether `/dev/kvm` exists and can be opened for reading and writing.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// Whether the host's KVM is PVM-based (guests there cannot take interrupts and must poll).
+pub fn kvm_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}

@@ -77,6 +77,16 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// A command that starts backend `kind` by re-executing the multi-call binary `exe` with
+/// `argv[0]` set to the backend's program name, so the process carries the conventional name
+/// (`ps` shows `vhost-user-blk`) while one build provides every program.
+pub fn backend_command(exe: &Path, kind: BackendKind) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg0(kind.program_name());
+    cmd
+}
+
 /// Runs backend `kind` with its command-line arguments (without the program name) and
 /// returns when it exits.
 pub fn run_backend(kind: BackendKind, _args: &[String]) -> Result<(), BackendError> {

@@ -1,0 +1,51 @@
+//! The `pvkit` command line: help, errors, and multi-call dispatch by `argv[0]`.
+
+use pvkit_host_devices::{BackendKind, backend_command};
+use std::path::Path;
+use std::process::Command;
+
+fn pvkit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pvkit"))
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    let out = pvkit().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("demo") && text.contains("backend"), "{text}");
+    let out = pvkit().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pvkit "));
+}
+
+#[test]
+fn bad_arguments_exit_two_with_a_message() {
+    let out = pvkit().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("frobnicate"));
+    let out = pvkit().args(["backend", "scsi"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend 'scsi'"));
+}
+
+#[test]
+fn demo_reports_the_embedded_guest() {
+    let out = pvkit().arg("demo").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("tiny guest")).expect("demo lists the tiny guest");
+    let bytes: usize = line.split_whitespace().find_map(|w| w.parse().ok()).expect("with its size");
+    assert!(bytes > 1000, "{line}");
+}
+
+#[test]
+fn argv0_selects_the_backend() {
+    for kind in BackendKind::ALL {
+        let out = backend_command(Path::new(env!("CARGO_BIN_EXE_pvkit")), kind).arg("--help").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Whatever the backend answers, it answers as itself and not as the pvkit command.
+        assert!(stderr.starts_with(&format!("{}:", kind.program_name())) || out.status.success(), "{kind}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("Usage: pvkit"), "{kind} ran as pvkit");
+    }
+}

@@ -55,28 +55,20 @@ pub fn main(args: Vec<String>) -> ExitCode {
 }
 
 fn demo() -> ExitCode {
-    println!("pvkit {} — what this build contains", env!("CARGO_PKG_VERSION"));
-    println!("  protocol      wire formats and ABI (virtio-blk, -net, -console, virtio-mmio, split ring)  ready");
-    println!(
-        "  tiny guest    embedded, {} bytes (x86_64-unknown-none ELF)                                 built",
-        TINY_GUEST_ELF.len()
-    );
+    println!("pvkit {}: what this build contains", env!("CARGO_PKG_VERSION"));
+    let row = |name: &str, what: &str, state: &str| println!("  {name:<20} {what:<66} {state}");
+    row("protocol", "wire formats and ABI (virtio-blk/-net/-console, mmio, split ring)", "ready");
+    row("tiny guest", &format!("embedded x86_64-unknown-none ELF, {} bytes", TINY_GUEST_ELF.len()), "built");
     for kind in BackendKind::ALL {
-        println!(
-            "  {:<13} vhost-user backend                                                        not built yet",
-            kind.program_name()
-        );
+        row(kind.program_name(), "vhost-user backend", "not built yet");
     }
-    println!(
-        "  vmm-glue      KVM VMM and vhost-user frontend                                            not built yet"
-    );
+    row("vmm-glue", "KVM VMM and vhost-user frontend", "not built yet");
     println!();
-    println!("machine:");
     let kvm = if pvkit_vmm_glue::kvm_usable() { "usable" } else { "not usable" };
     let flavour = if pvkit_vmm_glue::kvm_is_pvm() { " (PVM-based: guests poll, no interrupts)" } else { "" };
-    println!("  /dev/kvm      {kvm}{flavour}");
+    println!("machine: /dev/kvm {kvm}{flavour}");
     println!();
     println!("The demo boots the tiny guest against all three backends once the VMM and backends are built;");
-    println!("until then it only reports the parts above and exits 0.");
+    println!("until then it reports the parts above and exits 0.");
     ExitCode::SUCCESS
 }

@@ -8,6 +8,9 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod blk;
+pub mod server;
+
 use std::fmt;
 use std::path::Path;
 
@@ -20,6 +23,9 @@ pub enum BackendError {
     /// The backend is not part of this build.
     #[error("the {0} backend is not part of this build of pvkit yet")]
     NotBuilt(BackendKind),
+    /// The block backend failed.
+    #[error(transparent)]
+    Blk(#[from] blk::BlkError),
 }
 
 /// The three device backends.
@@ -89,8 +95,11 @@ pub fn backend_command(exe: &Path, kind: BackendKind) -> std::process::Command {
 
 /// Runs backend `kind` with its command-line arguments (without the program name) and
 /// returns when it exits.
-pub fn run_backend(kind: BackendKind, _args: &[String]) -> Result<(), BackendError> {
-    Err(BackendError::NotBuilt(kind))
+pub fn run_backend(kind: BackendKind, args: &[String]) -> Result<(), BackendError> {
+    match kind {
+        BackendKind::Blk => Ok(blk::main(args)?),
+        other => Err(BackendError::NotBuilt(other)),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,404 @@
+//! The virtio-blk device behind the vhost-user protocol: features, configuration space and
+//! queue processing. Each request queue has its own worker thread and shares no lock with the
+//! others on the I/O path.
+
+use super::engine::{BlockEngine, Engine};
+use super::request::{self, Limits, Operation, Request, RequestError, Segment};
+use super::stats::Stats;
+use log::warn;
+use pvkit_protocol::blk::{self, ConfigRepr, RequestType, Status, feature as blkf};
+use pvkit_protocol::virtio::{Features, feature as vf};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Largest number of data segments in one request (`seg_max`).
+pub const SEG_MAX: u32 = 254;
+/// Most segments in one discard or write-zeroes request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Most sectors in one discard or write-zeroes segment (a bit under 4 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9 << 9 >> 9;
+
+/// What the device is configured with.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+    /// The GET_ID answer (truncated to 20 bytes).
+    pub serial: String,
+    /// Logical block size reported to the guest.
+    pub logical_block_size: u32,
+    /// Whether writes are refused.
+    pub read_only: bool,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    options: BlkOptions,
+    limits: Limits,
+    config: ConfigRepr,
+    writeback: AtomicBool,
+    event_idx: AtomicBool,
+    memory: RwLock<Option<Memory>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    stats: Arc<Stats>,
+    gates: Arc<QueueGates>,
+}
+
+/// One lock per queue, held by the queue's worker while it processes a batch. Nothing else
+/// takes them except [`QueueGates::close`] at exit, so queues never contend with each other.
+pub struct QueueGates {
+    gates: Vec<std::sync::Mutex<()>>,
+}
+
+impl QueueGates {
+    /// Gates for `queues` queues.
+    pub fn new(queues: u16) -> QueueGates {
+        QueueGates { gates: (0..queues).map(|_| std::sync::Mutex::new(())).collect() }
+    }
+
+    /// Waits for every in-flight batch to finish and keeps new ones from starting, for good.
+    pub fn close(&self) {
+        for gate in &self.gates {
+            std::mem::forget(gate.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+}
+
+/// The block device; cheap to clone (all state is shared).
+#[derive(Clone)]
+pub struct BlkDevice {
+    shared: Arc<Shared>,
+}
+
+impl BlkDevice {
+    /// A device (for one frontend connection) serving `engine` with `options`, counting into
+    /// `stats`; `gates` has one lock per queue (see [`QueueGates`]).
+    pub fn new(
+        engine: Arc<Engine>,
+        options: BlkOptions,
+        stats: Arc<Stats>,
+        gates: Arc<QueueGates>,
+    ) -> io::Result<BlkDevice> {
+        let capacity_sectors = engine.size() / blk::SECTOR_SIZE;
+        let block_exp = options.logical_block_size.trailing_zeros().saturating_sub(blk::SECTOR_SHIFT);
+        let config = ConfigRepr {
+            capacity: capacity_sectors,
+            size_max: 1 << 20,
+            seg_max: SEG_MAX,
+            blk_size: options.logical_block_size,
+            physical_block_exp: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+            writeback: 1,
+            num_queues: options.num_queues,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEGMENTS,
+            discard_sector_alignment: 1 << block_exp,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEGMENTS,
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        };
+        let limits = Limits {
+            capacity_sectors,
+            read_only: options.read_only,
+            max_segments: MAX_DISCARD_SEGMENTS,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        };
+        let exits = (0..options.num_queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let shared = Shared {
+            engine,
+            options,
+            limits,
+            config,
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            memory: RwLock::new(None),
+            exits,
+            stats,
+            gates,
+        };
+        Ok(BlkDevice { shared: Arc::new(shared) })
+    }
+
+    /// The virtio features the device offers.
+    pub fn device_features(&self) -> Features {
+        let mut f = Features::from_bits(&[
+            vf::VERSION_1,
+            vf::RING_EVENT_IDX,
+            vf::RING_INDIRECT_DESC,
+            vf::VHOST_USER_PROTOCOL_FEATURES,
+            blkf::SIZE_MAX,
+            blkf::SEG_MAX,
+            blkf::BLK_SIZE,
+            blkf::TOPOLOGY,
+            blkf::FLUSH,
+            blkf::CONFIG_WCE,
+            blkf::MQ,
+            blkf::DISCARD,
+            blkf::WRITE_ZEROES,
+        ]);
+        if self.shared.options.read_only {
+            f = f.with(blkf::RO).without(blkf::DISCARD).without(blkf::WRITE_ZEROES);
+        }
+        f
+    }
+
+    /// Ends the worker threads (after a disconnect or at exit).
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.shared.exits {
+            let _ = notifier.notify();
+        }
+    }
+
+    fn config_bytes(&self) -> [u8; blk::CONFIG_SIZE] {
+        let mut config = self.shared.config;
+        config.writeback = u8::from(self.shared.writeback.load(Ordering::Relaxed));
+        let mut bytes = [0u8; blk::CONFIG_SIZE];
+        // CONFIG_SIZE bytes always hold the configuration.
+        let _ = config.emit(&mut bytes);
+        bytes
+    }
+
+    /// Processes every available request on `vring`; returns whether the driver must be
+    /// notified.
+    fn process_queue(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<bool> {
+        let mut used_any = false;
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used_len = self.handle_chain(chain, mem);
+            if let Err(e) = queue.add_used(mem, head, used_len) {
+                warn!("cannot add descriptor {head} to the used ring: {e}");
+            }
+            used_any = true;
+        }
+        if !used_any {
+            return Ok(false);
+        }
+        queue.needs_notification(mem).map_err(io::Error::other)
+    }
+
+    /// Handles one chain; returns the number of bytes written into it.
+    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        let parsed = request::parse(chain, mem, &self.shared.limits);
+        let stats = &self.shared.stats;
+        let Some(status_addr) = parsed.status else {
+            if let Err(e) = parsed.result {
+                stats.record_error(&e);
+            }
+            return 0;
+        };
+        let (status, data_written) = match parsed.result {
+            Ok(req) => match self.execute(mem, &req) {
+                Ok(written) => {
+                    stats.record_ok(req.request_type, req.data.iter().map(|s| s.len).sum());
+                    (Status::Ok, written)
+                }
+                Err(e) => {
+                    stats.record_io_error(req.request_type, &e);
+                    (Status::IoErr, 0)
+                }
+            },
+            Err(e) => {
+                stats.record_error(&e);
+                (e.status(), 0)
+            }
+        };
+        if !request::write_status(mem, status_addr, status) {
+            return 0;
+        }
+        u32::try_from(data_written + 1).unwrap_or(u32::MAX)
+    }
+
+    fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> io::Result<u64> {
+        let engine = &self.shared.engine;
+        match &req.operation {
+            Operation::Read { offset } => {
+                let slices = slices(mem, &req.data)?;
+                engine.read(*offset, &slices)?;
+                Ok(req.data.iter().map(|s| s.len).sum())
+            }
+            Operation::Write { offset } => {
+                engine.write(*offset, &slices(mem, &req.data)?)?;
+                if !self.shared.writeback.load(Ordering::Relaxed) {
+                    engine.flush()?;
+                }
+                Ok(0)
+            }
+            Operation::Flush => engine.flush().map(|()| 0),
+            Operation::GetId => {
+                let mut id = [0u8; blk::ID_BYTES];
+                let serial = self.shared.options.serial.as_bytes();
+                let n = serial.len().min(id.len());
+                id[..n].copy_from_slice(&serial[..n]);
+                let mut written = 0u64;
+                for seg in &req.data {
+                    let take = (id.len() as u64 - written).min(seg.len) as usize;
+                    if take == 0 {
+                        break;
+                    }
+                    vm_memory::Bytes::write_slice(mem, &id[written as usize..written as usize + take], seg.addr)
+                        .map_err(io::Error::other)?;
+                    written += take as u64;
+                }
+                Ok(written)
+            }
+            Operation::Discard(ranges) => {
+                for (offset, len) in ranges {
+                    engine.discard(*offset, *len)?;
+                }
+                Ok(0)
+            }
+            Operation::WriteZeroes(ranges) => {
+                for (offset, len, unmap) in ranges {
+                    engine.write_zeroes(*offset, *len, *unmap)?;
+                }
+                Ok(0)
+            }
+        }
+    }
+}
+
+fn slices<'a>(mem: &'a GuestMemoryMmap, data: &[Segment]) -> io::Result<Vec<vm_memory::VolatileSlice<'a, ()>>> {
+    let mut out = Vec::with_capacity(data.len());
+    for seg in data {
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            out.push(slice.map_err(io::Error::other)?);
+        }
+    }
+    Ok(out)
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.shared.options.num_queues.into()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.shared.options.queue_size.into()
+    }
+
+    fn features(&self) -> u64 {
+        self.device_features().0
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.config_bytes();
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        let mut out = bytes[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` (CONFIG_WCE) is writable.
+        if offset as usize == blk::config_offset::WRITEBACK && buf.len() == 1 {
+            self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.shared.stats.record_error(&RequestError::WrongDirection("config write"));
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("config write of {} bytes at {offset} refused", buf.len()),
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.shared.memory.write().map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.shared.options.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.shared.exits.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+        };
+        let Some(atomic) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
+            return Err(io::Error::other("queue event before the memory table"));
+        };
+        let mem = atomic.memory();
+        let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.shared.event_idx.load(Ordering::Relaxed) {
+            // Drain until the driver adds nothing between our last look and re-enabling
+            // notifications, so no request is left behind without a kick.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                if self.process_queue(vring, &mem)? {
+                    vring.signal_used_queue()?;
+                }
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else if self.process_queue(vring, &mem)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// Names of the request types, for statistics.
+pub fn request_type_names() -> [RequestType; 6] {
+    [
+        RequestType::In,
+        RequestType::Out,
+        RequestType::Flush,
+        RequestType::GetId,
+        RequestType::Discard,
+        RequestType::WriteZeroes,
+    ]
+}
+
+impl crate::server::ServedDevice for BlkDevice {
+    fn stop_workers(&self) {
+        BlkDevice::stop_workers(self);
+    }
+}

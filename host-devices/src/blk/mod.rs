@@ -1,0 +1,158 @@
+//! The `vhost-user-blk` backend: options, and running it.
+
+pub mod device;
+pub mod engine;
+pub mod request;
+pub mod stats;
+#[cfg(test)]
+mod tests;
+
+use crate::server::{self, ListenOn, ServerError};
+use clap::{Parser, ValueEnum};
+use device::{BlkDevice, BlkOptions};
+use engine::{BlockEngine, Engine, EngineError, NullEngine, SyncEngine};
+use std::sync::Arc;
+
+/// Errors from starting the block backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The command line was wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Serving failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// Creating the device failed.
+    #[error("cannot create the device: {0}")]
+    Device(std::io::Error),
+}
+
+/// I/O engine choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// Positioned reads and writes (pread/pwrite) on the image.
+    Sync,
+    /// Reads return zeros, writes are dropped: measures the virtio path alone.
+    Null,
+}
+
+/// vhost-user-blk: a vhost-user block device backend.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-blk", version, about)]
+pub struct BlkArgs {
+    #[command(flatten)]
+    pub listen: server::ListenArgs,
+    /// Raw image file or block device to serve.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]
+    pub blk_file: Option<String>,
+    /// Refuse writes (offers VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of request queues, each served by its own thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+    /// Largest queue size accepted.
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Open the image with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
+    pub engine: EngineKind,
+    /// Disk size in bytes for --engine null (instead of --blk-file).
+    #[arg(long, value_name = "BYTES")]
+    pub size: Option<u64>,
+    /// The answer to GET_ID (at most 20 bytes are used).
+    #[arg(long, default_value = "pvkit-blk")]
+    pub serial: String,
+    /// Logical block size reported to the guest.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+    /// Print a counter summary every N milliseconds (and at exit); 0 only at exit.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub stats_ms: u64,
+}
+
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let n: u32 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
+    pvkit_protocol::ring::check_queue_size(n).map_err(|e| e.to_string())
+}
+
+fn parse_block_size(text: &str) -> Result<u32, String> {
+    let n: u32 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
+    if (512..=65536).contains(&n) && n.is_power_of_two() {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a power of two between 512 and 65536"))
+    }
+}
+
+/// The capabilities JSON (QEMU's docs/interop/vhost-user.json).
+pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only", "blk-file"]}"#;
+
+fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
+    match (args.engine, &args.blk_file, args.size) {
+        (EngineKind::Null, _, Some(size)) => Ok(Engine::Null(NullEngine::new(size)?)),
+        (EngineKind::Null, None, None) => Err(BlkError::Usage("--engine null needs --size BYTES".into())),
+        (EngineKind::Null, Some(path), None) => {
+            let size = SyncEngine::open(path, true, false)?.size();
+            Ok(Engine::Null(NullEngine::new(size)?))
+        }
+        (EngineKind::Sync, Some(path), None) => Ok(Engine::Sync(SyncEngine::open(path, args.read_only, args.direct)?)),
+        (EngineKind::Sync, None, _) => Err(BlkError::Usage("--blk-file PATH is required".into())),
+        (EngineKind::Sync, Some(_), Some(_)) => Err(BlkError::Usage("--size only goes with --engine null".into())),
+    }
+}
+
+/// Runs the backend with `args` (without the program name).
+pub fn main(args: &[String]) -> Result<(), BlkError> {
+    let argv = std::iter::once("vhost-user-blk".to_string()).chain(args.iter().cloned());
+    let args = match BlkArgs::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return Ok(());
+        }
+        Err(e) => return Err(BlkError::Usage(e.render().to_string().trim_end().to_string())),
+    };
+    if args.listen.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    let listen = ListenOn::from_args(&args.listen).map_err(BlkError::Server)?;
+    let engine = open_engine(&args)?;
+    let engine_name = engine.name();
+    let stats = Arc::new(stats::Stats::default());
+    let options = BlkOptions {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        serial: args.serial.clone(),
+        logical_block_size: args.logical_block_size,
+        read_only: args.read_only,
+    };
+    log::info!(
+        "vhost-user-blk: {} ({engine_name} engine, {} queue(s){}) on {listen}",
+        args.blk_file.as_deref().unwrap_or("null disk"),
+        args.num_queues,
+        if args.read_only { ", read-only" } else { "" }
+    );
+    // The disk stays open across frontend connections; each connection gets a fresh device.
+    let engine = Arc::new(engine);
+    let gates = Arc::new(device::QueueGates::new(args.num_queues));
+    let summary = {
+        let stats = stats.clone();
+        move || stats.summary()
+    };
+    let quiesce = {
+        let gates = gates.clone();
+        move || gates.close()
+    };
+    server::serve("vhost-user-blk", listen, args.stats_ms, summary, quiesce, || {
+        BlkDevice::new(engine.clone(), options.clone(), stats.clone(), gates.clone())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! What every backend shares: where it listens (`--socket-path`, or an inherited `--fd`),
+//! listening again after a frontend disconnects, periodic statistics, and a clean exit on
+//! SIGTERM/SIGINT (in-flight requests finish, the socket is removed, exit status 0).
+
+use log::{info, warn};
+use std::fmt;
+use std::os::unix::io::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Errors from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Neither or both of --socket-path and --fd.
+    #[error("give exactly one of --socket-path PATH or --fd N")]
+    NoListenAddress,
+    /// An --fd that is not an open socket.
+    #[error("--fd {0} is not an open socket")]
+    BadFd(RawFd),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The listening options every backend takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ListenArgs {
+    /// Listen on this UNIX socket (created, and removed at exit).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on an inherited, already listening UNIX socket.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// Where a backend listens.
+#[derive(Debug, Clone)]
+pub enum ListenOn {
+    /// A socket path the backend creates.
+    Path(PathBuf),
+    /// An inherited listening socket.
+    Fd(RawFd),
+}
+
+impl ListenOn {
+    /// From the command line.
+    pub fn from_args(args: &ListenArgs) -> Result<ListenOn, ServerError> {
+        match (&args.socket_path, args.fd) {
+            (Some(path), None) => Ok(ListenOn::Path(path.clone())),
+            (None, Some(fd)) => {
+                // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    return Err(ServerError::BadFd(fd));
+                }
+                Ok(ListenOn::Fd(fd))
+            }
+            _ => Err(ServerError::NoListenAddress),
+        }
+    }
+
+    fn listener(&self) -> Result<Listener, ServerError> {
+        match self {
+            ListenOn::Path(path) => Listener::new(path, true)
+                .map_err(|source| ServerError::Listen { path: path.display().to_string(), source }),
+            // SAFETY: the descriptor was checked to be open in `from_args`, and the listener
+            // takes it over for the rest of the process.
+            ListenOn::Fd(fd) => Ok(unsafe { Listener::from_raw_fd(*fd) }),
+        }
+    }
+}
+
+impl fmt::Display for ListenOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenOn::Path(path) => write!(f, "{}", path.display()),
+            ListenOn::Fd(fd) => write!(f, "fd {fd}"),
+        }
+    }
+}
+
+/// A device a backend serves, one per frontend connection.
+pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static {
+    /// Ends this connection's worker threads.
+    fn stop_workers(&self);
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) and returns the
+/// set, for a thread to `sigwait` on.
+fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only modify it and this thread's mask.
+    let ret = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if ret != 0 {
+        return Err(ServerError::Signals(std::io::Error::from_raw_os_error(ret)));
+    }
+    Ok(set)
+}
+
+/// Serves devices made by `make_device` on `listen` until SIGTERM/SIGINT, listening again after
+/// each disconnect. `quiesce` is called on a signal and must return only when no request is in
+/// flight (and keep new ones from starting); `summary` gives the statistics line.
+pub fn serve<D, M, Q, S>(
+    name: &str,
+    listen: ListenOn,
+    stats_ms: u64,
+    summary: S,
+    quiesce: Q,
+    mut make_device: M,
+) -> Result<(), ServerError>
+where
+    D: ServedDevice,
+    M: FnMut() -> std::io::Result<D>,
+    Q: Fn() + Send + 'static,
+    S: Fn() -> String + Send + Sync + Clone + 'static,
+{
+    let signals = block_exit_signals()?;
+    let mut listener = listen.listener()?;
+    let socket_path = match &listen {
+        ListenOn::Path(path) => Some(path.clone()),
+        ListenOn::Fd(_) => None,
+    };
+    {
+        let summary = summary.clone();
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: `signals` is a valid set and `signal` a valid out-pointer.
+                unsafe { libc::sigwait(&signals, &mut signal) };
+                info!("{name}: signal {signal}, finishing in-flight requests");
+                quiesce();
+                if let Some(path) = &socket_path {
+                    let _ = std::fs::remove_file(path);
+                }
+                info!("{name}: {}", summary());
+                std::process::exit(0);
+            })
+            .map_err(ServerError::Signals)?;
+    }
+    if stats_ms > 0 {
+        let summary = summary.clone();
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(stats_ms));
+                    info!("{name}: {}", summary());
+                }
+            })
+            .map_err(ServerError::Signals)?;
+    }
+    loop {
+        let device = make_device().map_err(|e| ServerError::Daemon(format!("creating the device: {e}")))?;
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), device.clone(), memory)
+            .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
+        info!("{name}: frontend connected");
+        match daemon.wait() {
+            Ok(()) => info!("{name}: frontend disconnected; listening again"),
+            Err(e) => warn!("{name}: connection ended: {e}; listening again"),
+        }
+        device.stop_workers();
+        info!("{name}: {}", summary());
+    }
+}

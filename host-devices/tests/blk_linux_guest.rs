@@ -1,0 +1,86 @@
+//! vhost-user-blk against Linux's own virtio-blk driver (QEMU TCG guest): fio with crc32c
+//! verification and a filesystem round trip, with one and with two queues.
+
+use pvkit_test_support::facility;
+use pvkit_test_support::linux_guest::LinuxGuest;
+use pvkit_test_support::process::ChildGuard;
+use std::fs::File;
+use std::process::Command;
+use std::time::Duration;
+
+const IMAGE_SIZE: u64 = 64 << 20;
+
+const SCRIPT: &str = r#"
+set -e
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || { echo "no /dev/vda"; exit 10; }
+echo "DISK_BYTES=$(blockdev --getsize64 /dev/vda)"
+echo "QUEUES=$(ls /sys/block/vda/mq | wc -l)"
+echo "SERIAL=$(cat /sys/block/vda/serial)"
+fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 \
+    --rw=randwrite --bs=4k --offset_increment=8M --size=8M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --group_reporting --output-format=terse --terse-version=3 | grep '^3;' > /tmp/fio.out
+echo "FIO_ERRORS=$(cut -d';' -f5 /tmp/fio.out)"
+echo "FIO_WRITE_KB=$(cut -d';' -f47 /tmp/fio.out)"
+# A filesystem round trip through the page cache and FLUSH.
+mke2fs -q -F /dev/vda > /dev/null
+mkdir -p /mnt/d
+mount -t ext2 /dev/vda /mnt/d
+dd if=/dev/urandom of=/mnt/d/blob bs=64k count=64 2>/dev/null
+before=$(md5sum /mnt/d/blob | cut -d' ' -f1)
+sync
+umount /mnt/d
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 /dev/vda /mnt/d
+after=$(md5sum /mnt/d/blob | cut -d' ' -f1)
+umount /mnt/d
+echo "FS_ROUND_TRIP=$([ "$before" = "$after" ] && echo same || echo different)"
+"#;
+
+fn run_guest(queues: u16) {
+    let test = format!("blk_linux_guest_{queues}q");
+    if !facility::require_programs(&test, &["qemu-system-x86_64", "apt-get"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut backend = ChildGuard::spawn(
+        "vhost-user-blk",
+        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--blk-file")
+            .arg(&image)
+            .args(["--num-queues", &queues.to_string(), "--serial", "pvkit-e2e"]),
+    )
+    .unwrap();
+    backend.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
+
+    let run = LinuxGuest::new(SCRIPT).vhost_user_blk(&socket, queues).cpus(queues.into()).run().unwrap();
+    println!("{test}: guest finished in {:.1} s", run.elapsed.as_secs_f64());
+    run.assert_passed();
+    std::thread::sleep(Duration::from_millis(200));
+    backend.check_running().expect("the backend survived the guest and listens again");
+    assert_eq!(run.values("DISK_BYTES").next(), Some(IMAGE_SIZE.to_string().as_str()));
+    assert_eq!(run.values("QUEUES").next(), Some(queues.to_string().as_str()));
+    assert_eq!(run.values("SERIAL").next(), Some("pvkit-e2e"));
+    assert_eq!(run.values("FIO_ERRORS").next(), Some("0"));
+    assert_eq!(run.values("FIO_WRITE_KB").next(), Some("16384"));
+    assert_eq!(run.values("FS_ROUND_TRIP").next(), Some("same"));
+    // The filesystem reached the image: ext2's superblock magic 0xEF53 at byte 1024 + 56.
+    let data = std::fs::read(&image).unwrap();
+    assert_eq!(&data[1024 + 56..1024 + 58], &[0x53, 0xef], "ext2 superblock on the host image");
+    assert!(socket.exists(), "still listening for the next frontend");
+}
+
+#[test]
+fn linux_guest_one_queue() {
+    run_guest(1);
+}
+
+#[test]
+fn linux_guest_two_queues() {
+    run_guest(2);
+}

@@ -9,7 +9,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    pvkit_host_devices::init_logging();
     let args: Vec<String> = std::env::args().collect();
     if let Some(kind) = args.first().and_then(|a| pvkit_host_devices::BackendKind::from_argv0(a)) {
         return match pvkit_host_devices::run_backend(kind, &args[1..]) {

@@ -83,6 +83,11 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// Sets up logging to standard error (`RUST_LOG` chooses the level; `info` by default).
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).try_init();
+}
+
 /// A command that starts backend `kind` by re-executing the multi-call binary `exe` with
 /// `argv[0]` set to the backend's program name, so the process carries the conventional name
 /// (`ps` shows `vhost-user-blk`) while one build provides every program.

@@ -35,6 +35,17 @@ mount -t ext2 /dev/vda /mnt/d
 after=$(md5sum /mnt/d/blob | cut -d' ' -f1)
 umount /mnt/d
 echo "FS_ROUND_TRIP=$([ "$before" = "$after" ] && echo same || echo different)"
+echo "FS_MD5=$after"
+"#;
+
+/// A second boot on the same backend process: the file system from the first is still there.
+const SECOND_BOOT: &str = r#"
+set -e
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+mkdir -p /mnt/d
+mount -t ext2 -o ro /dev/vda /mnt/d
+echo "FS_MD5=$(md5sum /mnt/d/blob | cut -d' ' -f1)"
+umount /mnt/d
 "#;
 
 fn run_guest(queues: u16) {
@@ -73,6 +84,15 @@ fn run_guest(queues: u16) {
     let data = std::fs::read(&image).unwrap();
     assert_eq!(&data[1024 + 56..1024 + 58], &[0x53, 0xef], "ext2 superblock on the host image");
     assert!(socket.exists(), "still listening for the next frontend");
+
+    if queues == 1 {
+        // Reconnect: a new frontend on the same backend process sees the same disk.
+        let again = LinuxGuest::new(SECOND_BOOT).vhost_user_blk(&socket, 1).run().unwrap();
+        again.assert_passed();
+        let first: Vec<_> = run.values("FS_MD5").collect();
+        assert_eq!(again.values("FS_MD5").collect::<Vec<_>>(), first, "data survives a reconnect");
+        backend.check_running().unwrap();
+    }
 }
 
 #[test]

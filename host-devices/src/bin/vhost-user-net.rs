@@ -1,6 +1,7 @@
 //! The `vhost-user-net` backend program.
 
 fn main() {
+    pvkit_host_devices::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Err(err) = pvkit_host_devices::run_backend(pvkit_host_devices::BackendKind::Net, &args) {
         eprintln!("vhost-user-net: {err}");

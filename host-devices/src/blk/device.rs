@@ -195,7 +195,11 @@ impl BlkDevice {
     }
 
     /// Handles one chain; returns the number of bytes written into it.
-    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    pub(crate) fn handle_chain(
+        &self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
         let parsed = request::parse(chain, mem, &self.shared.limits);
         let stats = &self.shared.stats;
         let Some(status_addr) = parsed.status else {

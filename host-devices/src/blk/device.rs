@@ -317,6 +317,10 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // vhost-user caps config messages at 256 bytes; refuse anything absurd outright.
+        if size > 4096 {
+            return Vec::new();
+        }
         let bytes = self.config_bytes();
         let start = (offset as usize).min(bytes.len());
         let end = start.saturating_add(size as usize).min(bytes.len());

@@ -112,6 +112,7 @@ fn split_stream(stream: &[Segment], n: u64) -> (Vec<Segment>, Vec<Segment>) {
             left -= seg.len;
         } else if left > 0 {
             head.push(Segment { addr: seg.addr, len: left });
+            // `parse` rejected segments that wrap, and left < seg.len.
             tail.push(Segment { addr: seg.addr.unchecked_add(left), len: seg.len - left });
             left = 0;
         } else {
@@ -213,6 +214,10 @@ where
     for desc in chain {
         count += 1;
         let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
+        if seg.addr.checked_add(seg.len).is_none() {
+            // Splitting streams below relies on no segment wrapping the address space.
+            return Parsed { status: None, result: Err(RequestError::BadAddress(seg.addr.raw_value())) };
+        }
         if desc.is_write_only() {
             writable.push(seg);
         } else if writable.is_empty() {

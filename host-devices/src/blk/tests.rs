@@ -213,6 +213,13 @@ fn chains_without_header_or_status_never_panic() {
         Status::IoErr as u8
     );
     assert_eq!(f.stats.errors("bad-address"), 1);
+    // A descriptor whose address plus length wraps the address space: dropped, no panic.
+    let queue = MockSplitQueue::new(&f.mem, 16);
+    let chain = queue
+        .build_desc_chain(&[desc(HEADER, 16, READ), desc(u64::MAX - 100, 512, WRITE), desc(STATUS, 1, WRITE)])
+        .unwrap();
+    assert_eq!(f.device.handle_chain(chain, &f.mem), 0);
+    assert_eq!(f.stats.errors("bad-address"), 2);
     // A status byte outside guest memory: nothing to write to, dropped.
     let queue = MockSplitQueue::new(&f.mem, 16);
     let chain = queue.build_desc_chain(&[desc(HEADER, 16, READ), desc(0x7fff_0000, 1, WRITE)]).unwrap();
@@ -231,6 +238,7 @@ fn config_space_reports_the_disk() {
     assert_eq!(f.device.get_config(32, 1), [0]);
     assert!(f.device.set_config(0, &[1, 2, 3, 4]).is_err(), "capacity is read-only");
     assert_eq!(f.device.get_config(56, 8), [1, 0, 0, 0, 0, 0, 0, 0], "reads past the end are zero-filled");
+    assert!(f.device.get_config(0, u32::MAX).is_empty(), "absurd sizes are refused");
 }
 
 #[test]

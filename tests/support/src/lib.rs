@@ -8,6 +8,7 @@
 //! - [`process`]: child processes that die with the test, and waiting for sockets;
 //! - [`facility`]: deciding whether a test whose facility is missing skips or fails.
 
+pub mod blkio_client;
 pub mod facility;
 pub mod initramfs;
 pub mod linux_guest;

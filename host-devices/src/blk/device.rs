@@ -2,7 +2,7 @@
 //! queue processing. Each request queue has its own worker thread and shares no lock with the
 //! others on the I/O path.
 
-use super::engine::{BlockEngine, Engine};
+use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
 use log::warn;
@@ -174,33 +174,84 @@ impl BlkDevice {
         bytes
     }
 
-    /// Processes every available request on `vring`; returns whether the driver must be
-    /// notified.
-    fn process_queue(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> io::Result<bool> {
-        let mut used_any = false;
+    /// Processes every available request on `vring` (queue `queue`) as one batch; returns
+    /// whether the driver must be notified.
+    fn process_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<bool> {
         let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let used_len = self.handle_chain(chain, mem);
-            if let Err(e) = queue.add_used(mem, head, used_len) {
-                warn!("cannot add descriptor {head} to the used ring: {e}");
-            }
-            used_any = true;
+        let vq = state.get_queue_mut();
+        let mut heads = Vec::new();
+        let mut batch = Vec::new();
+        while let Some(chain) = vq.pop_descriptor_chain(mem) {
+            heads.push(chain.head_index());
+            batch.push(request::parse(chain, mem, &self.shared.limits));
         }
-        if !used_any {
+        if batch.is_empty() {
             return Ok(false);
         }
-        queue.needs_notification(mem).map_err(io::Error::other)
+        for (head, used_len) in heads.into_iter().zip(self.complete_batch(mem, queue, batch)) {
+            if let Err(e) = vq.add_used(mem, head, used_len) {
+                warn!("cannot add descriptor {head} to the used ring: {e}");
+            }
+        }
+        vq.needs_notification(mem).map_err(io::Error::other)
     }
 
-    /// Handles one chain; returns the number of bytes written into it.
+    /// Handles one chain on its own; returns the number of bytes written into it.
+    #[cfg(test)]
     pub(crate) fn handle_chain(
         &self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let parsed = request::parse(chain, mem, &self.shared.limits);
+        self.complete_batch(mem, 0, vec![parsed]).pop().unwrap_or(0)
+    }
+
+    /// Runs a batch: its reads and writes together through the engine, everything else one by
+    /// one; writes each status byte and returns each chain's used length, in order.
+    pub(crate) fn complete_batch(&self, mem: &GuestMemoryMmap, queue: usize, batch: Vec<request::Parsed>) -> Vec<u32> {
+        let mut ops = Vec::new();
+        let mut op_of = vec![None; batch.len()];
+        for (i, parsed) in batch.iter().enumerate() {
+            let Ok(req) = &parsed.result else { continue };
+            let (write, offset) = match req.operation {
+                Operation::Read { offset } => (false, offset),
+                Operation::Write { offset } => (true, offset),
+                _ => continue,
+            };
+            // Buffers that cannot be sliced fall through to `execute`, which reports the error.
+            if let Ok(bufs) = slices(mem, &req.data) {
+                op_of[i] = Some(ops.len());
+                ops.push(RwOp { write, offset, bufs });
+            }
+        }
+        let mut results: Vec<Option<io::Result<()>>> =
+            self.shared.engine.rw_batch(queue, &ops).into_iter().map(Some).collect();
+        if ops.iter().any(|op| op.write)
+            && !self.shared.writeback.load(Ordering::Relaxed)
+            && let Err(e) = self.shared.engine.flush()
+        {
+            for (op, result) in ops.iter().zip(results.iter_mut()) {
+                if op.write {
+                    *result = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+        batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, parsed)| {
+                let rw = op_of[i].map(|j| {
+                    results.get_mut(j).and_then(Option::take).unwrap_or_else(|| Err(io::Error::other("lost result")))
+                });
+                self.finish(mem, parsed, rw)
+            })
+            .collect()
+    }
+
+    /// Completes one request: runs it unless its read/write already ran (`rw`), writes the
+    /// status, counts it, and returns the used length.
+    fn finish(&self, mem: &GuestMemoryMmap, parsed: request::Parsed, rw: Option<io::Result<()>>) -> u32 {
         let stats = &self.shared.stats;
         let Some(status_addr) = parsed.status else {
             if let Err(e) = parsed.result {
@@ -209,16 +260,25 @@ impl BlkDevice {
             return 0;
         };
         let (status, data_written) = match parsed.result {
-            Ok(req) => match self.execute(mem, &req) {
-                Ok(written) => {
-                    stats.record_ok(req.request_type, req.data.iter().map(|s| s.len).sum());
-                    (Status::Ok, written)
+            Ok(req) => {
+                let outcome = match rw {
+                    Some(result) => result.map(|()| match req.operation {
+                        Operation::Read { .. } => req.data.iter().map(|s| s.len).sum(),
+                        _ => 0,
+                    }),
+                    None => self.execute(mem, &req),
+                };
+                match outcome {
+                    Ok(written) => {
+                        stats.record_ok(req.request_type, req.data.iter().map(|s| s.len).sum());
+                        (Status::Ok, written)
+                    }
+                    Err(e) => {
+                        stats.record_io_error(req.request_type, &e);
+                        (Status::IoErr, 0)
+                    }
                 }
-                Err(e) => {
-                    stats.record_io_error(req.request_type, &e);
-                    (Status::IoErr, 0)
-                }
-            },
+            }
             Err(e) => {
                 stats.record_error(&e);
                 (e.status(), 0)
@@ -379,14 +439,14 @@ impl VhostUserBackend for BlkDevice {
             // notifications, so no request is left behind without a kick.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                if self.process_queue(vring, &mem)? {
+                if self.process_queue(vring, thread, &mem)? {
                     vring.signal_used_queue()?;
                 }
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
             }
-        } else if self.process_queue(vring, &mem)? {
+        } else if self.process_queue(vring, thread, &mem)? {
             vring.signal_used_queue()?;
         }
         Ok(())

@@ -29,6 +29,9 @@ pub enum EngineError {
         /// Why.
         source: io::Error,
     },
+    /// The kernel refused io_uring.
+    #[error("io_uring is not available: {0}")]
+    Uring(io::Error),
     /// A size that is not a multiple of the sector size, or zero.
     #[error("disk size {0} is not a positive multiple of 512 bytes")]
     BadSize(u64),
@@ -48,6 +51,31 @@ pub trait BlockEngine: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes a byte range; with `unmap` it may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Runs a batch of reads and writes popped from queue `queue`, returning one result per
+    /// operation. Engines that can overlap them (io_uring) override this.
+    fn rw_batch<B: BitmapSlice>(&self, _queue: usize, ops: &[RwOp<'_, B>]) -> Vec<io::Result<()>>
+    where
+        Self: Sized,
+    {
+        ops.iter().map(|op| op.run_sync(self)).collect()
+    }
+}
+
+/// One read or write of a batch.
+pub struct RwOp<'a, B> {
+    /// Whether it writes (else reads).
+    pub write: bool,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Guest memory, in order.
+    pub bufs: Vec<VolatileSlice<'a, B>>,
+}
+
+impl<B: BitmapSlice> RwOp<'_, B> {
+    /// Runs the operation with `engine`'s one-at-a-time methods.
+    pub fn run_sync<E: BlockEngine>(&self, engine: &E) -> io::Result<()> {
+        if self.write { engine.write(self.offset, &self.bufs) } else { engine.read(self.offset, &self.bufs) }
+    }
 }
 
 /// Synchronous positioned I/O (`pread`/`pwrite`) on a file or block device.
@@ -220,8 +248,16 @@ impl BlockEngine for NullEngine {
     }
 }
 
+impl AsRawFd for SyncEngine {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 /// The engine chosen on the command line.
 pub enum Engine {
+    /// io_uring.
+    Uring(super::uring::UringEngine),
     /// pread/pwrite.
     Sync(SyncEngine),
     /// Zeros and drops.
@@ -232,6 +268,7 @@ impl Engine {
     /// The engine's name.
     pub fn name(&self) -> &'static str {
         match self {
+            Engine::Uring(_) => "io_uring",
             Engine::Sync(_) => "sync",
             Engine::Null(_) => "null",
         }
@@ -241,6 +278,7 @@ impl Engine {
 macro_rules! dispatch {
     ($self:ident, $e:ident => $body:expr) => {
         match $self {
+            Engine::Uring($e) => $body,
             Engine::Sync($e) => $body,
             Engine::Null($e) => $body,
         }
@@ -265,5 +303,8 @@ impl BlockEngine for Engine {
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         dispatch!(self, e => e.write_zeroes(offset, len, unmap))
+    }
+    fn rw_batch<B: BitmapSlice>(&self, queue: usize, ops: &[RwOp<'_, B>]) -> Vec<io::Result<()>> {
+        dispatch!(self, e => e.rw_batch(queue, ops))
     }
 }

@@ -6,6 +6,7 @@ pub mod request;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod uring;
 
 use crate::server::{self, ListenOn, ServerError};
 use clap::{Parser, ValueEnum};
@@ -33,6 +34,9 @@ pub enum BlkError {
 /// I/O engine choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
+    /// io_uring, one ring per queue (falls back to sync where the kernel refuses io_uring).
+    #[value(name = "io_uring")]
+    IoUring,
     /// Positioned reads and writes (pread/pwrite) on the image.
     Sync,
     /// Reads return zeros, writes are dropped: measures the virtio path alone.
@@ -61,7 +65,7 @@ pub struct BlkArgs {
     #[arg(long)]
     pub direct: bool,
     /// I/O engine.
-    #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
+    #[arg(long, value_enum, default_value_t = EngineKind::IoUring)]
     pub engine: EngineKind,
     /// Disk size in bytes for --engine null (instead of --blk-file).
     #[arg(long, value_name = "BYTES")]
@@ -103,8 +107,20 @@ fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
             Ok(Engine::Null(NullEngine::new(size)?))
         }
         (EngineKind::Sync, Some(path), None) => Ok(Engine::Sync(SyncEngine::open(path, args.read_only, args.direct)?)),
-        (EngineKind::Sync, None, _) => Err(BlkError::Usage("--blk-file PATH is required".into())),
-        (EngineKind::Sync, Some(_), Some(_)) => Err(BlkError::Usage("--size only goes with --engine null".into())),
+        (EngineKind::IoUring, Some(path), None) => {
+            match uring::UringEngine::open(path, args.read_only, args.direct, args.num_queues) {
+                Ok(engine) => Ok(Engine::Uring(engine)),
+                Err(EngineError::Uring(e)) => {
+                    log::warn!("io_uring is not available ({e}); using the sync engine");
+                    Ok(Engine::Sync(SyncEngine::open(path, args.read_only, args.direct)?))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        (EngineKind::Sync | EngineKind::IoUring, None, _) => Err(BlkError::Usage("--blk-file PATH is required".into())),
+        (EngineKind::Sync | EngineKind::IoUring, Some(_), Some(_)) => {
+            Err(BlkError::Usage("--size only goes with --engine null".into()))
+        }
     }
 }
 

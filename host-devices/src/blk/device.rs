@@ -40,6 +40,8 @@ pub struct BlkOptions {
     pub logical_block_size: u32,
     /// Whether writes are refused.
     pub read_only: bool,
+    /// Microseconds to keep polling a queue after its last request (0: never poll).
+    pub poll_us: u64,
 }
 
 struct Shared {
@@ -48,7 +50,6 @@ struct Shared {
     limits: Limits,
     config: ConfigRepr,
     writeback: AtomicBool,
-    event_idx: AtomicBool,
     memory: RwLock<Option<Memory>>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     stats: Arc<Stats>,
@@ -126,7 +127,6 @@ impl BlkDevice {
             limits,
             config,
             writeback: AtomicBool::new(true),
-            event_idx: AtomicBool::new(false),
             memory: RwLock::new(None),
             exits,
             stats,
@@ -174,9 +174,9 @@ impl BlkDevice {
         bytes
     }
 
-    /// Processes every available request on `vring` (queue `queue`) as one batch; returns
-    /// whether the driver must be notified.
-    fn process_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<bool> {
+    /// Processes every available request on `vring` (queue `queue`) as one batch; returns how
+    /// many there were and whether the driver must be notified.
+    fn process_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<(usize, bool)> {
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
         let mut heads = Vec::new();
@@ -186,14 +186,44 @@ impl BlkDevice {
             batch.push(request::parse(chain, mem, &self.shared.limits));
         }
         if batch.is_empty() {
-            return Ok(false);
+            return Ok((0, false));
         }
+        let count = batch.len();
         for (head, used_len) in heads.into_iter().zip(self.complete_batch(mem, queue, batch)) {
             if let Err(e) = vq.add_used(mem, head, used_len) {
                 warn!("cannot add descriptor {head} to the used ring: {e}");
             }
         }
-        vq.needs_notification(mem).map_err(io::Error::other)
+        Ok((count, vq.needs_notification(mem).map_err(io::Error::other)?))
+    }
+
+    /// Serves the queue until it is empty with notifications re-enabled. With `--poll-us`,
+    /// keeps looking (notifications off) for that long after the last request before going
+    /// back to sleep on the kick eventfd; a queue that gets no kicks costs nothing.
+    fn serve_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<()> {
+        let poll = std::time::Duration::from_micros(self.shared.options.poll_us);
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            let mut last_work = std::time::Instant::now();
+            loop {
+                let (count, notify) = self.process_queue(vring, queue, mem)?;
+                if notify {
+                    vring.signal_used_queue()?;
+                }
+                if count > 0 {
+                    last_work = std::time::Instant::now();
+                } else if poll.is_zero() || last_work.elapsed() >= poll {
+                    break;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            // Re-enabling reports whether the driver added requests meanwhile; if so, go on,
+            // so no request is left behind without a kick.
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.
@@ -372,8 +402,9 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library applies RING_EVENT_IDX to each vring (virtio-queue's `set_event_idx`),
+        // and the notification calls in `serve_queue` follow it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -434,21 +465,7 @@ impl VhostUserBackend for BlkDevice {
         };
         let mem = atomic.memory();
         let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
-        if self.shared.event_idx.load(Ordering::Relaxed) {
-            // Drain until the driver adds nothing between our last look and re-enabling
-            // notifications, so no request is left behind without a kick.
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                if self.process_queue(vring, thread, &mem)? {
-                    vring.signal_used_queue()?;
-                }
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
-            }
-        } else if self.process_queue(vring, thread, &mem)? {
-            vring.signal_used_queue()?;
-        }
+        self.serve_queue(vring, thread, &mem)?;
         Ok(())
     }
 }

@@ -37,8 +37,14 @@ fn fixture_with(read_only: bool, open: impl Fn(&str, bool) -> Engine) -> Fixture
     let path = file.path().to_path_buf();
     let engine = open(path.to_str().unwrap(), read_only);
     let stats = Arc::new(Stats::default());
-    let options =
-        BlkOptions { num_queues: 1, queue_size: 256, serial: "unit-serial".into(), logical_block_size: 512, read_only };
+    let options = BlkOptions {
+        num_queues: 1,
+        queue_size: 256,
+        serial: "unit-serial".into(),
+        logical_block_size: 512,
+        read_only,
+        poll_us: 0,
+    };
     let device = BlkDevice::new(Arc::new(engine), options, stats.clone(), Arc::new(QueueGates::new(1))).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     Fixture { mem, device, stats, _file: file, path }

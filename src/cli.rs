@@ -22,6 +22,11 @@ struct Cli {
 enum Command {
     /// Show what this build of pvkit contains and check the machine it runs on.
     Demo,
+    /// Run a benchmark (contenders interleaved, medians and ratios).
+    Bench {
+        #[command(subcommand)]
+        scenario: crate::bench::Scenario,
+    },
     /// Run one device backend (the same as invoking pvkit as vhost-user-blk, -net or -console).
     Backend {
         /// blk, net or console.
@@ -42,6 +47,13 @@ pub fn main(args: Vec<String>) -> ExitCode {
     };
     match cli.command {
         Command::Demo => demo(),
+        Command::Bench { scenario } => match crate::bench::run(&scenario) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("pvkit bench: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Backend { kind, args } => {
             match BackendKind::from_name(&kind).and_then(|k| pvkit_host_devices::run_backend(k, &args)) {
                 Ok(()) => ExitCode::SUCCESS,

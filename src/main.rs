@@ -4,6 +4,7 @@
 //! - invoked as `vhost-user-blk`, `vhost-user-net` or `vhost-user-console` (a symlink, or a
 //!   re-execution with that `argv[0]`), it is that backend.
 
+mod bench;
 mod cli;
 
 use std::process::ExitCode;

@@ -49,3 +49,39 @@ fn argv0_selects_the_backend() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("Usage: pvkit"), "{kind} ran as pvkit");
     }
 }
+
+#[test]
+fn bench_blk_compares_pvkit_with_qemu_storage_daemon() {
+    if !pvkit_test_support::facility::require_programs("bench_blk", &["qemu-storage-daemon"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = pvkit()
+        .args(["bench", "blk", "--rounds", "2", "--seconds", "0.3", "--qd", "1,8", "--patterns", "randread,randwrite"])
+        .args(["--image-mib", "16", "--null", "--image-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for group in ["randread QD 1", "randread QD 8", "randwrite QD 1", "randwrite QD 8"] {
+        assert!(stdout.contains(group), "{group} missing:\n{stdout}");
+    }
+    for contender in [
+        "pvkit vhost-user-blk (io_uring)",
+        "qemu-storage-daemon (io_uring)",
+        "pvkit vhost-user-blk (null)",
+        "qemu-storage-daemon (null-co)",
+    ] {
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with(contender)).collect();
+        assert_eq!(lines.len(), 4, "{contender} in every group:\n{stdout}");
+        for line in lines {
+            let iops: f64 = line[contender.len() + 2..].split_whitespace().next().unwrap().parse().unwrap();
+            assert!(iops > 0.0, "{line}");
+        }
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "the image was removed");
+    let bad = pvkit().args(["bench", "blk", "--qd", "0"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("queue depths"));
+}

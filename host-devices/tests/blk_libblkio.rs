@@ -136,3 +136,16 @@ fn data_survives_a_reconnect() {
     let mut third = BlkioClient::connect(&b.socket, 1).unwrap();
     assert_eq!(third.read(0, 0, 512).unwrap(), pattern(1, 512));
 }
+
+#[test]
+fn memory_added_while_a_queue_is_polled_is_seen() {
+    // libblkio adds its buffer region (ADD_MEM_REG) right after starting the device; with a long
+    // polling window the queue worker is still polling from the start-up event when the first
+    // request arrives, and must see the new region.
+    let b = backend(&["--poll-us", "200000"]);
+    for round in 0..5u64 {
+        let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+        client.write(0, round * 4096, &pattern(round, 4096)).unwrap();
+        assert_eq!(client.read(0, round * 4096, 4096).unwrap(), pattern(round, 4096));
+    }
+}

@@ -200,13 +200,16 @@ impl BlkDevice {
     /// Serves the queue until it is empty with notifications re-enabled. With `--poll-us`,
     /// keeps looking (notifications off) for that long after the last request before going
     /// back to sleep on the kick eventfd; a queue that gets no kicks costs nothing.
-    fn serve_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<()> {
+    ///
+    /// The memory map is loaded afresh on every pass: the frontend may add regions
+    /// (ADD_MEM_REG) while the queue is being polled.
+    fn serve_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> io::Result<()> {
         let poll = std::time::Duration::from_micros(self.shared.options.poll_us);
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             let mut last_work = std::time::Instant::now();
             loop {
-                let (count, notify) = self.process_queue(vring, queue, mem)?;
+                let (count, notify) = self.process_queue(vring, queue, &memory.memory())?;
                 if notify {
                     vring.signal_used_queue()?;
                 }
@@ -463,9 +466,8 @@ impl VhostUserBackend for BlkDevice {
         let Some(atomic) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
             return Err(io::Error::other("queue event before the memory table"));
         };
-        let mem = atomic.memory();
         let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
-        self.serve_queue(vring, thread, &mem)?;
+        self.serve_queue(vring, thread, &atomic)?;
         Ok(())
     }
 }

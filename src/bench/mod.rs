@@ -1,0 +1,19 @@
+//! `pvkit bench`: paravirtual I/O benchmarks that compare contenders side by side in one run.
+
+pub mod blk;
+mod loadgen;
+mod process;
+
+/// Benchmark scenarios.
+#[derive(clap::Subcommand, Debug)]
+pub enum Scenario {
+    /// 4 KiB random reads and writes through libblkio: pvkit vhost-user-blk vs qemu-storage-daemon.
+    Blk(blk::BlkBenchArgs),
+}
+
+/// Runs a scenario.
+pub fn run(scenario: &Scenario) -> Result<(), String> {
+    match scenario {
+        Scenario::Blk(args) => blk::run(args),
+    }
+}

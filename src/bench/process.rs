@@ -1,0 +1,104 @@
+//! Backend processes under measurement: start, wait for the socket, CPU time and peak RSS
+//! from /proc, stop.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// CPU time and memory of a process over an interval.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessUsage {
+    /// User plus system CPU time.
+    pub cpu: Duration,
+    /// Wall time.
+    pub wall: Duration,
+    /// Peak resident set size (VmHWM), KiB.
+    pub peak_rss_kib: u64,
+    at: Option<Instant>,
+}
+
+impl ProcessUsage {
+    /// The usage between `earlier` and `self`.
+    pub fn since(&self, earlier: &ProcessUsage) -> ProcessUsage {
+        let wall = match (self.at, earlier.at) {
+            (Some(a), Some(b)) => a.duration_since(b),
+            _ => Duration::ZERO,
+        };
+        ProcessUsage { cpu: self.cpu.saturating_sub(earlier.cpu), wall, peak_rss_kib: self.peak_rss_kib, at: self.at }
+    }
+
+    /// CPU time over wall time (1.0 = one core busy).
+    pub fn cpu_fraction(&self) -> f64 {
+        if self.wall.is_zero() { 0.0 } else { self.cpu.as_secs_f64() / self.wall.as_secs_f64() }
+    }
+}
+
+/// A backend process, killed on drop.
+pub struct Spawned {
+    name: String,
+    child: Child,
+}
+
+impl Spawned {
+    /// Starts `cmd` and waits (up to 10 s) for `socket` to appear.
+    /// Its standard error goes to `log`.
+    pub fn start(name: &str, cmd: &mut Command, socket: &Path, log: &Path) -> Result<Spawned, String> {
+        let _ = std::fs::remove_file(socket);
+        let log_file = std::fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let mut spawned = Spawned { name: name.to_string(), child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = spawned.child.try_wait() {
+                return Err(format!("{name} exited at start ({status})"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} did not listen on {} within 10 s", socket.display()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(spawned)
+    }
+
+    /// The process's CPU time and peak RSS now.
+    pub fn usage(&self) -> Result<ProcessUsage, String> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("{}: {e}", self.name))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let peak_rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        Ok(ProcessUsage {
+            cpu: Duration::from_secs_f64(ticks as f64 / hz as f64),
+            wall: Duration::ZERO,
+            peak_rss_kib,
+            at: Some(Instant::now()),
+        })
+    }
+
+    /// Stops the process.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,11 +1,11 @@
 //! vhost-user-blk against libblkio's `virtio-blk-vhost-user` driver, an independent vhost-user
 //! frontend and virtio-blk driver, over a real socket.
 
+mod common;
+
 use pvkit_test_support::blkio_client::{BlkioClient, BlkioError};
 use pvkit_test_support::process::ChildGuard;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
 
 const DISK: u64 = 32 << 20;
 
@@ -20,18 +20,7 @@ fn backend(extra: &[&str]) -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
-    let socket = dir.path().join("blk.sock");
-    let mut child = ChildGuard::spawn(
-        "vhost-user-blk",
-        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(extra),
-    )
-    .unwrap();
-    child.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
+    let (child, socket) = common::start_blk(dir.path(), &image, extra);
     Backend { _child: child, socket, image, _dir: dir }
 }
 
@@ -141,7 +130,9 @@ fn data_survives_a_reconnect() {
 fn memory_added_while_a_queue_is_polled_is_seen() {
     // libblkio adds its buffer region (ADD_MEM_REG) right after starting the device; with a long
     // polling window the queue worker is still polling from the start-up event when the first
-    // request arrives, and must see the new region.
+    // request arrives, and must see the new region. Each round is a new connection whose rings
+    // reuse the previous one's shared memory: the previous connection's worker, still inside
+    // its polling window, must not serve them.
     let b = backend(&["--poll-us", "200000"]);
     for round in 0..5u64 {
         let mut client = BlkioClient::connect(&b.socket, 1).unwrap();

@@ -1,11 +1,11 @@
 //! vhost-user-blk against Linux's own virtio-blk driver (QEMU TCG guest): fio with crc32c
 //! verification and a filesystem round trip, with one and with two queues.
 
+mod common;
+
 use pvkit_test_support::facility;
 use pvkit_test_support::linux_guest::LinuxGuest;
-use pvkit_test_support::process::ChildGuard;
 use std::fs::File;
-use std::process::Command;
 use std::time::Duration;
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -56,18 +56,9 @@ fn run_guest(queues: u16) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
-    let socket = dir.path().join("blk.sock");
-    let mut backend = ChildGuard::spawn(
-        "vhost-user-blk",
-        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--blk-file")
-            .arg(&image)
-            .args(["--num-queues", &queues.to_string(), "--serial", "pvkit-e2e"]),
-    )
-    .unwrap();
-    backend.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
+    let queue_arg = queues.to_string();
+    let (mut backend, socket) =
+        common::start_blk(dir.path(), &image, &["--num-queues", &queue_arg, "--serial", "pvkit-e2e"]);
 
     let run = LinuxGuest::new(SCRIPT).vhost_user_blk(&socket, queues).cpus(queues.into()).run().unwrap();
     println!("{test}: guest finished in {:.1} s", run.elapsed.as_secs_f64());

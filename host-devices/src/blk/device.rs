@@ -54,6 +54,9 @@ struct Shared {
     exits: Vec<(EventConsumer, EventNotifier)>,
     stats: Arc<Stats>,
     gates: Arc<QueueGates>,
+    /// Set when the frontend is gone: this connection's workers must not touch the rings any
+    /// more (a new frontend may reuse the same shared memory for its own).
+    stopped: AtomicBool,
 }
 
 /// One lock per queue, held by the queue's worker while it processes a batch. Nothing else
@@ -66,6 +69,13 @@ impl QueueGates {
     /// Gates for `queues` queues.
     pub fn new(queues: u16) -> QueueGates {
         QueueGates { gates: (0..queues).map(|_| std::sync::Mutex::new(())).collect() }
+    }
+
+    /// Waits until no queue worker is inside a pass.
+    pub fn wait_idle(&self) {
+        for gate in &self.gates {
+            drop(gate.lock().unwrap_or_else(|p| p.into_inner()));
+        }
     }
 
     /// Waits for every in-flight batch to finish and keeps new ones from starting, for good.
@@ -131,6 +141,7 @@ impl BlkDevice {
             exits,
             stats,
             gates,
+            stopped: AtomicBool::new(false),
         };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
@@ -158,11 +169,18 @@ impl BlkDevice {
         f
     }
 
-    /// Ends the worker threads (after a disconnect or at exit).
+    /// Ends the worker threads (after a disconnect or at exit) and waits until none of them is
+    /// still inside a pass over its ring.
     pub fn stop_workers(&self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
         for (_, notifier) in &self.shared.exits {
             let _ = notifier.notify();
         }
+        self.shared.gates.wait_idle();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
     }
 
     fn config_bytes(&self) -> [u8; blk::CONFIG_SIZE] {
@@ -176,25 +194,31 @@ impl BlkDevice {
 
     /// Processes every available request on `vring` (queue `queue`) as one batch; returns how
     /// many there were and whether the driver must be notified.
-    fn process_queue(&self, vring: &VringRwLock, queue: usize, mem: &GuestMemoryMmap) -> io::Result<(usize, bool)> {
+    ///
+    /// The requests' buffers are looked up in a memory map loaded *after* the requests were
+    /// seen: a frontend adds a region (ADD_MEM_REG, acknowledged) before it posts requests that
+    /// use it, so a map loaded later always holds it, while one loaded before the pop may not.
+    fn process_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> io::Result<(usize, bool)> {
+        let ring_mem = memory.memory();
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
-        let mut heads = Vec::new();
-        let mut batch = Vec::new();
-        while let Some(chain) = vq.pop_descriptor_chain(mem) {
-            heads.push(chain.head_index());
-            batch.push(request::parse(chain, mem, &self.shared.limits));
+        let mut chains = Vec::new();
+        while let Some(chain) = vq.pop_descriptor_chain(&*ring_mem) {
+            chains.push(chain);
         }
-        if batch.is_empty() {
+        if chains.is_empty() {
             return Ok((0, false));
         }
-        let count = batch.len();
-        for (head, used_len) in heads.into_iter().zip(self.complete_batch(mem, queue, batch)) {
-            if let Err(e) = vq.add_used(mem, head, used_len) {
+        let data_mem = memory.memory();
+        let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+        let batch = chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
+        let count = heads.len();
+        for (head, used_len) in heads.into_iter().zip(self.complete_batch(&data_mem, queue, batch)) {
+            if let Err(e) = vq.add_used(&*ring_mem, head, used_len) {
                 warn!("cannot add descriptor {head} to the used ring: {e}");
             }
         }
-        Ok((count, vq.needs_notification(mem).map_err(io::Error::other)?))
+        Ok((count, vq.needs_notification(&*ring_mem).map_err(io::Error::other)?))
     }
 
     /// Serves the queue until it is empty with notifications re-enabled. With `--poll-us`,
@@ -209,7 +233,10 @@ impl BlkDevice {
             vring.disable_notification().map_err(io::Error::other)?;
             let mut last_work = std::time::Instant::now();
             loop {
-                let (count, notify) = self.process_queue(vring, queue, &memory.memory())?;
+                if self.is_stopped() {
+                    return Ok(());
+                }
+                let (count, notify) = self.process_queue(vring, queue, memory)?;
                 if notify {
                     vring.signal_used_queue()?;
                 }
@@ -467,6 +494,9 @@ impl VhostUserBackend for BlkDevice {
             return Err(io::Error::other("queue event before the memory table"));
         };
         let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.is_stopped() {
+            return Ok(());
+        }
         self.serve_queue(vring, thread, &atomic)?;
         Ok(())
     }

@@ -1,0 +1,24 @@
+//! What the block backend's end-to-end tests share.
+
+use pvkit_test_support::process::ChildGuard;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Starts `vhost-user-blk` serving `image` on `dir/blk.sock` with `extra` arguments and waits
+/// until it listens; returns the process (killed on drop) and the socket path.
+pub fn start_blk(dir: &Path, image: &Path, extra: &[&str]) -> (ChildGuard, PathBuf) {
+    let socket = dir.join("blk.sock");
+    let mut child = ChildGuard::spawn(
+        "vhost-user-blk",
+        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--blk-file")
+            .arg(image)
+            .args(extra),
+    )
+    .unwrap();
+    child.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
+    (child, socket)
+}

@@ -85,3 +85,20 @@ fn bench_blk_compares_pvkit_with_qemu_storage_daemon() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("queue depths"));
 }
+
+#[test]
+fn install_script_places_binaries_and_the_vhost_user_descriptor() {
+    let prefix = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{root}/scripts/install")).arg(prefix.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let descriptor = prefix.path().join("share/qemu/vhost-user/50-pvkit-vhost-user-blk.json");
+    let text = std::fs::read_to_string(&descriptor).unwrap();
+    let binary = prefix.path().join("bin/vhost-user-blk");
+    assert!(text.contains(r#""type": "block""#), "{text}");
+    assert!(text.contains(&format!(r#""binary": "{}""#, binary.display())), "{text}");
+    // The installed program answers the way the descriptor's consumers ask it to.
+    let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
+    assert!(caps.status.success());
+    assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "block""#));
+}

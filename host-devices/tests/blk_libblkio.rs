@@ -140,3 +140,32 @@ fn memory_added_while_a_queue_is_polled_is_seen() {
         assert_eq!(client.read(0, round * 4096, 4096).unwrap(), pattern(round, 4096));
     }
 }
+
+#[test]
+fn serves_an_inherited_listening_socket() {
+    use std::os::unix::io::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let socket = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let mut child = ChildGuard::spawn(
+        "vhost-user-blk",
+        std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .args(["--fd", &fd.to_string(), "--blk-file"])
+            .arg(&image),
+    )
+    .unwrap();
+    drop(listener);
+    let mut client = BlkioClient::connect(&socket, 1).unwrap();
+    client.write(0, 4096, &pattern(3, 4096)).unwrap();
+    assert_eq!(client.read(0, 4096, 4096).unwrap(), pattern(3, 4096));
+    drop(client);
+    // It listens again on the same inherited socket.
+    let mut again = BlkioClient::connect(&socket, 1).unwrap();
+    assert_eq!(again.read(0, 4096, 4096).unwrap(), pattern(3, 4096));
+    child.check_running().unwrap();
+}

@@ -14,6 +14,7 @@ pub mod initramfs;
 pub mod linux_guest;
 pub mod peers;
 pub mod process;
+pub mod vhost_frontend;
 
 use std::path::PathBuf;
 use std::time::Duration;

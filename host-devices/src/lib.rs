@@ -9,6 +9,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod blk;
+pub mod console;
 pub mod server;
 
 use std::fmt;

@@ -27,6 +27,9 @@ pub enum BackendError {
     /// The block backend failed.
     #[error(transparent)]
     Blk(#[from] blk::BlkError),
+    /// The console backend failed.
+    #[error(transparent)]
+    Console(#[from] console::ConsoleBackendError),
 }
 
 /// The three device backends.
@@ -104,6 +107,7 @@ pub fn backend_command(exe: &Path, kind: BackendKind) -> std::process::Command {
 pub fn run_backend(kind: BackendKind, args: &[String]) -> Result<(), BackendError> {
     match kind {
         BackendKind::Blk => Ok(blk::main(args)?),
+        BackendKind::Console => Ok(console::main(args)?),
         other => Err(BackendError::NotBuilt(other)),
     }
 }

@@ -99,6 +99,15 @@ impl fmt::Display for ListenOn {
 pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static {
     /// Ends this connection's worker threads.
     fn stop_workers(&self);
+
+    /// Called once the daemon exists, before the frontend is accepted, with the worker
+    /// threads' epoll handlers, so the device can watch descriptors of its own.
+    fn attach(
+        &self,
+        _handlers: Vec<std::sync::Arc<vhost_user_backend::VringEpollHandler<Self>>>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) and returns the
@@ -179,6 +188,9 @@ where
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(name.to_string(), device.clone(), memory)
             .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        device
+            .attach(daemon.get_epoll_handlers())
+            .map_err(|e| ServerError::Daemon(format!("watching the device's descriptors: {e}")))?;
         daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
         info!("{name}: frontend connected");
         match daemon.wait() {

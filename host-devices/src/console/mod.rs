@@ -1,5 +1,81 @@
-//! The `vhost-user-console` backend (in progress: the control protocol is done, the device
-//! and its port kinds are not yet wired in).
+//! The `vhost-user-console` backend: options, and running it.
 
 pub mod control;
+pub mod device;
 pub mod port;
+
+use crate::server::{self, ListenOn, ServerError};
+use clap::Parser;
+use device::{ConsoleDevice, ConsoleHost};
+use port::{HostPort, PortError, PortSpec};
+use std::sync::Arc;
+
+/// Errors from starting the console backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleBackendError {
+    /// The command line was wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// A port could not be opened.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// Serving failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// vhost-user-console: a vhost-user virtio-console backend with multiport, SIZE and EMERG_WRITE.
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-console", version, about)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    pub listen: server::ListenArgs,
+    /// A port: stdio, pty, unix:PATH, tcp:[HOST:]PORT or file:PATH, optionally ,name=NAME.
+    /// Repeat for more ports; the first is the console. More than one offers MULTIPORT.
+    #[arg(long = "port", value_name = "KIND[,name=NAME]", default_value = "stdio")]
+    pub ports: Vec<PortSpec>,
+    /// Print a summary line every N milliseconds (and at exit); 0 only at exit.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub stats_ms: u64,
+}
+
+/// The capabilities JSON (QEMU's docs/interop/vhost-user.json shape).
+pub const CAPABILITIES: &str = r#"{"type": "console", "features": ["multiport", "size", "emerg-write"]}"#;
+
+/// Runs the backend with `args` (without the program name).
+pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
+    let argv = std::iter::once("vhost-user-console".to_string()).chain(args.iter().cloned());
+    let args = match ConsoleArgs::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return Ok(());
+        }
+        Err(e) => return Err(ConsoleBackendError::Usage(e.render().to_string().trim_end().to_string())),
+    };
+    if args.listen.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    if args.ports.len() > 31 {
+        return Err(ConsoleBackendError::Usage(format!("{} ports given, at most 31", args.ports.len())));
+    }
+    let listen = ListenOn::from_args(&args.listen)?;
+    let ports = args.ports.iter().cloned().map(HostPort::open).collect::<Result<Vec<_>, _>>()?;
+    log::info!(
+        "vhost-user-console: {} port(s) ({}) on {listen}",
+        ports.len(),
+        args.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
+    let host = Arc::new(ConsoleHost::new(ports));
+    let summary = {
+        let host = host.clone();
+        move || host.summary()
+    };
+    let quiesce = {
+        let host = host.clone();
+        move || host.flush_all()
+    };
+    server::serve("vhost-user-console", listen, args.stats_ms, summary, quiesce, || ConsoleDevice::new(host.clone()))?;
+    Ok(())
+}

@@ -263,6 +263,10 @@ impl HostPort {
         };
         let Some(fd) = stream else { return Ok(false) };
         let mut file = File::from(fd);
+        if self.output.is_some() && self.client_hung_up() {
+            // The previous client left while nobody was reading its input: make room.
+            self.disconnect();
+        }
         if self.output.is_some() {
             let _ = file.write_all(b"pvkit console: this port already has a client\n");
             return Ok(false);
@@ -272,6 +276,15 @@ impl HostPort {
         self.output = Some(file);
         info!("console port {}: client connected", self.spec);
         Ok(true)
+    }
+
+    /// Whether the connected client has closed its end.
+    fn client_hung_up(&self) -> bool {
+        let Some(fd) = self.input_fd() else { return false };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: `pfd` is valid for the call; a zero timeout makes it a check.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// Forgets a client that went away (listening ports only; output still waiting stays).

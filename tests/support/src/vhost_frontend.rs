@@ -9,7 +9,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -94,6 +94,10 @@ impl TestFrontend {
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
             frontend.set_protocol_features(protocol & want).map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request waits for the backend's answer: ordered, and errors visible.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         let features = (offered & wanted) | (offered & VHOST_USER_F_PROTOCOL_FEATURES);
         frontend.set_features(features).map_err(vu("SET_FEATURES"))?;
@@ -173,6 +177,11 @@ impl TestFrontend {
         let (_, data) =
             self.frontend.get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf).map_err(vu("GET_CONFIG"))?;
         Ok(data)
+    }
+
+    /// Writes `data` into the device's configuration space at `offset`.
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        self.frontend.set_config(offset, VhostUserConfigFlags::WRITABLE, data).map_err(vu("SET_CONFIG"))
     }
 
     /// Posts a chain of `buffers` on queue `q` and kicks; returns the head index.

@@ -213,13 +213,19 @@ impl ConsoleDevice {
         }
     }
 
+    /// Accepts a waiting client on port `p`, as a listener event would.
+    #[cfg(test)]
+    pub(crate) fn accept_for_test(&self, p: usize) -> bool {
+        matches!(self.shared.host.lock().get_mut(p).map(|port| port.accept()), Some(Ok(true)))
+    }
+
     fn memory(&self) -> Option<Memory> {
         self.shared.memory.read().ok().and_then(|m| m.clone())
     }
 
     /// Takes guest output from port `p`'s transmit queue while the port has room, and
     /// passes it on to the host side.
-    fn pump_tx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    pub(crate) fn pump_tx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
         let mut ports = self.shared.host.lock();
         let Some(port) = ports.get_mut(p) else { return Ok(()) };
         let mut closed = port.flush();
@@ -255,7 +261,7 @@ impl ConsoleDevice {
 
     /// Delivers host input for port `p` into the receive buffers the guest posted; stops
     /// watching the input while the guest has none, so input waits on the host side.
-    fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    pub(crate) fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
         let mut ports = self.shared.host.lock();
         let Some(port) = ports.get_mut(p) else { return Ok(()) };
         let mut closed = false;
@@ -315,7 +321,7 @@ impl ConsoleDevice {
         self.watch(p, 2, None, false);
     }
 
-    fn pump_control_tx(&self, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    pub(crate) fn pump_control_tx(&self, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
         let mem = memory.memory();
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();

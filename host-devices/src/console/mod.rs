@@ -3,6 +3,8 @@
 pub mod control;
 pub mod device;
 pub mod port;
+#[cfg(test)]
+mod tests;
 
 use crate::server::{self, ListenOn, ServerError};
 use clap::Parser;

@@ -88,8 +88,9 @@ fn file_port_and_emergency_writes() {
     fe.set_config(8, &[b'#', 0, 0, 0]).unwrap();
     let expected = b"!first line\nsecond line\nthird line\n#";
     assert_eq!(read_file_until(&log, expected.len()), expected);
-    // A config write out of range is refused; the device goes on.
-    assert!(fe.set_config(10, &[b'x'; 4]).is_err());
+    // A config write out of range is ignored (an error would end the connection); the
+    // device goes on.
+    fe.set_config(10, &[b'x'; 4]).unwrap();
     send(&mut fe, 1, b"after");
     let all = read_file_until(&log, expected.len() + 5);
     assert_eq!(&all[expected.len()..], b"after", "nothing from the refused write");
@@ -226,4 +227,91 @@ fn nothing_is_lost_through_a_slow_reader() {
     assert!(received == input, "host input arrived out of order or changed");
     drop(w.join().unwrap().unwrap());
     backend.check_running().unwrap();
+}
+
+fn set_size(fd: i32, rows: u16, cols: u16) {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
+    assert_eq!(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }, 0);
+}
+
+#[test]
+fn pty_port_with_size_and_live_resize() {
+    use std::io::BufRead;
+    use std::os::unix::io::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("second.log");
+    let socket = dir.path().join("console.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-user-console"))
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(["--port", "pty", "--port"])
+        .arg(format!("file:{},name=log", log.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let _guard = Kill(child);
+    let mut line = String::new();
+    let pty = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the backend exited before naming its pty");
+        if let Some(path) = line.trim().split(" is pty ").nth(1) {
+            break PathBuf::from(path);
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let mut slave = std::fs::OpenOptions::new().read(true).write(true).open(&pty).unwrap();
+    // SAFETY: termios calls on our own open descriptor.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(slave.as_raw_fd(), &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+    }
+    set_size(slave.as_raw_fd(), 30, 100);
+    let deadline = Instant::now() + WAIT;
+    while !socket.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut fe = TestFrontend::connect(&socket, 8 << 20, usize::from(cq::count(2, true)), 64, features(true)).unwrap();
+    let config = pvkit_protocol::console::ConfigRepr::parse(&fe.get_config(0, 12).unwrap()).unwrap();
+    assert_eq!((config.rows, config.cols, config.max_nr_ports), (30, 100, 2));
+    let ctrl = post_rx(&mut fe, cq::CONTROL_RX.into(), 32, 64);
+    control(&mut fe, 0, ControlEvent::DeviceReady, 1);
+    next_control(&mut fe, &ctrl);
+    next_control(&mut fe, &ctrl);
+    control(&mut fe, 0, ControlEvent::PortReady, 1);
+    assert_eq!(next_control(&mut fe, &ctrl).0.event, ControlEvent::ConsolePort);
+    let (msg, payload) = next_control(&mut fe, &ctrl);
+    assert_eq!((msg.event, payload.as_slice()), (ControlEvent::Resize, &[30, 0, 100, 0][..]));
+    assert_eq!(next_control(&mut fe, &ctrl).0.event, ControlEvent::PortOpen);
+
+    // The terminal is resized: the guest hears of it on the control queue.
+    set_size(slave.as_raw_fd(), 40, 120);
+    let (msg, payload) = next_control(&mut fe, &ctrl);
+    assert_eq!((msg.id, msg.event, payload.as_slice()), (0, ControlEvent::Resize, &[40, 0, 120, 0][..]));
+    let config = pvkit_protocol::console::ConfigRepr::parse(&fe.get_config(0, 12).unwrap()).unwrap();
+    assert_eq!((config.rows, config.cols), (40, 120));
+
+    // Data both ways through the pty.
+    send(&mut fe, cq::port_tx(0).into(), b"to the pty");
+    let mut got = [0u8; 10];
+    slave.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"to the pty");
+    let rx = post_rx(&mut fe, cq::port_rx(0).into(), 2, 64);
+    slave.write_all(b"typed").unwrap();
+    assert_eq!(receive(&mut fe, cq::port_rx(0).into(), &rx), b"typed");
+    // And port 1 writes its file.
+    send(&mut fe, cq::port_tx(1).into(), b"log line\n");
+    assert_eq!(read_file_until(&log, 9), b"log line\n");
 }

@@ -456,11 +456,10 @@ impl VhostUserBackend for BlkDevice {
             self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
             return Ok(());
         }
+        // Refusing with an error would make the library end the whole connection: the write
+        // is ignored, counted and logged (once) instead.
         self.shared.stats.record_error(&RequestError::WrongDirection("config write"));
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("config write of {} bytes at {offset} refused", buf.len()),
-        ))
+        Ok(())
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
@@ -484,20 +483,28 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[VringRwLock],
         thread: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        // An error returned from here would end this worker's event loop for good (the
+        // library stops on it): log it and keep serving instead.
+        let result = (|| -> io::Result<()> {
+            if evset != EventSet::IN {
+                return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+            }
+            let Some(vring) = vrings.get(device_event as usize) else {
+                return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+            };
+            let Some(atomic) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
+                return Err(io::Error::other("queue event before the memory table"));
+            };
+            let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
+            if self.is_stopped() {
+                return Ok(());
+            }
+            self.serve_queue(vring, thread, &atomic)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            warn!("vhost-user-blk: event {device_event}: {e}");
         }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Err(io::Error::other(format!("event for unknown queue {device_event}")));
-        };
-        let Some(atomic) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
-            return Err(io::Error::other("queue event before the memory table"));
-        };
-        let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
-        if self.is_stopped() {
-            return Ok(());
-        }
-        self.serve_queue(vring, thread, &atomic)?;
         Ok(())
     }
 }

@@ -246,7 +246,14 @@ fn config_space_reports_the_disk() {
     assert_eq!(config.writeback, 1);
     f.device.set_config(32, &[0]).unwrap();
     assert_eq!(f.device.get_config(32, 1), [0]);
-    assert!(f.device.set_config(0, &[1, 2, 3, 4]).is_err(), "capacity is read-only");
+    f.device.set_config(0, &[1, 2, 3, 4]).unwrap();
+    assert_eq!(config.capacity, DISK / 512);
+    assert_eq!(
+        pvkit_protocol::blk::ConfigRepr::parse(&f.device.get_config(0, 60)).unwrap().capacity,
+        DISK / 512,
+        "capacity is read-only: the write is ignored"
+    );
+    assert_eq!(f.stats.errors("wrong-direction"), 1, "and counted");
     assert_eq!(f.device.get_config(56, 8), [1, 0, 0, 0, 0, 0, 0, 0], "reads past the end are zero-filled");
     assert!(f.device.get_config(0, u32::MAX).is_empty(), "absurd sizes are refused");
 }

@@ -102,6 +102,14 @@ impl Control {
         Ok(())
     }
 
+    /// Records the console's current size without telling the guest (it is told at
+    /// PORT_READY, or by [`Control::resize`] later).
+    pub fn note_size(&mut self, size: Option<(u16, u16)>) {
+        if size.is_some() {
+            self.size = size;
+        }
+    }
+
     /// The host side of `port` connected or disconnected.
     pub fn host_open_changed(&mut self, port: u32, open: bool) {
         if self.port_ready.get(port as usize).copied().unwrap_or(false) {

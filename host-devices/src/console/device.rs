@@ -90,7 +90,12 @@ enum Event {
     Listener(usize),
     Input(usize),
     Output(usize),
+    /// The periodic check of the console's terminal size.
+    SizeCheck,
 }
+
+/// How often the console's terminal size is checked (stdio and pty ports).
+const SIZE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 struct Shared {
     host: Arc<ConsoleHost>,
@@ -102,6 +107,8 @@ struct Shared {
     watching: Mutex<Vec<[bool; 3]>>,
     exit: (EventConsumer, EventNotifier),
     stopped: AtomicBool,
+    size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
+    last_size: Mutex<Option<(u16, u16)>>,
 }
 
 /// The console device for one frontend connection; cheap to clone.
@@ -129,6 +136,8 @@ impl ConsoleDevice {
                 watching: Mutex::new(vec![[false; 3]; port_count]),
                 exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
                 stopped: AtomicBool::new(false),
+                size_timer: Mutex::new(None),
+                last_size: Mutex::new(size),
             }),
         })
     }
@@ -171,6 +180,25 @@ impl ConsoleDevice {
         }
     }
 
+    fn size_check_id(&self) -> u64 {
+        (self.shared.num_queues + 1 + self.shared.port_count * 3) as u64
+    }
+
+    /// Sends RESIZE when the console's terminal changed size since the last look.
+    fn check_size(&self) {
+        if let Some(timer) = self.shared.size_timer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = timer.wait();
+        }
+        let size = self.shared.host.lock().first().and_then(HostPort::size);
+        let mut last = self.shared.last_size.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((rows, cols)) = size
+            && size != *last
+        {
+            *last = size;
+            self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).resize(rows, cols);
+        }
+    }
+
     fn event_id(&self, port: usize, kind: usize) -> u64 {
         (self.shared.num_queues + 1 + port * 3 + kind) as u64
     }
@@ -179,6 +207,9 @@ impl ConsoleDevice {
         let id = usize::from(id);
         if id < self.shared.num_queues {
             return Some(Event::Queue(id));
+        }
+        if id as u64 == self.size_check_id() {
+            return Some(Event::SizeCheck);
         }
         let rel = id.checked_sub(self.shared.num_queues + 1)?;
         let port = rel / 3;
@@ -330,14 +361,18 @@ impl ConsoleDevice {
             let head = chain.head_index();
             match read_chain(chain, &mem, MAX_CONTROL_MESSAGE) {
                 Ok(bytes) => {
-                    let infos: Vec<PortInfo> = self
-                        .shared
-                        .host
-                        .lock()
-                        .iter()
-                        .map(|p| PortInfo { name: p.spec.name.clone(), host_open: p.is_open() })
-                        .collect();
+                    let (infos, size): (Vec<PortInfo>, _) = {
+                        let ports = self.shared.host.lock();
+                        let infos = ports
+                            .iter()
+                            .map(|p| PortInfo { name: p.spec.name.clone(), host_open: p.is_open() })
+                            .collect();
+                        (infos, ports.first().and_then(HostPort::size))
+                    };
+                    // The size the guest is told at PORT_READY is the size now.
+                    *self.shared.last_size.lock().unwrap_or_else(|p| p.into_inner()) = size;
                     let mut control = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
+                    control.note_size(size);
                     if let Err(e) =
                         control.on_guest_message(&bytes, |p| infos.get(p as usize).cloned().unwrap_or_default())
                     {
@@ -504,9 +539,10 @@ impl VhostUserBackend for ConsoleDevice {
                 warn!("console: write to the read-only config field at {at} ignored");
                 Ok(())
             }
+            // Refusing with an error would make the library end the whole connection.
             Err(e) => {
-                warn!("console: {e}");
-                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+                warn!("console: config write ignored: {e}");
+                Ok(())
             }
         }
     }
@@ -531,25 +567,34 @@ impl VhostUserBackend for ConsoleDevice {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
-        if self.shared.stopped.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let Some(memory) = self.memory() else {
-            return Err(io::Error::other("event before the memory table"));
-        };
-        match self.classify(device_event) {
-            Some(Event::Listener(p)) => {
-                let accepted = self.shared.host.lock().get_mut(p).map(|port| port.accept()).transpose();
-                if matches!(accepted, Ok(Some(true))) {
-                    self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).host_open_changed(p as u32, true);
-                }
+        // An error returned from here would end this worker's event loop for good (the
+        // library stops on it): log it and keep serving instead.
+        let result = (|| -> io::Result<()> {
+            if self.shared.stopped.load(Ordering::SeqCst) {
+                return Ok(());
             }
-            Some(Event::Queue(_) | Event::Input(_) | Event::Output(_)) => {}
-            None => return Err(io::Error::other(format!("unknown event {device_event}"))),
+            let Some(memory) = self.memory() else {
+                return Err(io::Error::other("event before the memory table"));
+            };
+            match self.classify(device_event) {
+                Some(Event::Listener(p)) => {
+                    let accepted = self.shared.host.lock().get_mut(p).map(|port| port.accept()).transpose();
+                    if matches!(accepted, Ok(Some(true))) {
+                        self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).host_open_changed(p as u32, true);
+                    }
+                }
+                Some(Event::SizeCheck) => self.check_size(),
+                Some(Event::Queue(_) | Event::Input(_) | Event::Output(_)) => {}
+                None => return Err(io::Error::other(format!("unknown event {device_event}"))),
+            }
+            // Console traffic is light: serving everything on any event keeps the flow-control
+            // logic in one place (a kick on one queue can unblock another port's host side).
+            self.pump_all(vrings, &memory)
+        })();
+        if let Err(e) = result {
+            warn!("console: event {device_event}: {e}");
         }
-        // Console traffic is light: serving everything on any event keeps the flow-control
-        // logic in one place (a kick on one queue can unblock another port's host side).
-        self.pump_all(vrings, &memory)
+        Ok(())
     }
 }
 
@@ -572,6 +617,18 @@ impl crate::server::ServedDevice for ConsoleDevice {
             if fd.is_some() {
                 self.watch(p, 0, fd, true);
             }
+        }
+        // A console on a terminal: watch its size (a SIGWINCH or a pty resize).
+        let has_terminal = self.shared.host.lock().first().is_some_and(HostPort::is_terminal);
+        if has_terminal {
+            let mut timer = vmm_sys_util::timerfd::TimerFd::new()?;
+            timer.reset(SIZE_CHECK_INTERVAL, Some(SIZE_CHECK_INTERVAL))?;
+            handler.register_listener(
+                std::os::unix::io::AsRawFd::as_raw_fd(&timer),
+                EventSet::IN,
+                self.size_check_id(),
+            )?;
+            *self.shared.size_timer.lock().unwrap_or_else(|p| p.into_inner()) = Some(timer);
         }
         Ok(())
     }

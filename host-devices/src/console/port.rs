@@ -185,8 +185,7 @@ impl HostPort {
             }
             PortKind::Pty => {
                 let (master, path) = open_pty().map_err(err)?;
-                info!("console port {}: pty {}", spec.name.as_deref().unwrap_or(""), path.display());
-                eprintln!("{}", path.display());
+                eprintln!("vhost-user-console: port {spec} is pty {}", path.display());
                 port.output = Some(master.try_clone().map_err(err)?);
                 port.input = Some(master);
                 port.pty_path = Some(path);
@@ -337,6 +336,16 @@ impl HostPort {
                 self.disconnect();
                 Err(e)
             }
+        }
+    }
+
+    /// Whether the port is a terminal whose size the guest should follow.
+    pub fn is_terminal(&self) -> bool {
+        match self.spec.kind {
+            PortKind::Pty => true,
+            // SAFETY: isatty only queries the descriptor.
+            PortKind::Stdio => self.output_fd().is_some_and(|fd| unsafe { libc::isatty(fd) } == 1),
+            _ => false,
         }
     }
 

@@ -101,4 +101,10 @@ fn install_script_places_binaries_and_the_vhost_user_descriptor() {
     let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
     assert!(caps.status.success());
     assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "block""#));
+    let console = prefix.path().join("share/qemu/vhost-user/50-pvkit-vhost-user-console.json");
+    let text = std::fs::read_to_string(&console).unwrap();
+    let binary = prefix.path().join("bin/vhost-user-console");
+    assert!(text.contains(&format!(r#""binary": "{}""#, binary.display())), "{text}");
+    let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
+    assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "console""#));
 }

@@ -72,7 +72,7 @@ fn demo() -> ExitCode {
     row("protocol", "wire formats and ABI (virtio-blk/-net/-console, mmio, split ring)", "ready");
     row("tiny guest", &format!("embedded x86_64-unknown-none ELF, {} bytes", TINY_GUEST_ELF.len()), "built");
     row("vhost-user-blk", "vhost-user block backend (sync and null engines)", "built");
-    row("vhost-user-console", "vhost-user console backend (multiport, SIZE, EMERG_WRITE)", "built, in progress");
+    row("vhost-user-console", "vhost-user console backend (multiport, SIZE, EMERG_WRITE)", "built");
     row(BackendKind::Net.program_name(), "vhost-user backend", "not built yet");
     row("vmm-glue", "KVM VMM and vhost-user frontend", "not built yet");
     println!();

@@ -108,3 +108,15 @@ fn install_script_places_binaries_and_the_vhost_user_descriptor() {
     let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
     assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "console""#));
 }
+
+#[test]
+fn bench_console_measures_guest_to_host_throughput() {
+    let out = pvkit().args(["bench", "console", "--rounds", "2", "--seconds", "0.3"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.trim_start().starts_with("pvkit vhost-user-console")).expect("a result line");
+    let mbps: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(mbps > 0.0, "{line}");
+    let bad = pvkit().args(["bench", "console", "--write-size", "0"]).output().unwrap();
+    assert!(!bad.status.success());
+}

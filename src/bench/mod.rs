@@ -1,6 +1,7 @@
 //! `pvkit bench`: paravirtual I/O benchmarks that compare contenders side by side in one run.
 
 pub mod blk;
+pub mod console;
 mod loadgen;
 mod process;
 
@@ -9,11 +10,14 @@ mod process;
 pub enum Scenario {
     /// 4 KiB random reads and writes through libblkio: pvkit vhost-user-blk vs qemu-storage-daemon.
     Blk(blk::BlkBenchArgs),
+    /// Guest-to-host throughput through one vhost-user-console port.
+    Console(console::ConsoleBenchArgs),
 }
 
 /// Runs a scenario.
 pub fn run(scenario: &Scenario) -> Result<(), String> {
     match scenario {
         Scenario::Blk(args) => blk::run(args),
+        Scenario::Console(args) => console::run(args),
     }
 }

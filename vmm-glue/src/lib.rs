@@ -4,6 +4,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod host_frontend;
+
 use std::path::Path;
 
 /// Whether `/dev/kvm` exists and can be opened for reading and writing.

@@ -14,7 +14,11 @@ pub mod initramfs;
 pub mod linux_guest;
 pub mod peers;
 pub mod process;
-pub mod vhost_frontend;
+/// The vhost-user frontend with its own driver, from `pvkit-vmm-glue`, under the name the
+/// tests use.
+pub mod vhost_frontend {
+    pub use pvkit_vmm_glue::host_frontend::{Buffer, FrontendError, HostFrontend as TestFrontend};
+}
 
 use std::path::PathBuf;
 use std::time::Duration;

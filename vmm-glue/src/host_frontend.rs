@@ -1,7 +1,7 @@
-//! A minimal vhost-user frontend and split-ring driver for end-to-end tests of backends:
-//! memfd-backed shared memory, real vrings, kick and call eventfds, built on the `vhost`
-//! crate's `Frontend`. It plays the part of a VMM plus a guest driver, one request at a time
-//! or many in flight.
+//! A vhost-user frontend with its own split-ring driver, for host-side tools that drive a
+//! backend without a guest (benchmarks, end-to-end tests): memfd-backed shared memory, real
+//! vrings, kick and call eventfds, built on the `vhost` crate's `Frontend`. It plays the part
+//! of a VMM plus a guest driver, one request at a time or many in flight.
 
 use pvkit_protocol::ring::{self, RingLayout, desc_flags};
 use std::fs::File;
@@ -62,7 +62,7 @@ struct DriverQueue {
 }
 
 /// A connected frontend with its rings set up and enabled.
-pub struct TestFrontend {
+pub struct HostFrontend {
     frontend: Frontend,
     mem: GuestMemoryMmap,
     queues: Vec<DriverQueue>,
@@ -74,7 +74,7 @@ pub struct TestFrontend {
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
-impl TestFrontend {
+impl HostFrontend {
     /// Connects to `socket`, negotiates `wanted` features (intersected with the backend's),
     /// shares `mem_size` bytes of memory and sets up `num_queues` rings of `queue_size`.
     pub fn connect(
@@ -83,7 +83,7 @@ impl TestFrontend {
         num_queues: usize,
         queue_size: u16,
         wanted: u64,
-    ) -> Result<TestFrontend, FrontendError> {
+    ) -> Result<HostFrontend, FrontendError> {
         let mut frontend = Frontend::connect(socket, num_queues as u64).map_err(vu("connect"))?;
         frontend.set_owner().map_err(vu("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
@@ -119,7 +119,7 @@ impl TestFrontend {
         };
         frontend.set_mem_table(&[region]).map_err(vu("SET_MEM_TABLE"))?;
 
-        let mut this = TestFrontend { frontend, mem, queues: Vec::new(), next_free: 0, mem_size, features };
+        let mut this = HostFrontend { frontend, mem, queues: Vec::new(), next_free: 0, mem_size, features };
         for index in 0..num_queues {
             let base = this.alloc(RingLayout::contiguous_size(queue_size, 4096), 4096)?;
             let layout = RingLayout::contiguous(base, queue_size, 4096)

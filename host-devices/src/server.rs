@@ -50,6 +50,40 @@ pub struct ListenArgs {
     pub print_capabilities: bool,
 }
 
+/// The vhost-user protocol features every pvkit backend offers (libblkio requires REPLY_ACK,
+/// CONFIG and CONFIGURE_MEM_SLOTS).
+pub fn protocol_features() -> vhost::vhost_user::message::VhostUserProtocolFeatures {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as F;
+    F::MQ | F::CONFIG | F::REPLY_ACK | F::CONFIGURE_MEM_SLOTS
+}
+
+/// The `size` bytes at `offset` of a device's configuration space `config`, zero-filled past
+/// its end (a GET_CONFIG answer); empty for absurd sizes (vhost-user caps them at 256).
+pub fn config_slice(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    if size > 4096 {
+        return Vec::new();
+    }
+    let start = (offset as usize).min(config.len());
+    let end = start.saturating_add(size as usize).min(config.len());
+    let mut out = config[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
+/// Parses a backend's command line (without the program name) as `name`: `Ok(None)` when
+/// help or the version was printed, `Err` with clap's message for bad arguments.
+pub fn parse_args<T: clap::Parser>(name: &str, args: &[String]) -> Result<Option<T>, String> {
+    let argv = std::iter::once(name.to_string()).chain(args.iter().cloned());
+    match T::try_parse_from(argv) {
+        Ok(parsed) => Ok(Some(parsed)),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Ok(None)
+        }
+        Err(e) => Err(e.render().to_string().trim_end().to_string()),
+    }
+}
+
 /// Where a backend listens.
 #[derive(Debug, Clone)]
 pub enum ListenOn {

@@ -426,10 +426,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        crate::server::protocol_features()
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -438,16 +435,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // vhost-user caps config messages at 256 bytes; refuse anything absurd outright.
-        if size > 4096 {
-            return Vec::new();
-        }
-        let bytes = self.config_bytes();
-        let start = (offset as usize).min(bytes.len());
-        let end = start.saturating_add(size as usize).min(bytes.len());
-        let mut out = bytes[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        crate::server::config_slice(&self.config_bytes(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

@@ -130,14 +130,8 @@ fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
 
 /// Runs the backend with `args` (without the program name).
 pub fn main(args: &[String]) -> Result<(), BlkError> {
-    let argv = std::iter::once("vhost-user-blk".to_string()).chain(args.iter().cloned());
-    let args = match BlkArgs::try_parse_from(argv) {
-        Ok(args) => args,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return Ok(());
-        }
-        Err(e) => return Err(BlkError::Usage(e.render().to_string().trim_end().to_string())),
+    let Some(args) = server::parse_args::<BlkArgs>("vhost-user-blk", args).map_err(BlkError::Usage)? else {
+        return Ok(());
     };
     if args.listen.print_capabilities {
         println!("{CAPABILITIES}");

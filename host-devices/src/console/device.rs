@@ -502,10 +502,7 @@ impl VhostUserBackend for ConsoleDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        crate::server::protocol_features()
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -513,16 +510,9 @@ impl VhostUserBackend for ConsoleDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        if size > 4096 {
-            return Vec::new();
-        }
         let mut bytes = [0u8; console::CONFIG_SIZE];
         let _ = self.config().emit(&mut bytes);
-        let start = (offset as usize).min(bytes.len());
-        let end = start.saturating_add(size as usize).min(bytes.len());
-        let mut out = bytes[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        crate::server::config_slice(&bytes, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

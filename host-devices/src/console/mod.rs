@@ -46,14 +46,10 @@ pub const CAPABILITIES: &str = r#"{"type": "console", "features": ["multiport", 
 
 /// Runs the backend with `args` (without the program name).
 pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
-    let argv = std::iter::once("vhost-user-console".to_string()).chain(args.iter().cloned());
-    let args = match ConsoleArgs::try_parse_from(argv) {
-        Ok(args) => args,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return Ok(());
-        }
-        Err(e) => return Err(ConsoleBackendError::Usage(e.render().to_string().trim_end().to_string())),
+    let Some(args) =
+        server::parse_args::<ConsoleArgs>("vhost-user-console", args).map_err(ConsoleBackendError::Usage)?
+    else {
+        return Ok(());
     };
     if args.listen.print_capabilities {
         println!("{CAPABILITIES}");

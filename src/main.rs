@@ -21,5 +21,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The command line behaves like other Unix tools when its output pipe closes (`pvkit
+    // demo | head`): it ends quietly instead of panicking on EPIPE. Backends, above, keep
+    // SIGPIPE ignored so a client that goes away is an error to handle, not a kill.
+    // SAFETY: setting a signal's disposition to its default has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     cli::main(args)
 }

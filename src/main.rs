@@ -22,9 +22,12 @@ fn main() -> ExitCode {
         };
     }
     // The command line behaves like other Unix tools when its output pipe closes (`pvkit
-    // demo | head`): it ends quietly instead of panicking on EPIPE. Backends, above, keep
-    // SIGPIPE ignored so a client that goes away is an error to handle, not a kill.
-    // SAFETY: setting a signal's disposition to its default has no memory effects.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // demo | head`): it ends quietly instead of panicking on EPIPE. Backends (above) and
+    // benchmarks keep SIGPIPE ignored: they talk over sockets, where a peer that goes away is
+    // an error to handle, not a kill.
+    if !matches!(args.get(1).map(String::as_str), Some("bench" | "backend")) {
+        // SAFETY: setting a signal's disposition to its default has no memory effects.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     cli::main(args)
 }

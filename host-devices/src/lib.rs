@@ -10,6 +10,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod net;
 pub mod server;
 
 use std::fmt;

@@ -6,7 +6,7 @@ use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
 use log::warn;
-use pvkit_protocol::blk::{self, ConfigRepr, RequestType, Status, feature as blkf};
+use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -272,6 +272,7 @@ impl BlkDevice {
     pub(crate) fn complete_batch(&self, mem: &GuestMemoryMmap, queue: usize, batch: Vec<request::Parsed>) -> Vec<u32> {
         let mut ops = Vec::new();
         let mut op_of = vec![None; batch.len()];
+        let mut unsliceable: Vec<Option<io::Result<()>>> = batch.iter().map(|_| None).collect();
         for (i, parsed) in batch.iter().enumerate() {
             let Ok(req) = &parsed.result else { continue };
             let (write, offset) = match req.operation {
@@ -279,10 +280,12 @@ impl BlkDevice {
                 Operation::Write { offset } => (true, offset),
                 _ => continue,
             };
-            // Buffers that cannot be sliced fall through to `execute`, which reports the error.
-            if let Ok(bufs) = slices(mem, &req.data) {
-                op_of[i] = Some(ops.len());
-                ops.push(RwOp { write, offset, bufs });
+            match slices(mem, &req.data) {
+                Ok(bufs) => {
+                    op_of[i] = Some(ops.len());
+                    ops.push(RwOp { write, offset, bufs });
+                }
+                Err(e) => unsliceable[i] = Some(Err(e)),
             }
         }
         let mut results: Vec<Option<io::Result<()>>> =
@@ -301,16 +304,21 @@ impl BlkDevice {
             .into_iter()
             .enumerate()
             .map(|(i, parsed)| {
-                let rw = op_of[i].map(|j| {
-                    results.get_mut(j).and_then(Option::take).unwrap_or_else(|| Err(io::Error::other("lost result")))
-                });
+                let rw = op_of[i]
+                    .map(|j| {
+                        results
+                            .get_mut(j)
+                            .and_then(Option::take)
+                            .unwrap_or_else(|| Err(io::Error::other("lost result")))
+                    })
+                    .or_else(|| unsliceable[i].take());
                 self.finish(mem, parsed, rw)
             })
             .collect()
     }
 
-    /// Completes one request: runs it unless its read/write already ran (`rw`), writes the
-    /// status, counts it, and returns the used length.
+    /// Completes one request: runs it unless it is a read or write, which already ran in the
+    /// batch (`rw`), writes the status, counts it, and returns the used length.
     fn finish(&self, mem: &GuestMemoryMmap, parsed: request::Parsed, rw: Option<io::Result<()>>) -> u32 {
         let stats = &self.shared.stats;
         let Some(status_addr) = parsed.status else {
@@ -321,16 +329,17 @@ impl BlkDevice {
         };
         let (status, data_written) = match parsed.result {
             Ok(req) => {
+                let bytes: u64 = req.data.iter().map(|s| s.len).sum();
                 let outcome = match rw {
                     Some(result) => result.map(|()| match req.operation {
-                        Operation::Read { .. } => req.data.iter().map(|s| s.len).sum(),
+                        Operation::Read { .. } => bytes,
                         _ => 0,
                     }),
                     None => self.execute(mem, &req),
                 };
                 match outcome {
                     Ok(written) => {
-                        stats.record_ok(req.request_type, req.data.iter().map(|s| s.len).sum());
+                        stats.record_ok(req.request_type, bytes);
                         (Status::Ok, written)
                     }
                     Err(e) => {
@@ -350,20 +359,13 @@ impl BlkDevice {
         u32::try_from(data_written + 1).unwrap_or(u32::MAX)
     }
 
+    /// Runs a request other than a read or write (those run in `complete_batch`); returns
+    /// the bytes written into the guest's buffers.
     fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> io::Result<u64> {
         let engine = &self.shared.engine;
         match &req.operation {
-            Operation::Read { offset } => {
-                let slices = slices(mem, &req.data)?;
-                engine.read(*offset, &slices)?;
-                Ok(req.data.iter().map(|s| s.len).sum())
-            }
-            Operation::Write { offset } => {
-                engine.write(*offset, &slices(mem, &req.data)?)?;
-                if !self.shared.writeback.load(Ordering::Relaxed) {
-                    engine.flush()?;
-                }
-                Ok(0)
+            Operation::Read { .. } | Operation::Write { .. } => {
+                Err(io::Error::other("reads and writes run in a batch"))
             }
             Operation::Flush => engine.flush().map(|()| 0),
             Operation::GetId => {
@@ -495,18 +497,6 @@ impl VhostUserBackend for BlkDevice {
         }
         Ok(())
     }
-}
-
-/// Names of the request types, for statistics.
-pub fn request_type_names() -> [RequestType; 6] {
-    [
-        RequestType::In,
-        RequestType::Out,
-        RequestType::Flush,
-        RequestType::GetId,
-        RequestType::Discard,
-        RequestType::WriteZeroes,
-    ]
 }
 
 impl crate::server::ServedDevice for BlkDevice {

@@ -2,6 +2,7 @@
 //! driven by libblkio, contenders interleaved (A B A B ...) within every round.
 
 use super::loadgen::{self, LoadResult, Pattern};
+use super::median;
 use super::process::{ProcessUsage, Spawned};
 use pvkit_host_devices::{BackendKind, backend_command};
 use std::path::{Path, PathBuf};
@@ -89,11 +90,6 @@ struct Sample {
     qd: usize,
     load: LoadResult,
     usage: ProcessUsage,
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn fill_image(path: &Path, bytes: u64) -> std::io::Result<()> {

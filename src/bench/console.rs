@@ -124,9 +124,8 @@ pub fn run(args: &ConsoleBenchArgs) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&work);
     let mut mbps: Vec<f64> = samples.iter().map(|s| s.mbps).collect();
-    mbps.sort_by(|a, b| a.total_cmp(b));
     let mut cpu: Vec<f64> = samples.iter().map(|s| s.usage.cpu_fraction() * 100.0).collect();
-    cpu.sort_by(|a, b| a.total_cmp(b));
+    let (mbps_median, cpu_median) = (super::median(&mut mbps), super::median(&mut cpu));
     let rss = samples.iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
     println!(
         "pvkit bench console: guest-to-host, {}-byte writes, {} in flight, one unix-socket port, {} round(s) of {} s",
@@ -136,10 +135,10 @@ pub fn run(args: &ConsoleBenchArgs) -> Result<(), String> {
     println!(
         "  {:<34} {:>10.1} {:>10.1} - {:>8.1} {:>5.0}% {:>6} MiB",
         "pvkit vhost-user-console",
-        mbps[mbps.len() / 2],
+        mbps_median,
         mbps[0],
         mbps[mbps.len() - 1],
-        cpu[cpu.len() / 2],
+        cpu_median,
         rss / 1024
     );
     Ok(())

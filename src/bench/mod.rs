@@ -14,6 +14,12 @@ pub enum Scenario {
     Console(console::ConsoleBenchArgs),
 }
 
+/// The median of `values` (sorted in place; the upper middle for an even count, 0 when empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Runs a scenario.
 pub fn run(scenario: &Scenario) -> Result<(), String> {
     match scenario {

@@ -22,15 +22,15 @@ pub enum BackendError {
     /// A backend name that does not exist.
     #[error("unknown backend '{0}' (expected one of: blk, net, console)")]
     UnknownBackend(String),
-    /// The backend is not part of this build.
-    #[error("the {0} backend is not part of this build of pvkit yet")]
-    NotBuilt(BackendKind),
     /// The block backend failed.
     #[error(transparent)]
     Blk(#[from] blk::BlkError),
     /// The console backend failed.
     #[error(transparent)]
     Console(#[from] console::ConsoleBackendError),
+    /// The net backend failed.
+    #[error(transparent)]
+    Net(#[from] net::NetBackendError),
 }
 
 /// The three device backends.
@@ -109,7 +109,7 @@ pub fn run_backend(kind: BackendKind, args: &[String]) -> Result<(), BackendErro
     match kind {
         BackendKind::Blk => Ok(blk::main(args)?),
         BackendKind::Console => Ok(console::main(args)?),
-        other => Err(BackendError::NotBuilt(other)),
+        BackendKind::Net => Ok(net::main(args)?),
     }
 }
 

@@ -162,29 +162,36 @@ fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
     Ok(set)
 }
 
-/// Serves devices made by `make_device` on `listen` until SIGTERM/SIGINT, listening again after
-/// each disconnect. `quiesce` is called on a signal and must return only when no request is in
+/// Serves devices made by `make_device` on every address in `listens` (one thread each;
+/// `make_device` gets the address's index) until SIGTERM/SIGINT, listening again after each
+/// disconnect. `quiesce` is called on a signal and must return only when no request is in
 /// flight (and keep new ones from starting); `summary` gives the statistics line.
 pub fn serve<D, M, Q, S>(
     name: &str,
-    listen: ListenOn,
+    listens: Vec<ListenOn>,
     stats_ms: u64,
     summary: S,
     quiesce: Q,
-    mut make_device: M,
+    make_device: M,
 ) -> Result<(), ServerError>
 where
     D: ServedDevice,
-    M: FnMut() -> std::io::Result<D>,
+    M: Fn(usize) -> std::io::Result<D> + Sync,
     Q: Fn() + Send + 'static,
     S: Fn() -> String + Send + Sync + Clone + 'static,
 {
     let signals = block_exit_signals()?;
-    let mut listener = listen.listener()?;
-    let socket_path = match &listen {
-        ListenOn::Path(path) => Some(path.clone()),
-        ListenOn::Fd(_) => None,
-    };
+    let mut listeners = Vec::with_capacity(listens.len());
+    for listen in &listens {
+        listeners.push(listen.listener()?);
+    }
+    let socket_paths: Vec<PathBuf> = listens
+        .iter()
+        .filter_map(|listen| match listen {
+            ListenOn::Path(path) => Some(path.clone()),
+            ListenOn::Fd(_) => None,
+        })
+        .collect();
     {
         let summary = summary.clone();
         let name = name.to_string();
@@ -196,7 +203,7 @@ where
                 unsafe { libc::sigwait(&signals, &mut signal) };
                 info!("{name}: signal {signal}, finishing in-flight requests");
                 quiesce();
-                if let Some(path) = &socket_path {
+                for path in &socket_paths {
                     let _ = std::fs::remove_file(path);
                 }
                 info!("{name}: {}", summary());
@@ -217,8 +224,41 @@ where
             })
             .map_err(ServerError::Signals)?;
     }
+    if listeners.len() == 1 {
+        let listener = listeners.pop().ok_or(ServerError::NoListenAddress)?;
+        return accept_loop(name, 0, listener, &summary, &make_device);
+    }
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| {
+                let (summary, make_device) = (&summary, &make_device);
+                scope.spawn(move || accept_loop(name, index, listener, summary, make_device))
+            })
+            .collect();
+        for thread in threads {
+            thread.join().map_err(|_| ServerError::Daemon("a listener thread panicked".into()))??;
+        }
+        Ok(())
+    })
+}
+
+/// Accepts frontends on `listener` one after the other, each served by a fresh device.
+fn accept_loop<D, M, S>(
+    name: &str,
+    index: usize,
+    mut listener: Listener,
+    summary: &S,
+    make_device: &M,
+) -> Result<(), ServerError>
+where
+    D: ServedDevice,
+    M: Fn(usize) -> std::io::Result<D>,
+    S: Fn() -> String,
+{
     loop {
-        let device = make_device().map_err(|e| ServerError::Daemon(format!("creating the device: {e}")))?;
+        let device = make_device(index).map_err(|e| ServerError::Daemon(format!("creating the device: {e}")))?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(name.to_string(), device.clone(), memory)
             .map_err(|e| ServerError::Daemon(e.to_string()))?;

@@ -166,7 +166,7 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
         let gates = gates.clone();
         move || gates.close()
     };
-    server::serve("vhost-user-blk", listen, args.stats_ms, summary, quiesce, || {
+    server::serve("vhost-user-blk", vec![listen], args.stats_ms, summary, quiesce, |_| {
         BlkDevice::new(engine.clone(), options.clone(), stats.clone(), gates.clone())
     })?;
     Ok(())

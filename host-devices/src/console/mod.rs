@@ -74,6 +74,8 @@ pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
         let host = host.clone();
         move || host.flush_all()
     };
-    server::serve("vhost-user-console", listen, args.stats_ms, summary, quiesce, || ConsoleDevice::new(host.clone()))?;
+    server::serve("vhost-user-console", vec![listen], args.stats_ms, summary, quiesce, |_| {
+        ConsoleDevice::new(host.clone())
+    })?;
     Ok(())
 }

@@ -60,6 +60,23 @@ impl ChildGuard {
         self.kill_and_reap()
     }
 
+    /// Sends SIGTERM, waits up to `timeout` for the process to exit (killing it after that),
+    /// and returns what it wrote to standard error.
+    pub fn terminate(mut self, timeout: Duration) -> String {
+        if let Some(child) = self.child.as_mut() {
+            // SAFETY: kill only sends a signal to the process we started.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill_and_reap()
+    }
+
     fn kill_and_reap(&mut self) -> String {
         let Some(mut child) = self.child.take() else { return String::new() };
         let _ = child.kill();

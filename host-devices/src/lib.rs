@@ -11,6 +11,7 @@
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod relay;
 pub mod server;
 
 use std::fmt;

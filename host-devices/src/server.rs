@@ -131,6 +131,10 @@ impl fmt::Display for ListenOn {
 
 /// A device a backend serves, one per frontend connection.
 pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static {
+    /// Whether the control channel goes through [`crate::relay`] (for frontends that enable
+    /// rings before acknowledging protocol features, as QEMU's virtio-net does).
+    const RELAY_CONTROL: bool = false;
+
     /// Ends this connection's worker threads.
     fn stop_workers(&self);
 
@@ -244,6 +248,29 @@ where
     })
 }
 
+/// Accepts the next frontend on `listener` and relays it (see [`crate::relay`]) to a private
+/// listener, returned for the daemon to accept from.
+fn relayed_frontend(name: &str, index: usize, listener: &Listener) -> Result<Listener, ServerError> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let frontend = loop {
+        match listener.accept() {
+            Ok(Some(stream)) => break stream,
+            Ok(None) => continue,
+            Err(e) => return Err(ServerError::Daemon(format!("accepting a frontend: {e}"))),
+        }
+    };
+    let relay_error = |e: std::io::Error| ServerError::Daemon(format!("setting up the control relay: {e}"));
+    let serial = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let address = SocketAddr::from_abstract_name(format!("pvkit-relay-{}-{index}-{serial}", std::process::id()))
+        .map_err(relay_error)?;
+    let private = UnixListener::bind_addr(&address).map_err(relay_error)?;
+    let handler_side = UnixStream::connect_addr(&address).map_err(relay_error)?;
+    crate::relay::start(name, frontend, handler_side).map_err(relay_error)?;
+    Ok(Listener::from(private))
+}
+
 /// Accepts frontends on `listener` one after the other, each served by a fresh device.
 fn accept_loop<D, M, S>(
     name: &str,
@@ -265,7 +292,12 @@ where
         device
             .attach(daemon.get_epoll_handlers())
             .map_err(|e| ServerError::Daemon(format!("watching the device's descriptors: {e}")))?;
-        daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
+        if D::RELAY_CONTROL {
+            let mut private = relayed_frontend(name, index, &listener)?;
+            daemon.start(&mut private).map_err(|e| ServerError::Daemon(e.to_string()))?;
+        } else {
+            daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
+        }
         info!("{name}: frontend connected");
         match daemon.wait() {
             Ok(()) => info!("{name}: frontend disconnected; listening again"),

@@ -552,6 +552,8 @@ impl VhostUserBackend for NetDevice {
 }
 
 impl crate::server::ServedDevice for NetDevice {
+    const RELAY_CONTROL: bool = true;
+
     fn stop_workers(&self) {
         NetDevice::stop_workers(self);
     }

@@ -1,0 +1,175 @@
+//! A relay between a frontend and the vhost-user library's request handler, for one thing the
+//! handler refuses that QEMU does: QEMU's virtio-net sends SET_VRING_ENABLE while it sets the
+//! device up, before SET_FEATURES has acknowledged VHOST_USER_F_PROTOCOL_FEATURES, and the
+//! handler ends the whole connection on it ("inactive feature").
+//!
+//! The relay passes every message through unchanged (file descriptors included), except such
+//! early SET_VRING_ENABLE messages: it remembers the last state asked for each ring, answers
+//! the frontend itself when it wants a reply, and replays the states to the handler right after
+//! SET_FEATURES, when they are valid. Only the control channel goes through the relay; the
+//! rings, kicks and calls never do.
+
+use log::{debug, warn};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::message::FrontendReq;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Bytes of a vhost-user message header: request, flags, payload size.
+const HEADER_LEN: usize = 12;
+/// The largest payload the relay accepts (a memory table with 509 regions is under 16 KiB).
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// The most file descriptors one message carries.
+const MAX_FDS: usize = 32;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+/// Starts relaying between `frontend` and `handler` in two threads; they end when either side
+/// closes, closing the other.
+pub fn start(name: &str, frontend: UnixStream, handler: UnixStream) -> io::Result<()> {
+    let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+    let handler_reader = handler.try_clone()?;
+    let frontend_for_replies = frontend_writer.clone();
+    let (frontend_reader, frontend_closer) = (frontend.try_clone()?, frontend);
+    let handler_closer = handler.try_clone()?;
+    let label = name.to_string();
+    std::thread::Builder::new().name("relay-requests".into()).spawn(move || {
+        if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies) {
+            debug!("{label}: relay from the frontend ended: {e}");
+        }
+        let _ = handler_closer.shutdown(std::net::Shutdown::Both);
+    })?;
+    let label = name.to_string();
+    std::thread::Builder::new().name("relay-replies".into()).spawn(move || {
+        if let Err(e) = replies(&handler_reader, &frontend_writer) {
+            debug!("{label}: relay to the frontend ended: {e}");
+        }
+        let _ = frontend_closer.shutdown(std::net::Shutdown::Both);
+    })?;
+    Ok(())
+}
+
+/// Receives exactly `buf.len()` bytes, the first chunk with any attached descriptors.
+fn recv_message_part(socket: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<bool> {
+    let mut raw = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+    // SAFETY: the iovec points at `buf`, which is valid for writes of its length.
+    let (n, nfds) = unsafe { socket.recv_with_fds(&mut iov, &mut raw) }.map_err(io::Error::from)?;
+    for fd in raw.iter().take(nfds) {
+        // SAFETY: recvmsg just gave us these descriptors; nothing else owns them.
+        fds.push(unsafe { OwnedFd::from_raw_fd(*fd) });
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    let mut rest = &mut buf[n..];
+    let mut reader = socket;
+    while !rest.is_empty() {
+        let m = reader.read(rest)?;
+        if m == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "message cut short"));
+        }
+        rest = &mut rest[m..];
+    }
+    Ok(true)
+}
+
+fn send_message(socket: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let sent = socket.send_with_fds(&[bytes], &raw).map_err(io::Error::from)?;
+    if sent < bytes.len() {
+        let mut writer = socket;
+        writer.write_all(&bytes[sent..])?;
+    }
+    Ok(())
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
+}
+
+fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&request.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Frontend to handler: messages one by one, holding back early SET_VRING_ENABLE.
+fn requests(frontend: &UnixStream, handler: &UnixStream, frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
+    let set_vring_enable = FrontendReq::SET_VRING_ENABLE as u32;
+    let set_features = FrontendReq::SET_FEATURES as u32;
+    let mut protocol_features_acked = false;
+    let mut held: BTreeMap<u32, u32> = BTreeMap::new();
+    loop {
+        let mut fds = Vec::new();
+        let mut header = [0u8; HEADER_LEN];
+        if !recv_message_part(frontend, &mut header, &mut fds)? {
+            return Ok(());
+        }
+        let (request, flags, size) = (u32_at(&header, 0), u32_at(&header, 4), u32_at(&header, 8) as usize);
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::other(format!("request {request} announces a {size}-byte payload")));
+        }
+        let mut payload = vec![0u8; size];
+        if size > 0 && !recv_message_part(frontend, &mut payload, &mut fds)? {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "message cut short"));
+        }
+        if request == set_vring_enable && !protocol_features_acked && size == 8 {
+            // Too early for the handler: remember it, answer it here if asked to.
+            held.insert(u32_at(&payload, 0), u32_at(&payload, 4));
+            if flags & FLAG_NEED_REPLY != 0 {
+                let reply = message(request, FLAG_VERSION | FLAG_REPLY, &0u64.to_le_bytes());
+                let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+                send_message(&writer, &reply, &[])?;
+            }
+            continue;
+        }
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(&payload);
+        send_message(handler, &bytes, &fds)?;
+        drop(fds);
+        if request == set_features && size == 8 {
+            let features = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+            protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
+            if protocol_features_acked && !held.is_empty() {
+                debug!("replaying {} early SET_VRING_ENABLE message(s)", held.len());
+                for (index, state) in std::mem::take(&mut held) {
+                    let mut body = index.to_le_bytes().to_vec();
+                    body.extend_from_slice(&state.to_le_bytes());
+                    // No NEED_REPLY: the handler's answer would reach a frontend not asking.
+                    send_message(handler, &message(set_vring_enable, FLAG_VERSION, &body), &[])?;
+                }
+            } else if !protocol_features_acked && !held.is_empty() {
+                warn!("the frontend enabled rings but did not acknowledge protocol features; ignoring that");
+                held.clear();
+            }
+        }
+    }
+}
+
+/// Handler to frontend: bytes and descriptors as they come.
+fn replies(handler: &UnixStream, frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let mut raw = [-1 as RawFd; MAX_FDS];
+        let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: the iovec points at `buf`, which is valid for writes of its length.
+        let (n, nfds) = unsafe { handler.recv_with_fds(&mut iov, &mut raw) }.map_err(io::Error::from)?;
+        // SAFETY: recvmsg just gave us these descriptors; nothing else owns them.
+        let fds: Vec<OwnedFd> = raw.iter().take(nfds).map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) }).collect();
+        if n == 0 {
+            return Ok(());
+        }
+        let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+        send_message(&writer, &buf[..n], &fds)?;
+    }
+}

@@ -1,0 +1,153 @@
+//! vhost-user-net against Linux's own virtio-net driver (QEMU TCG guests): through a tap into a
+//! network namespace the test creates (ping and iperf3 against a server inside it; no traffic
+//! leaves the namespace), and two guests on one `--switch` process pinging each other.
+
+use pvkit_test_support::facility;
+use pvkit_test_support::linux_guest::{GuestRun, LinuxGuest};
+use pvkit_test_support::process::ChildGuard;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for the guest's eth0 to appear and gives it `addr`.
+const NET_UP: &str = r#"
+for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+[ -e /sys/class/net/eth0 ] || { echo "no eth0"; exit 10; }
+ip link set lo up
+ip link set eth0 up
+ip addr add ADDR dev eth0
+echo "FEATURES=$(cat /sys/class/net/eth0/device/features)"
+"#;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ok = Command::new("ip").args(["netns", "add", name]).status().unwrap().success();
+        assert!(ok, "ip netns add {name} failed");
+        Netns(name.to_string())
+    }
+
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = self.exec(args).output().unwrap();
+        assert!(out.status.success(), "{args:?} in {}: {}", self.0, String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn start_backend(cmd: &mut Command, sockets: &[&Path]) -> ChildGuard {
+    for s in sockets {
+        cmd.arg("--socket-path").arg(s);
+    }
+    let mut child = ChildGuard::spawn("vhost-user-net", cmd).unwrap();
+    for s in sockets {
+        child.wait_for_socket(s, WAIT).unwrap();
+    }
+    child
+}
+
+#[test]
+fn linux_guest_reaches_a_namespace_through_a_tap() {
+    let test = "net_linux_guest_tap";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "ip", "iperf3"]) {
+        return;
+    }
+    if !is_root() {
+        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
+        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let ns = Netns::create(&format!("pvkit-t{}", std::process::id()));
+    let program = env!("CARGO_BIN_EXE_vhost-user-net");
+    let backend = start_backend(&mut ns.exec(&[program, "--tap", "pvkt0"]), &[&socket]);
+    ns.run(&["ip", "addr", "add", "10.77.0.1/30", "dev", "pvkt0"]);
+    ns.run(&["ip", "link", "set", "pvkt0", "up"]);
+    ns.run(&["ip", "link", "set", "lo", "up"]);
+    let mut iperf = ChildGuard::spawn("iperf3", &mut ns.exec(&["iperf3", "-s", "-1", "-B", "10.77.0.1"])).unwrap();
+    let script = NET_UP.replace("ADDR", "10.77.0.2/30")
+        + r#"
+ping -c 3 -W 5 10.77.0.1 > /tmp/ping.out 2>&1
+echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
+for i in 1 2 3; do iperf3 -c 10.77.0.1 -t 3 -f m > /tmp/iperf.out 2>&1 && break; sleep 1; done
+cat /tmp/iperf.out
+echo "IPERF_MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')"
+"#;
+    let run = LinuxGuest::new(script)
+        .vhost_user_net(&socket, 1, "52:54:00:77:00:02")
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap();
+    let _ = iperf.check_running();
+    let log = backend.terminate(WAIT);
+    run.assert_passed();
+    let replies: u32 = first(&run, "PING_REPLIES").parse().unwrap_or(0);
+    assert_eq!(replies, 3, "ping replies\n{}", run.log);
+    let mbits: f64 = first(&run, "IPERF_MBITS").parse().unwrap_or(0.0);
+    assert!(mbits > 0.0, "iperf3 throughput {mbits} Mbit/s\n{}", run.log);
+    println!("{test}: ping 3/3, iperf3 {mbits} Mbit/s (TCG guest), features {}", first(&run, "FEATURES"));
+    let summary = log.lines().rev().find(|l| l.contains(" packets ")).unwrap_or("");
+    assert!(!summary.contains("tx 0 packets") && !summary.contains("rx 0 packets"), "{log}");
+}
+
+fn first<'a>(run: &'a GuestRun, key: &'a str) -> &'a str {
+    run.values(key).next().unwrap_or("")
+}
+
+#[test]
+fn two_linux_guests_ping_each_other_through_the_switch() {
+    let test = "net_linux_guest_switch";
+    if !facility::require_programs(test, &["qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-net"));
+    cmd.arg("--switch");
+    let backend = start_backend(&mut cmd, &[&a, &b]);
+    // Each guest pings until the other answers, then three more times, then stays up a while
+    // so the other one can finish too.
+    let guest = |socket: std::path::PathBuf, me: &'static str, peer: &'static str, mac: &'static str| {
+        let script = NET_UP.replace("ADDR", &format!("{me}/24"))
+            + &format!(
+                r#"
+for i in $(seq 60); do ping -c 1 -W 1 {peer} > /dev/null 2>&1 && break; done
+ping -c 3 -W 5 {peer} > /tmp/ping.out 2>&1
+echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
+sleep 8
+"#
+            );
+        std::thread::spawn(move || {
+            LinuxGuest::new(script).vhost_user_net(&socket, 1, mac).timeout(Duration::from_secs(150)).run().unwrap()
+        })
+    };
+    let ga = guest(a.clone(), "10.78.0.1", "10.78.0.2", "52:54:00:78:00:01");
+    let gb = guest(b.clone(), "10.78.0.2", "10.78.0.1", "52:54:00:78:00:02");
+    for (name, run) in [("A", ga.join().unwrap()), ("B", gb.join().unwrap())] {
+        run.assert_passed();
+        assert_eq!(first(&run, "PING_REPLIES"), "3", "guest {name}\n{}", run.log);
+    }
+    let log = backend.terminate(WAIT);
+    assert!(log.contains("vhost-user-net"), "{log}");
+}

@@ -1,0 +1,114 @@
+//! vhost-user-net against DPDK: `dpdk-testpmd` with its `net_virtio_user` PMD (an independent
+//! vhost-user frontend and virtio driver) sends into `--sink` in txonly mode, and exchanges
+//! frames with `--loopback` in io mode; both sides' counters must agree.
+
+use pvkit_test_support::facility;
+use pvkit_test_support::process::ChildGuard;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Whether hugepages are reserved and mounted (scripts/test --prepare sets them up).
+fn hugepages_ready(test: &str) -> bool {
+    let pages: u64 =
+        std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let mounted = std::fs::read_to_string("/proc/mounts").is_ok_and(|m| m.contains(" hugetlbfs "));
+    if pages >= 128 && mounted {
+        return true;
+    }
+    let why = format!("{pages} hugepages reserved, hugetlbfs mounted: {mounted} (scripts/test --prepare sets them up)");
+    assert!(!facility::strict(), "{test}: {why}");
+    println!("SKIPPED {test}: {why}");
+    false
+}
+
+/// Runs testpmd against `socket` in `mode` for `seconds`, then stops it with SIGINT; returns
+/// its accumulated (RX-packets, TX-packets).
+fn testpmd(prefix: &str, socket: &Path, mode: &[&str], seconds: u64) -> (u64, u64) {
+    let vdev = format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display());
+    let child = Command::new("dpdk-testpmd")
+        .args(["--lcores", "0@0,1@1", "--no-pci", "--single-file-segments", "-m", "256", "--file-prefix", prefix])
+        .args(["--vdev", &vdev, "--"])
+        .args(mode)
+        .args(["--stats-period", "1", "--nb-cores", "1", "--txd", "1024", "--rxd", "1024"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dpdk-testpmd");
+    std::thread::sleep(Duration::from_secs(seconds));
+    // SAFETY: sends a signal to the child we started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let accumulated = stdout.split("Accumulated forward statistics").nth(1).unwrap_or_else(|| {
+        panic!("testpmd printed no statistics:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+    });
+    let count = |key: &str| -> u64 {
+        accumulated
+            .split(key)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{accumulated}"))
+    };
+    (count("RX-packets:"), count("TX-packets:"))
+}
+
+/// (tx packets, rx packets) from the backend's final summary line.
+fn backend_counts(log: &str) -> (u64, u64) {
+    let line = log.lines().rev().find(|l| l.contains(" packets ")).unwrap_or_else(|| panic!("no summary in:\n{log}"));
+    let after = |key: &str| -> u64 {
+        line.split(key).nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    (after("tx "), after("rx "))
+}
+
+fn start_backend(socket: &Path, side: &str) -> ChildGuard {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-net"));
+    cmd.arg(side).arg("--socket-path").arg(socket);
+    let mut child = ChildGuard::spawn("vhost-user-net", &mut cmd).unwrap();
+    child.wait_for_socket(socket, WAIT).unwrap();
+    child
+}
+
+#[test]
+fn dpdk_virtio_user_sends_into_the_sink() {
+    let test = "net_dpdk_sink";
+    if !facility::require_programs(test, &["dpdk-testpmd"]) || !hugepages_ready(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sink.sock");
+    let backend = start_backend(&socket, "--sink");
+    let prefix = format!("pvkit-sink-{}", std::process::id());
+    let (_, sent) = testpmd(&prefix, &socket, &["--forward-mode=txonly"], 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let (taken, _) = backend_counts(&backend.terminate(WAIT));
+    assert!(sent > 1000, "testpmd sent only {sent} packets");
+    // Everything testpmd counted as sent was taken, except what was still in the ring (at most
+    // its size) when testpmd stopped.
+    assert!(taken <= sent && taken + 1024 >= sent, "testpmd sent {sent}, the sink took {taken}");
+    println!("{test}: testpmd sent {sent} frames, the sink took {taken}");
+}
+
+#[test]
+fn dpdk_virtio_user_exchanges_frames_with_the_loopback() {
+    let test = "net_dpdk_loopback";
+    if !facility::require_programs(test, &["dpdk-testpmd"]) || !hugepages_ready(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("loop.sock");
+    let backend = start_backend(&socket, "--loopback");
+    let prefix = format!("pvkit-loop-{}", std::process::id());
+    let (received, sent) = testpmd(&prefix, &socket, &["--forward-mode=io", "--tx-first"], 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let (taken, returned) = backend_counts(&backend.terminate(WAIT));
+    assert!(received > 1000, "testpmd received only {received} frames back");
+    assert!(returned >= received, "the loopback returned {returned}, testpmd received {received}");
+    assert!(taken <= sent, "the loopback took {taken}, more than the {sent} testpmd sent");
+    println!("{test}: testpmd sent {sent} and received {received}; the loopback took {taken}, returned {returned}");
+}

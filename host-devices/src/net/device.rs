@@ -428,7 +428,7 @@ impl NetDevice {
 
     /// Makes a frame acceptable to this guest: completes a partial checksum it cannot take,
     /// refuses segmentation it did not negotiate.
-    fn prepare_for_guest(&self, frame: &mut Frame) -> Result<(), Refused> {
+    pub(crate) fn prepare_for_guest(&self, frame: &mut Frame) -> Result<(), Refused> {
         let acked = self.acked();
         let gso_ok = match frame.header.gso_type {
             GsoType::None => true,

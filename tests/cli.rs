@@ -120,3 +120,25 @@ fn bench_console_measures_guest_to_host_throughput() {
     let bad = pvkit().args(["bench", "console", "--write-size", "0"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn bench_net_compares_the_sink_with_dpdk_vhost() {
+    if !pvkit_test_support::facility::require_programs("bench_net", &["dpdk-testpmd"]) {
+        return;
+    }
+    let out =
+        pvkit().args(["bench", "net", "--rounds", "1", "--seconds", "1", "--frame-sizes", "64"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("64-byte frames"), "{stdout}");
+    for contender in ["DPDK net_vhost rxonly", "pvkit --sink (--poll-us 50)", "pvkit --sink --poll-us 0"] {
+        let line = stdout.lines().find(|l| l.trim_start().starts_with(contender)).unwrap_or_else(|| {
+            panic!("{contender} missing:\n{stdout}");
+        });
+        let mpps: f64 =
+            line[line.find(contender).unwrap() + contender.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(mpps > 0.0, "{line}");
+    }
+    let bad = pvkit().args(["bench", "net", "--frame-sizes", "9000"]).output().unwrap();
+    assert!(!bad.status.success());
+}

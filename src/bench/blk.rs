@@ -119,7 +119,7 @@ pub fn run(args: &BlkBenchArgs) -> Result<(), String> {
     if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
         return Err("--rounds and --seconds must be positive".into());
     }
-    let have_qsd = !args.no_peer && pvkit_find_program("qemu-storage-daemon");
+    let have_qsd = !args.no_peer && super::find_program("qemu-storage-daemon").is_some();
     let mut contenders = vec![Contender::Pvkit { null: false }];
     if have_qsd {
         contenders.push(Contender::Qsd { null: false });
@@ -181,10 +181,6 @@ pub fn run(args: &BlkBenchArgs) -> Result<(), String> {
     result?;
     print_table(args, &contenders, &patterns, &samples);
     Ok(())
-}
-
-fn pvkit_find_program(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 fn tempfile_dir(base: &Path) -> Result<PathBuf, String> {

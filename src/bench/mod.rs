@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod console;
 mod loadgen;
+pub mod net;
 mod process;
 
 /// Benchmark scenarios.
@@ -10,6 +11,8 @@ mod process;
 pub enum Scenario {
     /// 4 KiB random reads and writes through libblkio: pvkit vhost-user-blk vs qemu-storage-daemon.
     Blk(blk::BlkBenchArgs),
+    /// Frames per second into vhost-user-net --sink vs DPDK's net_vhost, DPDK testpmd generating.
+    Net(net::NetBenchArgs),
     /// Guest-to-host throughput through one vhost-user-console port.
     Console(console::ConsoleBenchArgs),
 }
@@ -20,10 +23,17 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The full path of `program` on `PATH`, if it is there.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
 /// Runs a scenario.
 pub fn run(scenario: &Scenario) -> Result<(), String> {
     match scenario {
         Scenario::Blk(args) => blk::run(args),
         Scenario::Console(args) => console::run(args),
+        Scenario::Net(args) => net::run(args),
     }
 }

@@ -89,6 +89,20 @@ impl Spawned {
         })
     }
 
+    /// Asks the process to finish with SIGINT (DPDK releases its hugepages then), waiting up
+    /// to `timeout` before killing it.
+    pub fn interrupt(mut self, timeout: Duration) {
+        // SAFETY: sends a signal to the child we started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the process.
     pub fn stop(mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,273 @@
+//! `pvkit bench net`: frames per second into a vhost-user-net backend, with DPDK's testpmd and
+//! its `net_virtio_user` PMD as the generator (txonly), against pvkit `vhost-user-net --sink`
+//! (polling on, and `--poll-us 0`) and DPDK's own `net_vhost` PMD in rxonly mode, interleaved.
+
+use super::median;
+use super::process::{ProcessUsage, Spawned};
+use pvkit_host_devices::{BackendKind, backend_command};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Options of the net benchmark.
+#[derive(clap::Args, Debug)]
+pub struct NetBenchArgs {
+    /// Seconds each measurement runs (after a one-second warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Rounds (each contender once per round, interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Frame sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u16, 1500])]
+    pub frame_sizes: Vec<u16>,
+    /// Leave DPDK's net_vhost out (measure pvkit alone).
+    #[arg(long)]
+    pub no_dpdk_peer: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    DpdkVhost,
+    PvkitPolling,
+    PvkitNoPoll,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::DpdkVhost => "DPDK net_vhost rxonly",
+            Contender::PvkitPolling => "pvkit --sink (--poll-us 50)",
+            Contender::PvkitNoPoll => "pvkit --sink --poll-us 0",
+        }
+    }
+}
+
+struct Sample {
+    contender: Contender,
+    frame: u16,
+    pps: f64,
+    usage: ProcessUsage,
+}
+
+/// testpmd, with its standard output line-buffered (`stdbuf`) so each periodic reading
+/// arrives when it is printed.
+fn testpmd_base(lcores: &str, prefix: &str) -> Command {
+    let mut cmd = Command::new("stdbuf");
+    cmd.args([
+        "-oL",
+        "dpdk-testpmd",
+        "--lcores",
+        lcores,
+        "--no-pci",
+        "--single-file-segments",
+        "-m",
+        "256",
+        "--file-prefix",
+        prefix,
+    ]);
+    cmd
+}
+
+/// Pins a command's process to CPU 0 (the generator's forwarding core is CPU 1).
+fn pin_to_cpu0(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // sched_setaffinity, which is async-signal-safe, on a stack-allocated set.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+}
+
+fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, String> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
+    let mut cmd = match contender {
+        Contender::DpdkVhost => {
+            let mut cmd = testpmd_base("0@1,1@0", &format!("pvkit-bench-vhost-{}", std::process::id()));
+            cmd.args(["--vdev", &format!("net_vhost0,iface={},queues=1", socket.display()), "--"]);
+            cmd.args([
+                "--forward-mode=rxonly",
+                "--stats-period",
+                "1",
+                "--nb-cores",
+                "1",
+                "--txd",
+                "1024",
+                "--rxd",
+                "1024",
+            ]);
+            cmd
+        }
+        Contender::PvkitPolling | Contender::PvkitNoPoll => {
+            let mut cmd = backend_command(&exe, BackendKind::Net);
+            cmd.arg("--sink").arg("--socket-path").arg(socket);
+            if contender == Contender::PvkitNoPoll {
+                cmd.args(["--poll-us", "0"]);
+            }
+            pin_to_cpu0(&mut cmd);
+            cmd
+        }
+    };
+    Spawned::start(contender.name(), &mut cmd, socket, log)
+}
+
+/// Runs the generator for the warm-up plus `seconds`; returns its per-second Tx-pps readings
+/// after the warm-up, and the backend's usage over them.
+fn generate(socket: &Path, frame: u16, seconds: f64, child: &Spawned) -> Result<(Vec<f64>, ProcessUsage), String> {
+    let mut cmd = testpmd_base("0@0,1@1", &format!("pvkit-bench-gen-{}", std::process::id()));
+    cmd.args(["--vdev", &format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display()), "--"]);
+    cmd.args(["--forward-mode=txonly", &format!("--txpkts={frame}"), "--stats-period", "1"]);
+    cmd.args(["--nb-cores", "1", "--txd", "1024", "--rxd", "1024"]);
+    let mut generator = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start dpdk-testpmd: {e}"))?;
+    let readings = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let readings = readings.clone();
+        let stdout = generator.stdout.take().ok_or("no testpmd output")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim().strip_prefix("Tx-pps:")
+                    && let Some(pps) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())
+                {
+                    readings.lock().unwrap_or_else(|p| p.into_inner()).push(pps);
+                }
+            }
+        })
+    };
+    // Wait for the first reading (EAL start-up takes a moment), then one more as warm-up.
+    let mut waited = Duration::ZERO;
+    while readings.lock().unwrap_or_else(|p| p.into_inner()).len() < 2 {
+        std::thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+        if waited > Duration::from_secs(20) {
+            let _ = generator.kill();
+            return Err("dpdk-testpmd printed no statistics within 20 s".into());
+        }
+    }
+    let before = child.usage()?;
+    let skip = readings.lock().unwrap_or_else(|p| p.into_inner()).len();
+    // One reading per second: wait for as many as the measurement asks for.
+    let wanted = (seconds.round() as usize).max(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
+    while readings.lock().unwrap_or_else(|p| p.into_inner()).len() < skip + wanted {
+        if std::time::Instant::now() > deadline {
+            let _ = generator.kill();
+            return Err("dpdk-testpmd stopped printing statistics".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let usage = child.usage()?.since(&before);
+    // SAFETY: sends a signal to the child we started.
+    unsafe { libc::kill(generator.id() as libc::pid_t, libc::SIGINT) };
+    let _ = generator.wait();
+    let _ = reader.join();
+    let all = readings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let measured: Vec<f64> = all.into_iter().skip(skip).take(wanted).collect();
+    if measured.is_empty() {
+        return Err("dpdk-testpmd printed no readings while measuring".into());
+    }
+    Ok((measured, usage))
+}
+
+/// Runs the benchmark.
+pub fn run(args: &NetBenchArgs) -> Result<(), String> {
+    if super::find_program("dpdk-testpmd").is_none() {
+        return Err("dpdk-testpmd is not installed (scripts/test --prepare installs DPDK and hugepages)".into());
+    }
+    let pages: u64 =
+        std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if pages < 256 {
+        return Err(format!("{pages} hugepages reserved; DPDK needs 256 or more (scripts/test --prepare)"));
+    }
+    if args.rounds == 0 || args.frame_sizes.is_empty() || args.seconds <= 0.0 {
+        return Err("--rounds, --frame-sizes and --seconds must be positive".into());
+    }
+    if let Some(bad) = args.frame_sizes.iter().find(|s| !(60..=1514).contains(*s)) {
+        return Err(format!("frame size {bad} is outside 60..=1514"));
+    }
+    let mut contenders = vec![Contender::PvkitPolling, Contender::PvkitNoPoll];
+    if !args.no_dpdk_peer {
+        contenders.insert(0, Contender::DpdkVhost);
+    }
+    let work = std::env::temp_dir().join(format!("pvkit-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let total = args.rounds * contenders.len() * args.frame_sizes.len();
+    let mut samples = Vec::new();
+    let result = (|| {
+        for &frame in &args.frame_sizes {
+            for round in 0..args.rounds {
+                for &contender in &contenders {
+                    eprintln!(
+                        "[{}/{total}] round {} {frame}-byte frames: {}",
+                        samples.len() + 1,
+                        round + 1,
+                        contender.name()
+                    );
+                    let socket = work.join("net.sock");
+                    let child = backend(contender, &socket, &work.join("backend.log"))?;
+                    let outcome = generate(&socket, frame, args.seconds, &child);
+                    child.interrupt(Duration::from_secs(5));
+                    let (mut readings, usage) = outcome?;
+                    samples.push(Sample { contender, frame, pps: median(&mut readings), usage });
+                }
+            }
+        }
+        Ok::<(), String>(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    print_table(args, &contenders, &samples);
+    Ok(())
+}
+
+fn print_table(args: &NetBenchArgs, contenders: &[Contender], samples: &[Sample]) {
+    println!(
+        "pvkit bench net: DPDK testpmd net_virtio_user txonly as the generator (1 queue, 1024 descriptors), {} round(s) of {} s, interleaved",
+        args.rounds, args.seconds
+    );
+    for &frame in &args.frame_sizes {
+        println!("\n{frame}-byte frames");
+        println!(
+            "  {:<30} {:>10} {:>23} {:>10} {:>7} {:>6} {:>9}",
+            "backend", "Mpps", "(min - max)", "Gbit/s", "ratio", "CPU", "peak RSS"
+        );
+        let mut first = None;
+        for &contender in contenders {
+            let group: Vec<&Sample> = samples.iter().filter(|s| s.contender == contender && s.frame == frame).collect();
+            if group.is_empty() {
+                continue;
+            }
+            let mut pps: Vec<f64> = group.iter().map(|s| s.pps).collect();
+            let med = median(&mut pps);
+            let (min, max) = (pps[0], pps[pps.len() - 1]);
+            let mut cpu: Vec<f64> = group.iter().map(|s| s.usage.cpu_fraction() * 100.0).collect();
+            let rss = group.iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
+            let base = *first.get_or_insert(med);
+            println!(
+                "  {:<30} {:>10.2} {:>10.2} - {:>10.2} {:>10.2} {:>7.2} {:>5.0}% {:>6} MiB",
+                contender.name(),
+                med / 1e6,
+                min / 1e6,
+                max / 1e6,
+                med * f64::from(frame) * 8.0 / 1e9,
+                if base > 0.0 { med / base } else { 0.0 },
+                median(&mut cpu),
+                rss / 1024
+            );
+        }
+    }
+    println!(
+        "\nratio: median frames/s relative to the first backend listed; Gbit/s counts frame bytes; CPU: the backend process's CPU time over wall time"
+    );
+}

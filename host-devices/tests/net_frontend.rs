@@ -225,3 +225,36 @@ fn sink_counts_what_it_drops() {
     let log = backend.terminate(WAIT);
     assert!(log.contains("tx 50 packets 5000 bytes"), "{log}");
 }
+
+#[test]
+fn each_queue_pair_loops_back_on_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, sockets) = start(dir.path(), &["--loopback", "--num-queue-pairs", "2"], 1);
+    let wanted = Features::from_bits(&[netf::MQ]).with(vf::VERSION_1);
+    let mut fe = TestFrontend::connect(&sockets[0], 4 << 20, 4, 256, wanted.0).unwrap();
+    assert!(Features(fe.features).has(netf::MQ));
+    let config = ConfigRepr::parse(&fe.get_config(0, net::CONFIG_SIZE as u32).unwrap()).unwrap();
+    assert_eq!(config.max_virtqueue_pairs, 2);
+    for pair in 0..2usize {
+        let (rx, tx) = (2 * pair, 2 * pair + 1);
+        let posted: HashMap<u16, u64> = (0..4)
+            .map(|_| {
+                let addr = fe.alloc(2048, 8).unwrap();
+                (fe.submit(rx, &[Buffer { addr, len: 2048, device_writes: true }]).unwrap(), addr)
+            })
+            .collect();
+        let frame = ethernet(B, A, 500, pair as u8);
+        let mut bytes = vec![0u8; net::HEADER_SIZE];
+        bytes.extend_from_slice(&frame);
+        let addr = fe.alloc(bytes.len() as u64, 8).unwrap();
+        fe.mem().write_slice(&bytes, GuestAddress(addr)).unwrap();
+        fe.submit(tx, &[Buffer { addr, len: bytes.len() as u32, device_writes: false }]).unwrap();
+        fe.wait_used(tx, WAIT).unwrap();
+        let (head, len) = fe.wait_used(rx, WAIT).unwrap();
+        let mut got = vec![0u8; len as usize];
+        fe.mem().read_slice(&mut got, GuestAddress(posted[&head])).unwrap();
+        assert_eq!(got[net::HEADER_SIZE..], frame[..], "pair {pair}");
+    }
+    let log = backend.terminate(WAIT);
+    assert!(log.contains("tx 2 packets") && log.contains("rx 2 packets"), "{log}");
+}

@@ -81,7 +81,7 @@ fn linux_guest_reaches_a_namespace_through_a_tap() {
     let socket = dir.path().join("net.sock");
     let ns = Netns::create(&format!("pvkit-t{}", std::process::id()));
     let program = env!("CARGO_BIN_EXE_vhost-user-net");
-    let backend = start_backend(&mut ns.exec(&[program, "--tap", "pvkt0"]), &[&socket]);
+    let backend = start_backend(&mut ns.exec(&[program, "--tap", "pvkt0", "--num-queue-pairs", "2"]), &[&socket]);
     ns.run(&["ip", "addr", "add", "10.77.0.1/30", "dev", "pvkt0"]);
     ns.run(&["ip", "link", "set", "pvkt0", "up"]);
     ns.run(&["ip", "link", "set", "lo", "up"]);
@@ -90,12 +90,14 @@ fn linux_guest_reaches_a_namespace_through_a_tap() {
         + r#"
 ping -c 3 -W 5 10.77.0.1 > /tmp/ping.out 2>&1
 echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
-for i in 1 2 3; do iperf3 -c 10.77.0.1 -t 3 -f m > /tmp/iperf.out 2>&1 && break; sleep 1; done
+echo "RX_QUEUES=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)"
+for i in 1 2 3; do iperf3 -c 10.77.0.1 -t 3 -P 2 -f m > /tmp/iperf.out 2>&1 && break; sleep 1; done
 cat /tmp/iperf.out
-echo "IPERF_MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')"
+echo "IPERF_MBITS=$(grep receiver /tmp/iperf.out | tail -1 | awk '{print $6}')"
 "#;
     let run = LinuxGuest::new(script)
-        .vhost_user_net(&socket, 1, "52:54:00:77:00:02")
+        .vhost_user_net(&socket, 2, "52:54:00:77:00:02")
+        .cpus(2)
         .timeout(Duration::from_secs(120))
         .run()
         .unwrap();
@@ -106,6 +108,7 @@ echo "IPERF_MBITS=$(grep receiver /tmp/iperf.out | awk '{print $7}')"
     assert_eq!(replies, 3, "ping replies\n{}", run.log);
     let mbits: f64 = first(&run, "IPERF_MBITS").parse().unwrap_or(0.0);
     assert!(mbits > 0.0, "iperf3 throughput {mbits} Mbit/s\n{}", run.log);
+    assert_eq!(first(&run, "RX_QUEUES"), "2", "two queue pairs in use\n{}", run.log);
     println!("{test}: ping 3/3, iperf3 {mbits} Mbit/s (TCG guest), features {}", first(&run, "FEATURES"));
     let summary = log.lines().rev().find(|l| l.contains(" packets ")).unwrap_or("");
     assert!(!summary.contains("tx 0 packets") && !summary.contains("rx 0 packets"), "{log}");

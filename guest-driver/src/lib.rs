@@ -12,3 +12,15 @@
 extern crate alloc;
 
 pub use pvkit_protocol as protocol;
+
+pub mod device;
+pub mod hal;
+pub mod hypercall;
+pub mod queue;
+pub mod transport;
+
+#[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
+mod tests;

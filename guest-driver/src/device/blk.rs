@@ -1,0 +1,413 @@
+//! virtio-blk: read, write, flush, get-id, discard and write-zeroes; capacity, block size and
+//! read-only from the configuration space; many requests in flight, each named by a token.
+//!
+//! [`VirtIOBlk::submit`] and [`VirtIOBlk::poll`] are the non-blocking base; the blocking
+//! helpers ([`VirtIOBlk::read_blocks`] and the rest) wait on top of them.
+
+use crate::hal::{Dma, Hal};
+use crate::hypercall::Shim;
+use crate::protocol::blk::{self, RequestHeaderRepr, RequestType, SegmentRepr, Status, feature as bf};
+use crate::protocol::virtio::{DeviceId, Features, feature as vf};
+use crate::queue::{Buffer, QueueError, VirtQueue};
+use crate::transport::{self, NotifyTarget, Transport, TransportError};
+
+/// Bytes of per-request DMA state: header (16), discard segment (16), status (1), padding.
+const SLOT: usize = 64;
+
+/// Errors from the block driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BlkError {
+    /// The transport or a queue failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The device is not a block device.
+    #[error("device type {0} is not a block device")]
+    WrongDevice(u32),
+    /// A buffer whose length is not a whole number of sectors (or is empty).
+    #[error("a {0}-byte buffer is not a whole number of 512-byte sectors")]
+    BadLength(usize),
+    /// The request would go past the end of the disk.
+    #[error("sectors {sector}+{count} are past the disk's {capacity} sectors")]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Sectors asked for.
+        count: u64,
+        /// Capacity.
+        capacity: u64,
+    },
+    /// The device does not support the request (feature not offered, or UNSUPP status).
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
+    /// Writes to a read-only disk.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// The device reported an I/O error.
+    #[error("the device reported an I/O error")]
+    IoError,
+    /// The device wrote a status byte that does not exist.
+    #[error("the device returned status {0}")]
+    BadStatus(u8),
+    /// A token that names no request in flight.
+    #[error("token {0} names no request in flight")]
+    UnknownToken(u16),
+}
+
+impl From<TransportError> for BlkError {
+    fn from(e: TransportError) -> BlkError {
+        BlkError::Queue(QueueError::Transport(e))
+    }
+}
+
+/// A request to submit.
+#[derive(Debug)]
+pub enum BlkRequest<'a> {
+    /// Read sectors into the buffer.
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Where the data goes (a whole number of sectors).
+        buf: &'a mut [u8],
+    },
+    /// Write the buffer's sectors.
+    Write {
+        /// First sector.
+        sector: u64,
+        /// The data (a whole number of sectors).
+        buf: &'a [u8],
+    },
+    /// Make written data durable.
+    Flush,
+    /// Read the device's id string (up to 20 bytes).
+    GetId {
+        /// Where the id goes (20 bytes).
+        buf: &'a mut [u8; blk::ID_BYTES],
+    },
+    /// Discard sectors.
+    Discard {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        count: u32,
+    },
+    /// Zero sectors (unmapping them if the device may).
+    WriteZeroes {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        count: u32,
+    },
+}
+
+/// A finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlkCompletion {
+    /// The token [`VirtIOBlk::submit`] returned.
+    pub token: u16,
+    /// Its outcome.
+    pub result: Result<(), BlkError>,
+}
+
+/// What the device reported about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlkInfo {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// Request queues the device offers (the driver uses the first).
+    pub num_queues: u16,
+    /// The negotiated features.
+    pub features: Features,
+}
+
+/// A virtio-blk device with a request queue of `QUEUE` entries.
+pub struct VirtIOBlk<H: Hal, T: Transport, const QUEUE: usize = 64> {
+    transport: T,
+    queue: VirtQueue<H, QUEUE>,
+    slots: Dma<H>,
+    info: BlkInfo,
+}
+
+impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
+    /// The features the driver can use.
+    pub const SUPPORTED: Features = Features::from_bits(&[
+        vf::VERSION_1,
+        vf::RING_EVENT_IDX,
+        vf::RING_INDIRECT_DESC,
+        bf::RO,
+        bf::BLK_SIZE,
+        bf::FLUSH,
+        bf::MQ,
+        bf::DISCARD,
+        bf::WRITE_ZEROES,
+    ]);
+
+    /// Initialises the device; `shim` picks each queue's doorbell from the transport's notify
+    /// register (see [`crate::hypercall::Shim::choose`]).
+    pub fn new(mut transport: T, shim: impl FnOnce(u16, NotifyTarget) -> Shim) -> Result<Self, BlkError> {
+        if transport.device_id() != DeviceId::Block.raw() {
+            return Err(BlkError::WrongDevice(transport.device_id()));
+        }
+        let features = transport::begin_init(&mut transport, Self::SUPPORTED)?;
+        let mut config = [0u8; blk::CONFIG_SIZE];
+        // Older devices expose a shorter configuration: read what is there.
+        let readable = if features.has(bf::WRITE_ZEROES) || features.has(bf::DISCARD) { blk::CONFIG_SIZE } else { 36 };
+        transport.read_config_consistent(0, &mut config[..readable])?;
+        let parsed = blk::ConfigRepr::parse(&config).unwrap_or_default();
+        let info = BlkInfo {
+            capacity: parsed.capacity,
+            block_size: if features.has(bf::BLK_SIZE) && parsed.blk_size >= 512 { parsed.blk_size } else { 512 },
+            read_only: features.has(bf::RO),
+            num_queues: if features.has(bf::MQ) { parsed.num_queues.max(1) } else { 1 },
+            features,
+        };
+        let queue = VirtQueue::new(
+            &mut transport,
+            0,
+            features.has(vf::RING_INDIRECT_DESC),
+            features.has(vf::RING_EVENT_IDX),
+            |target| shim(0, target),
+        )?;
+        let slots = Dma::new(Dma::<H>::pages_for(QUEUE * SLOT)).ok_or(QueueError::NoMemory(0))?;
+        transport::finish_init(&mut transport);
+        Ok(VirtIOBlk { transport, queue, slots, info })
+    }
+
+    /// What the device reported.
+    pub fn info(&self) -> BlkInfo {
+        self.info
+    }
+
+    /// The request queue (statistics, doorbell, interrupt suppression).
+    pub fn queue(&mut self) -> &mut VirtQueue<H, QUEUE> {
+        &mut self.queue
+    }
+
+    /// The transport (interrupt acknowledgement).
+    pub fn transport(&mut self) -> &mut T {
+        &mut self.transport
+    }
+
+    fn slot_ptr(&self, token: u16, offset: usize) -> *mut u8 {
+        self.slots.vaddr().as_ptr().wrapping_add(usize::from(token) % QUEUE * SLOT + offset)
+    }
+
+    fn slot_phys(&self, token: u16, offset: usize) -> u64 {
+        self.slots.paddr() + (usize::from(token) % QUEUE * SLOT + offset) as u64
+    }
+
+    fn check_range(&self, sector: u64, count: u64) -> Result<(), BlkError> {
+        match sector.checked_add(count) {
+            Some(end) if end <= self.info.capacity => Ok(()),
+            _ => Err(BlkError::OutOfRange { sector, count, capacity: self.info.capacity }),
+        }
+    }
+
+    /// Submits a request without waiting; returns its token. Call
+    /// [`VirtQueue::notify`](crate::queue::VirtQueue::notify) through [`VirtIOBlk::kick`] after
+    /// a batch.
+    ///
+    /// # Safety
+    ///
+    /// The request's buffer must stay valid and untouched until [`VirtIOBlk::poll`] returns
+    /// the token, and be physically contiguous (see [`Hal::virt_to_phys`]).
+    pub unsafe fn submit(&mut self, request: BlkRequest<'_>) -> Result<u16, BlkError> {
+        let (kind, sector, data): (RequestType, u64, Option<Buffer>) = match &request {
+            BlkRequest::Read { sector, buf } => {
+                self.check_io(*sector, buf.len(), false)?;
+                (
+                    RequestType::In,
+                    *sector,
+                    Some(Buffer {
+                        addr: H::virt_to_phys(buf.as_ptr() as usize),
+                        len: buf.len() as u32,
+                        device_writes: true,
+                    }),
+                )
+            }
+            BlkRequest::Write { sector, buf } => {
+                self.check_io(*sector, buf.len(), true)?;
+                (
+                    RequestType::Out,
+                    *sector,
+                    Some(Buffer {
+                        addr: H::virt_to_phys(buf.as_ptr() as usize),
+                        len: buf.len() as u32,
+                        device_writes: false,
+                    }),
+                )
+            }
+            BlkRequest::Flush => {
+                if !self.info.features.has(bf::FLUSH) {
+                    return Err(BlkError::Unsupported("flush"));
+                }
+                (RequestType::Flush, 0, None)
+            }
+            BlkRequest::GetId { buf } => (
+                RequestType::GetId,
+                0,
+                Some(Buffer {
+                    addr: H::virt_to_phys(buf.as_ptr() as usize),
+                    len: blk::ID_BYTES as u32,
+                    device_writes: true,
+                }),
+            ),
+            BlkRequest::Discard { sector, count } | BlkRequest::WriteZeroes { sector, count } => {
+                let discard = matches!(request, BlkRequest::Discard { .. });
+                let feature = if discard { bf::DISCARD } else { bf::WRITE_ZEROES };
+                if !self.info.features.has(feature) {
+                    return Err(BlkError::Unsupported(if discard { "discard" } else { "write-zeroes" }));
+                }
+                if self.info.read_only {
+                    return Err(BlkError::ReadOnly);
+                }
+                self.check_range(*sector, u64::from(*count))?;
+                let kind = if discard { RequestType::Discard } else { RequestType::WriteZeroes };
+                (kind, 0, None)
+            }
+        };
+        // The token is the chain's head, known only after adding; use the queue's next free
+        // head, which `add` will take.
+        let buffers_len = 2
+            + usize::from(data.is_some())
+            + usize::from(matches!(request, BlkRequest::Discard { .. } | BlkRequest::WriteZeroes { .. }));
+        if self.queue.free() < buffers_len.min(2) {
+            return Err(BlkError::Queue(QueueError::Full { needed: buffers_len, free: self.queue.free() }));
+        }
+        let slot = self.queue.peek_free_head();
+        let mut header = [0u8; blk::REQUEST_HEADER_SIZE];
+        let _ = RequestHeaderRepr { request_type: kind, ioprio: 0, sector }.emit(&mut header);
+        self.write_slot(slot, 0, &header);
+        self.write_slot(slot, 32, &[0xff]);
+        let mut buffers = [Buffer { addr: 0, len: 0, device_writes: false }; 4];
+        let mut n = 0;
+        buffers[n] =
+            Buffer { addr: self.slot_phys(slot, 0), len: blk::REQUEST_HEADER_SIZE as u32, device_writes: false };
+        n += 1;
+        if let BlkRequest::Discard { sector, count } | BlkRequest::WriteZeroes { sector, count } = request {
+            let mut segment = [0u8; blk::SEGMENT_SIZE];
+            let unmap = matches!(request, BlkRequest::WriteZeroes { .. });
+            let _ = SegmentRepr { sector, num_sectors: count, unmap }.emit(&mut segment);
+            self.write_slot(slot, 16, &segment);
+            buffers[n] = Buffer { addr: self.slot_phys(slot, 16), len: blk::SEGMENT_SIZE as u32, device_writes: false };
+            n += 1;
+        }
+        if let Some(data) = data {
+            buffers[n] = data;
+            n += 1;
+        }
+        buffers[n] = Buffer { addr: self.slot_phys(slot, 32), len: 1, device_writes: true };
+        n += 1;
+        // SAFETY: the header, segment and status live in this driver's DMA slots, reserved for
+        // the chain until it is popped; the data buffer is the caller's promise.
+        let token = unsafe { self.queue.add(&buffers[..n]) }?;
+        debug_assert_eq!(token, slot);
+        Ok(token)
+    }
+
+    fn check_io(&self, sector: u64, len: usize, write: bool) -> Result<(), BlkError> {
+        if len == 0 || !len.is_multiple_of(blk::SECTOR_SIZE as usize) || len > u32::MAX as usize {
+            return Err(BlkError::BadLength(len));
+        }
+        if write && self.info.read_only {
+            return Err(BlkError::ReadOnly);
+        }
+        self.check_range(sector, (len / blk::SECTOR_SIZE as usize) as u64)
+    }
+
+    fn write_slot(&self, token: u16, offset: usize, data: &[u8]) {
+        for (i, byte) in data.iter().enumerate() {
+            // SAFETY: slot offsets + lengths stay below SLOT, inside the DMA allocation.
+            unsafe { self.slot_ptr(token, offset + i).write_volatile(*byte) };
+        }
+    }
+
+    /// Rings the doorbell if the device wants it for the requests submitted since the last
+    /// call (one decision per batch).
+    pub fn kick(&mut self) -> bool {
+        self.queue.notify()
+    }
+
+    /// Takes one finished request, if any.
+    pub fn poll(&mut self) -> Result<Option<BlkCompletion>, BlkError> {
+        let Some(used) = self.queue.pop_used()? else { return Ok(None) };
+        // SAFETY: the status byte is in this request's DMA slot.
+        let status = unsafe { self.slot_ptr(used.token, 32).read_volatile() };
+        let result = match Status::try_from(status) {
+            Ok(Status::Ok) => Ok(()),
+            Ok(Status::IoErr) => Err(BlkError::IoError),
+            Ok(Status::Unsupp) => Err(BlkError::Unsupported("this request")),
+            Err(_) => Err(BlkError::BadStatus(status)),
+        };
+        Ok(Some(BlkCompletion { token: used.token, result }))
+    }
+
+    /// Submits one request and polls until it completes.
+    ///
+    /// # Safety
+    ///
+    /// As for [`VirtIOBlk::submit`]; the buffer is free again when this returns.
+    unsafe fn run(&mut self, request: BlkRequest<'_>) -> Result<(), BlkError> {
+        // SAFETY: passed on from the caller; this function waits for the completion.
+        let token = unsafe { self.submit(request) }?;
+        self.kick();
+        loop {
+            if let Some(done) = self.poll()? {
+                if done.token == token {
+                    return done.result;
+                }
+                continue;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Reads sectors into `buf` (a whole number of sectors), waiting for them.
+    pub fn read_blocks(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+        // SAFETY: `buf` is borrowed for the whole call, which waits for the completion; the
+        // caller's Hal promises its translation (buffers must be physically contiguous).
+        unsafe { self.run(BlkRequest::Read { sector, buf }) }
+    }
+
+    /// Writes `buf`'s sectors, waiting for them.
+    pub fn write_blocks(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlkError> {
+        // SAFETY: as in `read_blocks`.
+        unsafe { self.run(BlkRequest::Write { sector, buf }) }
+    }
+
+    /// Flushes, waiting.
+    pub fn flush(&mut self) -> Result<(), BlkError> {
+        // SAFETY: no caller buffer.
+        unsafe { self.run(BlkRequest::Flush) }
+    }
+
+    /// The device id string (trailing zeros trimmed by the caller).
+    pub fn get_id(&mut self) -> Result<[u8; blk::ID_BYTES], BlkError> {
+        let mut id = [0u8; blk::ID_BYTES];
+        // SAFETY: as in `read_blocks`.
+        unsafe { self.run(BlkRequest::GetId { buf: &mut id }) }?;
+        Ok(id)
+    }
+
+    /// Discards sectors, waiting.
+    pub fn discard(&mut self, sector: u64, count: u32) -> Result<(), BlkError> {
+        // SAFETY: no caller buffer.
+        unsafe { self.run(BlkRequest::Discard { sector, count }) }
+    }
+
+    /// Zeroes sectors, waiting.
+    pub fn write_zeroes(&mut self, sector: u64, count: u32) -> Result<(), BlkError> {
+        // SAFETY: no caller buffer.
+        unsafe { self.run(BlkRequest::WriteZeroes { sector, count }) }
+    }
+}
+
+impl<H: Hal, T: Transport, const QUEUE: usize> Drop for VirtIOBlk<H, T, QUEUE> {
+    fn drop(&mut self) {
+        // The device must stop using the rings and slots before their memory goes back.
+        super::reset(&mut self.transport);
+    }
+}

@@ -1,0 +1,104 @@
+//! What the crate needs from the kernel it runs in: memory a device can reach by DMA, and the
+//! translation between the kernel's virtual addresses and the physical addresses a device sees.
+
+use core::ptr::NonNull;
+
+/// A physical (device-visible) address.
+pub type PhysAddr = u64;
+
+/// Size of the pages [`Hal::dma_alloc`] counts in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// The kernel services the drivers use.
+///
+/// # Safety
+///
+/// Implementors promise, for every method:
+/// - [`Hal::dma_alloc`] returns `pages` pages of zeroed memory, physically contiguous, aligned to
+///   [`PAGE_SIZE`], that the device can read and write at the returned physical address and the
+///   driver at the returned virtual pointer, and that nothing else uses until
+///   [`Hal::dma_dealloc`] gives it back;
+/// - [`Hal::mmio_phys_to_virt`] returns a pointer through which `size` bytes of device registers
+///   at `paddr` can be accessed with volatile reads and writes (mapped uncached where the
+///   architecture needs it);
+/// - [`Hal::virt_to_phys`] returns the physical address of the byte at `vaddr`, for buffers the
+///   drivers hand to a device; the drivers only pass buffers that the caller promised (in the
+///   `unsafe` functions that take them) to be physically contiguous.
+///
+/// An identity-mapped kernel implements all of this with casts; a paged kernel with its page
+/// tables and a DMA allocator.
+pub unsafe trait Hal {
+    /// Allocates `pages` zeroed, physically contiguous pages for rings and request headers;
+    /// `None` when out of memory.
+    fn dma_alloc(pages: usize) -> Option<(PhysAddr, NonNull<u8>)>;
+
+    /// Gives back memory from [`Hal::dma_alloc`].
+    ///
+    /// # Safety
+    ///
+    /// `paddr`, `vaddr` and `pages` are exactly what one `dma_alloc` call returned and took, and
+    /// neither the driver nor the device uses the memory any more.
+    unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize);
+
+    /// A pointer to `size` bytes of device registers at physical address `paddr`.
+    fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8>;
+
+    /// The physical address of the byte at virtual address `vaddr`.
+    fn virt_to_phys(vaddr: usize) -> PhysAddr;
+}
+
+/// Memory from [`Hal::dma_alloc`], given back when dropped.
+pub struct Dma<H: Hal> {
+    paddr: PhysAddr,
+    vaddr: NonNull<u8>,
+    pages: usize,
+    _hal: core::marker::PhantomData<H>,
+}
+
+impl<H: Hal> Dma<H> {
+    /// Allocates `pages` pages; `None` when out of memory (or for zero pages).
+    pub fn new(pages: usize) -> Option<Dma<H>> {
+        if pages == 0 {
+            return None;
+        }
+        let (paddr, vaddr) = H::dma_alloc(pages)?;
+        Some(Dma { paddr, vaddr, pages, _hal: core::marker::PhantomData })
+    }
+
+    /// Pages needed for `bytes` bytes.
+    pub const fn pages_for(bytes: usize) -> usize {
+        bytes.div_ceil(PAGE_SIZE)
+    }
+
+    /// The device-visible address.
+    pub fn paddr(&self) -> PhysAddr {
+        self.paddr
+    }
+
+    /// The driver's pointer.
+    pub fn vaddr(&self) -> NonNull<u8> {
+        self.vaddr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+
+    /// Always false: a `Dma` holds at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl<H: Hal> Drop for Dma<H> {
+    fn drop(&mut self) {
+        // SAFETY: the three values came from one dma_alloc call, and this owner is the only
+        // user; whoever gave the memory to a device (a queue) has stopped it before dropping.
+        unsafe { H::dma_dealloc(self.paddr, self.vaddr, self.pages) };
+    }
+}
+
+// SAFETY: `Dma` owns its memory exclusively (no aliasing handle exists), so moving it to
+// another thread moves that ownership.
+unsafe impl<H: Hal> Send for Dma<H> {}

@@ -1,51 +1,50 @@
-//! pvkit's tiny guest: a freestanding x86-64 kernel.
+//! pvkit's tiny guest: a freestanding x86-64 kernel that finds virtio devices (virtio-mmio from
+//! its command line or the microvm slots, virtio-pci on bus 0), drives them with
+//! `pvkit-guest-driver`, runs a self-test, prints one `PVKIT-RESULT {json}` line on COM1 and
+//! exits through the debug-exit port with 0 when every check passed.
 //!
-//! This build only announces itself on COM1 and reports through the debug-exit port that it
-//! ran no checks (result code 1, "failed"): it never claims a pass it did not earn.
+//! Completion mode (`pvkit.completion=poll|irq`, polling when not given): polling keeps
+//! interrupts off (the only mode on a PVM-based KVM); irq takes them through the IDT, the local
+//! APIC and the IOAPIC (virtio-mmio) or MSI-X (virtio-pci).
 
 #![no_std]
 #![no_main]
 
+mod boot;
+mod discover;
+mod hal;
+mod irq;
+mod selftest;
+mod serial;
+mod start_info;
+
 use core::panic::PanicInfo;
-use pvkit_protocol::abi;
+use pvkit_protocol::abi::{self, CompletionMode};
 
-const COM1: u16 = 0x3f8;
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: writing to the COM1 data register has no effect on memory; on a VMM without a
-    // serial port the write is simply ignored.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
-}
-
-fn outl(port: u16, value: u32) {
-    // SAFETY: as above; the debug-exit port ends the VM, it never touches guest memory.
-    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
-}
-
-fn print(text: &str) {
-    for byte in text.bytes() {
-        outb(COM1, byte);
-    }
-}
-
-fn halt_forever() -> ! {
-    loop {
-        // SAFETY: `hlt` only stops this vCPU until the next interrupt.
-        unsafe { core::arch::asm!("hlt", options(nomem, nostack)) }
-    }
-}
-
-/// The 64-bit entry point.
+/// Called by both entry points with the PVH start-info address.
 #[unsafe(no_mangle)]
-pub extern "C" fn _start() -> ! {
-    print("pvkit tiny-guest: no self-test in this build\n");
-    outl(abi::DEBUG_EXIT_PORT, abi::EXIT_FAIL);
-    halt_forever()
+extern "C" fn tiny_main(start_info: u64) -> ! {
+    serial::init();
+    let cmdline = start_info::cmdline(start_info);
+    println!("PVKIT-GUEST tiny-guest {} cmdline: {cmdline}", env!("CARGO_PKG_VERSION"));
+    let mode = abi::param(cmdline, abi::key::COMPLETION)
+        .and_then(|v| CompletionMode::parse(v).ok())
+        .unwrap_or(CompletionMode::Poll);
+    if mode == CompletionMode::Interrupt {
+        irq::init();
+    }
+    let devices = discover::find(cmdline);
+    println!("tiny-guest: {} virtio device(s) found", devices.len());
+    let result = selftest::run(cmdline, mode, devices);
+    if mode == CompletionMode::Interrupt {
+        irq::stop_timer();
+    }
+    result.print();
+    serial::exit(if result.passed() { abi::EXIT_PASS } else { abi::EXIT_FAIL })
 }
 
 #[panic_handler]
-fn panic(_info: &PanicInfo) -> ! {
-    print("pvkit tiny-guest: panic\n");
-    outl(abi::DEBUG_EXIT_PORT, abi::EXIT_PANIC);
-    halt_forever()
+fn panic(info: &PanicInfo) -> ! {
+    println!("tiny-guest: panic: {info}");
+    serial::exit(abi::EXIT_PANIC)
 }

@@ -168,3 +168,69 @@ pub fn finish_init<T: Transport + ?Sized>(transport: &mut T) {
     let current = transport.status();
     transport.set_status(current | status::DRIVER_OK);
 }
+
+/// Either transport, for kernels that drive devices found both ways without an allocator.
+#[derive(Debug)]
+pub enum AnyTransport {
+    /// A virtio-mmio device.
+    Mmio(mmio::MmioTransport),
+    /// A virtio-pci device.
+    Pci(pci::PciTransport),
+}
+
+macro_rules! delegate {
+    ($self:ident, $t:ident => $call:expr) => {
+        match $self {
+            AnyTransport::Mmio($t) => $call,
+            AnyTransport::Pci($t) => $call,
+        }
+    };
+}
+
+impl Transport for AnyTransport {
+    fn device_id(&self) -> u32 {
+        delegate!(self, t => t.device_id())
+    }
+    fn requires_version_1(&self) -> bool {
+        delegate!(self, t => t.requires_version_1())
+    }
+    fn read_device_features(&mut self) -> u64 {
+        delegate!(self, t => t.read_device_features())
+    }
+    fn write_driver_features(&mut self, features: u64) {
+        delegate!(self, t => t.write_driver_features(features))
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        delegate!(self, t => t.max_queue_size(queue))
+    }
+    fn ring_placement(&self) -> RingPlacement {
+        delegate!(self, t => t.ring_placement())
+    }
+    fn queue_set(&mut self, queue: u16, layout: &RingLayout) -> Result<(), TransportError> {
+        delegate!(self, t => t.queue_set(queue, layout))
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        delegate!(self, t => t.queue_used(queue))
+    }
+    fn notify_target(&mut self, queue: u16) -> Result<NotifyTarget, TransportError> {
+        delegate!(self, t => t.notify_target(queue))
+    }
+    fn status(&self) -> u8 {
+        delegate!(self, t => t.status())
+    }
+    fn set_status(&mut self, status: u8) {
+        delegate!(self, t => t.set_status(status))
+    }
+    fn ack_interrupt(&mut self) -> u32 {
+        delegate!(self, t => t.ack_interrupt())
+    }
+    fn config_generation(&self) -> u32 {
+        delegate!(self, t => t.config_generation())
+    }
+    fn read_config(&self, offset: usize, buf: &mut [u8]) -> Result<(), TransportError> {
+        delegate!(self, t => t.read_config(offset, buf))
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) -> Result<(), TransportError> {
+        delegate!(self, t => t.write_config(offset, data))
+    }
+}

@@ -116,14 +116,26 @@ impl ConfigSpace for EcamConfigSpace {
     }
 }
 
-/// The virtio device type of the function at `bdf`, if it is a modern virtio-pci device.
+/// Transitional device ids (legacy-capable devices) start here; their type is the subsystem id.
+pub const TRANSITIONAL_DEVICE_ID_BASE: u16 = 0x1000;
+
+/// The virtio device type of the function at `bdf`, if it is a virtio-pci device: modern
+/// (0x1040 + type) or transitional (0x1000..0x103f, the type in the subsystem id; its modern
+/// capabilities are used, never the legacy I/O BAR).
 pub fn virtio_device_type(config: &dyn ConfigSpace, bdf: Bdf) -> Option<u32> {
     let id = config.read32(bdf, 0);
     let (vendor, device) = (id as u16, (id >> 16) as u16);
-    if vendor != VIRTIO_VENDOR_ID || !(MODERN_DEVICE_ID_BASE..=MODERN_DEVICE_ID_BASE + 0x3f).contains(&device) {
+    if vendor != VIRTIO_VENDOR_ID {
         return None;
     }
-    Some(u32::from(device - MODERN_DEVICE_ID_BASE))
+    if (MODERN_DEVICE_ID_BASE..=MODERN_DEVICE_ID_BASE + 0x3f).contains(&device) {
+        return Some(u32::from(device - MODERN_DEVICE_ID_BASE));
+    }
+    if (TRANSITIONAL_DEVICE_ID_BASE..MODERN_DEVICE_ID_BASE).contains(&device) {
+        let subsystem = config.read16(bdf, 0x2e);
+        return (subsystem != 0).then_some(u32::from(subsystem));
+    }
+    None
 }
 
 mod cap {
@@ -187,7 +199,7 @@ impl PciTransport {
     /// maps the regions with `H`.
     pub fn new<H: Hal>(config: &dyn ConfigSpace, bdf: Bdf) -> Result<PciTransport, TransportError> {
         let device_type =
-            virtio_device_type(config, bdf).ok_or(TransportError::NotVirtio("not a modern virtio-pci device"))?;
+            virtio_device_type(config, bdf).ok_or(TransportError::NotVirtio("not a virtio-pci device"))?;
         // Memory space and bus master.
         let command = config.read32(bdf, 4);
         config.write32(bdf, 4, (command & 0xffff) | 0x6);

@@ -1,0 +1,29 @@
+//! The PVH start-info block: magic, then (at byte 24) the command line's physical address.
+
+const MAGIC: u32 = 0x336e_c578;
+const MAX_CMDLINE: usize = 4096;
+
+/// The command line the start info points at ("" when there is none or it is not UTF-8).
+pub fn cmdline(start_info: u64) -> &'static str {
+    if start_info == 0 || start_info >= 1 << 32 {
+        return "";
+    }
+    // SAFETY: the loader placed the start info in identity-mapped low memory; fields are read
+    // unaligned-safe and only after the magic matched.
+    unsafe {
+        let base = start_info as *const u8;
+        if (base as *const u32).read_unaligned() != MAGIC {
+            return "";
+        }
+        let addr = (base.add(24) as *const u64).read_unaligned();
+        if addr == 0 || addr >= 1 << 32 {
+            return "";
+        }
+        let text = addr as *const u8;
+        let mut len = 0;
+        while len < MAX_CMDLINE && *text.add(len) != 0 {
+            len += 1;
+        }
+        core::str::from_utf8(core::slice::from_raw_parts(text, len)).unwrap_or("")
+    }
+}

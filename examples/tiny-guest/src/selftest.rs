@@ -107,7 +107,13 @@ fn wait(mode: CompletionMode, seconds: u64, mut ready: impl FnMut() -> bool) -> 
 
 /// Routes a device's interrupts (irq mode): virtio-mmio through its IOAPIC pin, virtio-pci
 /// through one MSI-X entry per queue. Returns whether it could.
-fn route_interrupts(transport: &mut AnyTransport, found_slot: Option<u32>, irq_pin: Option<u32>, vector: u8, queues: &[u16]) -> bool {
+fn route_interrupts(
+    transport: &mut AnyTransport,
+    found_slot: Option<u32>,
+    irq_pin: Option<u32>,
+    vector: u8,
+    queues: &[u16],
+) -> bool {
     match transport {
         AnyTransport::Mmio(_) => match (irq_pin, found_slot) {
             (Some(pin), _) => {
@@ -118,9 +124,10 @@ fn route_interrupts(transport: &mut AnyTransport, found_slot: Option<u32>, irq_p
         },
         AnyTransport::Pci(pci) => {
             let (address, data) = irq::msi_message(vector);
-            queues.iter().enumerate().all(|(entry, q)| {
-                pci.route_msix(&PortConfigSpace, entry as u16, address, data, Some(*q)).is_ok()
-            })
+            queues
+                .iter()
+                .enumerate()
+                .all(|(entry, q)| pci.route_msix(&PortConfigSpace, entry as u16, address, data, Some(*q)).is_ok())
         }
     }
 }
@@ -220,7 +227,11 @@ fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
 /// # Safety
 ///
 /// As for `VirtIOBlk::submit`.
-unsafe fn complete(dev: &mut VirtIOBlk<GuestHal, AnyTransport, 64>, mode: CompletionMode, request: BlkRequest<'_>) -> bool {
+unsafe fn complete(
+    dev: &mut VirtIOBlk<GuestHal, AnyTransport, 64>,
+    mode: CompletionMode,
+    request: BlkRequest<'_>,
+) -> bool {
     // SAFETY: passed on from the caller.
     let Ok(token) = (unsafe { dev.submit(request) }) else { return false };
     dev.kick();
@@ -305,10 +316,14 @@ fn net(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
             match dev.receive(&mut frame) {
                 Ok(Some(len)) => {
                     let f = &frame[..len];
-                    let is_reply = len >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY;
+                    let is_reply =
+                        len >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY;
                     let is_echo = f.get(..60) == Some(&request[..]);
                     if is_reply || is_echo {
-                        println!("tiny-guest: net: {}", if is_reply { "ARP reply from the gateway" } else { "own frame back (loopback)" });
+                        println!(
+                            "tiny-guest: net: {}",
+                            if is_reply { "ARP reply from the gateway" } else { "own frame back (loopback)" }
+                        );
                         answered = true;
                         break 'attempts;
                     }

@@ -13,6 +13,8 @@ use crate::transport::{self, NotifyTarget, Transport, TransportError};
 
 /// Bytes of per-request DMA state: header (16), discard segment (16), status (1), padding.
 const SLOT: usize = 64;
+/// Most request queues the driver uses (when the device offers MQ).
+pub const MAX_QUEUES: usize = 4;
 
 /// Errors from the block driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -102,7 +104,9 @@ pub enum BlkRequest<'a> {
 /// A finished request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlkCompletion {
-    /// The token [`VirtIOBlk::submit`] returned.
+    /// The queue it ran on.
+    pub queue: u16,
+    /// The token [`VirtIOBlk::submit`] returned (unique per queue).
     pub token: u16,
     /// Its outcome.
     pub result: Result<(), BlkError>,
@@ -117,8 +121,10 @@ pub struct BlkInfo {
     pub block_size: u32,
     /// Whether writes are refused.
     pub read_only: bool,
-    /// Request queues the device offers (the driver uses the first).
+    /// Request queues the device offers.
     pub num_queues: u16,
+    /// Request queues the driver set up (at most [`MAX_QUEUES`]).
+    pub queues_used: u16,
     /// The negotiated features.
     pub features: Features,
 }
@@ -126,7 +132,8 @@ pub struct BlkInfo {
 /// A virtio-blk device with a request queue of `QUEUE` entries.
 pub struct VirtIOBlk<H: Hal, T: Transport, const QUEUE: usize = 64> {
     transport: T,
-    queue: VirtQueue<H, QUEUE>,
+    queues: [Option<VirtQueue<H, QUEUE>>; MAX_QUEUES],
+    next_poll: usize,
     slots: Dma<H>,
     info: BlkInfo,
 }
@@ -147,7 +154,7 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
 
     /// Initialises the device; `shim` picks each queue's doorbell from the transport's notify
     /// register (see [`crate::hypercall::Shim::choose`]).
-    pub fn new(mut transport: T, shim: impl FnOnce(u16, NotifyTarget) -> Shim) -> Result<Self, BlkError> {
+    pub fn new(mut transport: T, shim: impl Fn(u16, NotifyTarget) -> Shim) -> Result<Self, BlkError> {
         if transport.device_id() != DeviceId::Block.raw() {
             return Err(BlkError::WrongDevice(transport.device_id()));
         }
@@ -157,23 +164,31 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         let readable = if features.has(bf::WRITE_ZEROES) || features.has(bf::DISCARD) { blk::CONFIG_SIZE } else { 36 };
         transport.read_config_consistent(0, &mut config[..readable])?;
         let parsed = blk::ConfigRepr::parse(&config).unwrap_or_default();
+        let num_queues = if features.has(bf::MQ) { parsed.num_queues.max(1) } else { 1 };
+        let queues_used = num_queues.min(MAX_QUEUES as u16);
         let info = BlkInfo {
             capacity: parsed.capacity,
             block_size: if features.has(bf::BLK_SIZE) && parsed.blk_size >= 512 { parsed.blk_size } else { 512 },
             read_only: features.has(bf::RO),
-            num_queues: if features.has(bf::MQ) { parsed.num_queues.max(1) } else { 1 },
+            num_queues,
+            queues_used,
             features,
         };
-        let queue = VirtQueue::new(
-            &mut transport,
-            0,
-            features.has(vf::RING_INDIRECT_DESC),
-            features.has(vf::RING_EVENT_IDX),
-            |target| shim(0, target),
-        )?;
-        let slots = Dma::new(Dma::<H>::pages_for(QUEUE * SLOT)).ok_or(QueueError::NoMemory(0))?;
+        let mut queues: [Option<VirtQueue<H, QUEUE>>; MAX_QUEUES] = Default::default();
+        for (index, slot) in queues.iter_mut().enumerate().take(usize::from(queues_used)) {
+            let index = index as u16;
+            *slot = Some(VirtQueue::new(
+                &mut transport,
+                index,
+                features.has(vf::RING_INDIRECT_DESC),
+                features.has(vf::RING_EVENT_IDX),
+                |target| shim(index, target),
+            )?);
+        }
+        let slots =
+            Dma::new(Dma::<H>::pages_for(usize::from(queues_used) * QUEUE * SLOT)).ok_or(QueueError::NoMemory(0))?;
         transport::finish_init(&mut transport);
-        Ok(VirtIOBlk { transport, queue, slots, info })
+        Ok(VirtIOBlk { transport, queues, next_poll: 0, slots, info })
     }
 
     /// What the device reported.
@@ -181,9 +196,20 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         self.info
     }
 
-    /// The request queue (statistics, doorbell, interrupt suppression).
+    /// Request queue 0 (statistics, doorbell, interrupt suppression).
     pub fn queue(&mut self) -> &mut VirtQueue<H, QUEUE> {
-        &mut self.queue
+        // Queue 0 always exists once `new` succeeded.
+        self.queues[0].as_mut().expect("queue 0 is set up in new")
+    }
+
+    /// Request queue `index`, if the driver set it up.
+    pub fn queue_at(&mut self, index: u16) -> Option<&mut VirtQueue<H, QUEUE>> {
+        self.queues.get_mut(usize::from(index))?.as_mut()
+    }
+
+    /// Whether any queue has a finished request waiting.
+    pub fn has_completions(&self) -> bool {
+        self.queues.iter().flatten().any(VirtQueue::has_used)
     }
 
     /// The transport (interrupt acknowledgement).
@@ -191,12 +217,16 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         &mut self.transport
     }
 
-    fn slot_ptr(&self, token: u16, offset: usize) -> *mut u8 {
-        self.slots.vaddr().as_ptr().wrapping_add(usize::from(token) % QUEUE * SLOT + offset)
+    fn slot_offset(queue: u16, token: u16, offset: usize) -> usize {
+        (usize::from(queue) * QUEUE + usize::from(token) % QUEUE) * SLOT + offset
     }
 
-    fn slot_phys(&self, token: u16, offset: usize) -> u64 {
-        self.slots.paddr() + (usize::from(token) % QUEUE * SLOT + offset) as u64
+    fn slot_ptr(&self, queue: u16, token: u16, offset: usize) -> *mut u8 {
+        self.slots.vaddr().as_ptr().wrapping_add(Self::slot_offset(queue, token, offset))
+    }
+
+    fn slot_phys(&self, queue: u16, token: u16, offset: usize) -> u64 {
+        self.slots.paddr() + Self::slot_offset(queue, token, offset) as u64
     }
 
     fn check_range(&self, sector: u64, count: u64) -> Result<(), BlkError> {
@@ -215,6 +245,20 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
     /// The request's buffer must stay valid and untouched until [`VirtIOBlk::poll`] returns
     /// the token, and be physically contiguous (see [`Hal::virt_to_phys`]).
     pub unsafe fn submit(&mut self, request: BlkRequest<'_>) -> Result<u16, BlkError> {
+        // SAFETY: passed on from the caller.
+        unsafe { self.submit_on(0, request) }
+    }
+
+    /// Submits a request on request queue `queue` (see [`BlkInfo::queues_used`]); tokens
+    /// are per queue.
+    ///
+    /// # Safety
+    ///
+    /// As for [`VirtIOBlk::submit`].
+    pub unsafe fn submit_on(&mut self, queue: u16, request: BlkRequest<'_>) -> Result<u16, BlkError> {
+        if queue >= self.info.queues_used {
+            return Err(BlkError::Queue(QueueError::Transport(TransportError::NoSuchQueue(queue))));
+        }
         let (kind, sector, data): (RequestType, u64, Option<Buffer>) = match &request {
             BlkRequest::Read { sector, buf } => {
                 self.check_io(*sector, buf.len(), false)?;
@@ -274,36 +318,42 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         let buffers_len = 2
             + usize::from(data.is_some())
             + usize::from(matches!(request, BlkRequest::Discard { .. } | BlkRequest::WriteZeroes { .. }));
-        if self.queue.free() < buffers_len.min(2) {
-            return Err(BlkError::Queue(QueueError::Full { needed: buffers_len, free: self.queue.free() }));
+        let (free, slot) = match self.queue_at(queue) {
+            Some(q) => (q.free(), q.peek_free_head()),
+            None => return Err(BlkError::Queue(QueueError::Transport(TransportError::NoSuchQueue(queue)))),
+        };
+        if free < buffers_len.min(2) {
+            return Err(BlkError::Queue(QueueError::Full { needed: buffers_len, free }));
         }
-        let slot = self.queue.peek_free_head();
         let mut header = [0u8; blk::REQUEST_HEADER_SIZE];
         let _ = RequestHeaderRepr { request_type: kind, ioprio: 0, sector }.emit(&mut header);
-        self.write_slot(slot, 0, &header);
-        self.write_slot(slot, 32, &[0xff]);
+        self.write_slot(queue, slot, 0, &header);
+        self.write_slot(queue, slot, 32, &[0xff]);
         let mut buffers = [Buffer { addr: 0, len: 0, device_writes: false }; 4];
         let mut n = 0;
         buffers[n] =
-            Buffer { addr: self.slot_phys(slot, 0), len: blk::REQUEST_HEADER_SIZE as u32, device_writes: false };
+            Buffer { addr: self.slot_phys(queue, slot, 0), len: blk::REQUEST_HEADER_SIZE as u32, device_writes: false };
         n += 1;
         if let BlkRequest::Discard { sector, count } | BlkRequest::WriteZeroes { sector, count } = request {
             let mut segment = [0u8; blk::SEGMENT_SIZE];
             let unmap = matches!(request, BlkRequest::WriteZeroes { .. });
             let _ = SegmentRepr { sector, num_sectors: count, unmap }.emit(&mut segment);
-            self.write_slot(slot, 16, &segment);
-            buffers[n] = Buffer { addr: self.slot_phys(slot, 16), len: blk::SEGMENT_SIZE as u32, device_writes: false };
+            self.write_slot(queue, slot, 16, &segment);
+            buffers[n] =
+                Buffer { addr: self.slot_phys(queue, slot, 16), len: blk::SEGMENT_SIZE as u32, device_writes: false };
             n += 1;
         }
         if let Some(data) = data {
             buffers[n] = data;
             n += 1;
         }
-        buffers[n] = Buffer { addr: self.slot_phys(slot, 32), len: 1, device_writes: true };
+        buffers[n] = Buffer { addr: self.slot_phys(queue, slot, 32), len: 1, device_writes: true };
         n += 1;
+        let q =
+            self.queue_at(queue).ok_or(BlkError::Queue(QueueError::Transport(TransportError::NoSuchQueue(queue))))?;
         // SAFETY: the header, segment and status live in this driver's DMA slots, reserved for
         // the chain until it is popped; the data buffer is the caller's promise.
-        let token = unsafe { self.queue.add(&buffers[..n]) }?;
+        let token = unsafe { q.add(&buffers[..n]) }?;
         debug_assert_eq!(token, slot);
         Ok(token)
     }
@@ -318,31 +368,49 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         self.check_range(sector, (len / blk::SECTOR_SIZE as usize) as u64)
     }
 
-    fn write_slot(&self, token: u16, offset: usize, data: &[u8]) {
+    fn write_slot(&self, queue: u16, token: u16, offset: usize, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
             // SAFETY: slot offsets + lengths stay below SLOT, inside the DMA allocation.
-            unsafe { self.slot_ptr(token, offset + i).write_volatile(*byte) };
+            unsafe { self.slot_ptr(queue, token, offset + i).write_volatile(*byte) };
         }
     }
 
     /// Rings the doorbell if the device wants it for the requests submitted since the last
     /// call (one decision per batch).
     pub fn kick(&mut self) -> bool {
-        self.queue.notify()
+        let mut rang = false;
+        for q in self.queues.iter_mut().flatten() {
+            rang |= q.notify();
+        }
+        rang
     }
 
-    /// Takes one finished request, if any.
+    /// Takes one finished request from any queue, if there is one (queues taken in turn).
     pub fn poll(&mut self) -> Result<Option<BlkCompletion>, BlkError> {
-        let Some(used) = self.queue.pop_used()? else { return Ok(None) };
+        let count = usize::from(self.info.queues_used);
+        for step in 0..count {
+            let queue = ((self.next_poll + step) % count) as u16;
+            if let Some(done) = self.poll_queue(queue)? {
+                self.next_poll = (usize::from(queue) + 1) % count;
+                return Ok(Some(done));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes one finished request from queue `queue`, if there is one.
+    pub fn poll_queue(&mut self, queue: u16) -> Result<Option<BlkCompletion>, BlkError> {
+        let Some(q) = self.queue_at(queue) else { return Ok(None) };
+        let Some(used) = q.pop_used()? else { return Ok(None) };
         // SAFETY: the status byte is in this request's DMA slot.
-        let status = unsafe { self.slot_ptr(used.token, 32).read_volatile() };
+        let status = unsafe { self.slot_ptr(queue, used.token, 32).read_volatile() };
         let result = match Status::try_from(status) {
             Ok(Status::Ok) => Ok(()),
             Ok(Status::IoErr) => Err(BlkError::IoError),
             Ok(Status::Unsupp) => Err(BlkError::Unsupported("this request")),
             Err(_) => Err(BlkError::BadStatus(status)),
         };
-        Ok(Some(BlkCompletion { token: used.token, result }))
+        Ok(Some(BlkCompletion { queue, token: used.token, result }))
     }
 
     /// Submits one request and polls until it completes.
@@ -355,7 +423,7 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         let token = unsafe { self.submit(request) }?;
         self.kick();
         loop {
-            if let Some(done) = self.poll()? {
+            if let Some(done) = self.poll_queue(0)? {
                 if done.token == token {
                     return done.result;
                 }

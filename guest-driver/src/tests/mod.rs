@@ -214,19 +214,27 @@ fn a_misbehaving_device_yields_errors_not_chaos() {
     assert_eq!(add(&mut q, &[buf(&out, true), buf(&out, false)]), Err(QueueError::BadOrder));
 }
 
-/// A disk in memory behind the fake transport's request queue.
-fn blk_device(
-    sectors: u64,
-    features: &[u32],
-) -> (VirtIOBlk<TestHal, FakeTransport, 16>, Arc<Mutex<Vec<u8>>>, DeviceThread) {
+/// The driver, the disk's bytes, and the threads serving its queues.
+type BlkFixture = (VirtIOBlk<TestHal, FakeTransport, 16>, Arc<Mutex<Vec<u8>>>, Vec<DeviceThread>);
+
+/// A disk in memory behind the fake transport's request queue(s) (two with MQ).
+fn blk_device(sectors: u64, features: &[u32]) -> BlkFixture {
+    let queues = if features.contains(&pblk::feature::MQ) { 2 } else { 1 };
     let mut config = vec![0u8; pblk::CONFIG_SIZE];
     config[..8].copy_from_slice(&sectors.to_le_bytes());
-    let t = FakeTransport::new(DeviceId::Block.raw(), Features::from_bits(features).with(vf::VERSION_1).0, 1, config);
+    let at = pblk::config_offset::NUM_QUEUES;
+    config[at..at + 2].copy_from_slice(&(queues as u16).to_le_bytes());
+    let features = Features::from_bits(features).with(vf::VERSION_1).0;
+    let t = FakeTransport::new(DeviceId::Block.raw(), features, queues, config);
     let disk = Arc::new(Mutex::new(vec![0u8; sectors as usize * 512]));
     let state = t.state.clone();
     let blk = VirtIOBlk::new(t, |_, target| Shim::Transport(target)).unwrap();
-    let image = disk.clone();
-    let device = DeviceThread::spawn(state, 0, move |head, chain| {
+    let devices = (0..queues).map(|q| blk_queue_thread(state.clone(), q, disk.clone())).collect();
+    (blk, disk, devices)
+}
+
+fn blk_queue_thread(state: Arc<fake::FakeState>, queue: usize, image: Arc<Mutex<Vec<u8>>>) -> DeviceThread {
+    DeviceThread::spawn(state, queue, move |head, chain| {
         let header = RequestHeaderRepr::parse_bytes(&read_bytes(chain[0].addr, 16)).unwrap();
         let status = chain.last().unwrap();
         let mut disk = image.lock().unwrap();
@@ -260,8 +268,7 @@ fn blk_device(
         };
         write_bytes(status.addr, &[code]);
         (u32::from(head), written + 1)
-    });
-    (blk, disk, device)
+    })
 }
 
 #[test]
@@ -310,4 +317,29 @@ fn blk_requests_in_flight_are_told_apart_by_token() {
     tokens.sort();
     assert_eq!(done, tokens);
     assert_eq!(blk.flush(), Err(BlkError::Unsupported("flush")), "FLUSH was not offered");
+}
+
+#[test]
+fn blk_spreads_requests_over_its_queues() {
+    let (mut blk, disk, _devices) = blk_device(64, &[pblk::feature::MQ]);
+    assert_eq!((blk.info().num_queues, blk.info().queues_used), (2, 2));
+    let bufs: Vec<Vec<u8>> = (0..6u8).map(|i| vec![0x10 + i; 512]).collect();
+    for (i, b) in bufs.iter().enumerate() {
+        let queue = (i % 2) as u16;
+        // SAFETY: the buffers outlive the requests (all polled below).
+        unsafe { blk.submit_on(queue, crate::device::blk::BlkRequest::Write { sector: i as u64, buf: b }) }.unwrap();
+    }
+    blk.kick();
+    let mut per_queue = [0; 2];
+    while per_queue.iter().sum::<i32>() < 6 {
+        if let Some(c) = blk.poll().unwrap() {
+            assert_eq!(c.result, Ok(()));
+            per_queue[usize::from(c.queue)] += 1;
+        }
+    }
+    assert_eq!(per_queue, [3, 3]);
+    for (i, b) in bufs.iter().enumerate() {
+        assert_eq!(disk.lock().unwrap()[i * 512..(i + 1) * 512], b[..]);
+    }
+    assert!(blk.queue_at(2).is_none());
 }

@@ -132,6 +132,8 @@ pub struct BlkInfo {
 /// A virtio-blk device with a request queue of `QUEUE` entries.
 pub struct VirtIOBlk<H: Hal, T: Transport, const QUEUE: usize = 64> {
     transport: T,
+    /// Completions taken while waiting for another token, by queue and token.
+    finished: [[Option<Result<(), BlkError>>; QUEUE]; MAX_QUEUES],
     queues: [Option<VirtQueue<H, QUEUE>>; MAX_QUEUES],
     next_poll: usize,
     slots: Dma<H>,
@@ -188,7 +190,7 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         let slots =
             Dma::new(Dma::<H>::pages_for(usize::from(queues_used) * QUEUE * SLOT)).ok_or(QueueError::NoMemory(0))?;
         transport::finish_init(&mut transport);
-        Ok(VirtIOBlk { transport, queues, next_poll: 0, slots, info })
+        Ok(VirtIOBlk { transport, finished: [[None; QUEUE]; MAX_QUEUES], queues, next_poll: 0, slots, info })
     }
 
     /// What the device reported.
@@ -413,6 +415,45 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         Ok(Some(BlkCompletion { queue, token: used.token, result }))
     }
 
+    /// The outcome of request `token` on `queue` once it has finished; other requests that
+    /// finish meanwhile are kept for their own callers.
+    pub fn poll_token(&mut self, queue: u16, token: u16) -> Result<Option<Result<(), BlkError>>, BlkError> {
+        let (q, t) = (usize::from(queue), usize::from(token));
+        if q >= MAX_QUEUES || t >= QUEUE {
+            return Err(BlkError::UnknownToken(token));
+        }
+        if let Some(result) = self.finished[q][t].take() {
+            return Ok(Some(result));
+        }
+        while let Some(done) = self.poll_queue(queue)? {
+            if done.token == token {
+                return Ok(Some(done.result));
+            }
+            self.finished[q][usize::from(done.token) % QUEUE] = Some(done.result);
+        }
+        Ok(None)
+    }
+
+    /// Submits a request and returns a future that resolves when it completes. The future
+    /// polls the queue each time it is polled and asks to be polled again while the request
+    /// is in flight, so it works on any executor (interrupt-driven ones can wake it sooner).
+    ///
+    /// # Safety
+    ///
+    /// As for [`VirtIOBlk::submit`]; in particular the future must be polled to completion
+    /// (not leaked or dropped early) before the request's buffer is reused or freed.
+    #[cfg(feature = "async")]
+    pub unsafe fn submit_future<'a>(
+        &'a mut self,
+        queue: u16,
+        request: BlkRequest<'a>,
+    ) -> Result<BlkFuture<'a, H, T, QUEUE>, BlkError> {
+        // SAFETY: passed on from the caller.
+        let token = unsafe { self.submit_on(queue, request) }?;
+        self.kick();
+        Ok(BlkFuture { blk: self, queue, token })
+    }
+
     /// Submits one request and polls until it completes.
     ///
     /// # Safety
@@ -423,11 +464,8 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         let token = unsafe { self.submit(request) }?;
         self.kick();
         loop {
-            if let Some(done) = self.poll_queue(0)? {
-                if done.token == token {
-                    return done.result;
-                }
-                continue;
+            if let Some(result) = self.poll_token(0, token)? {
+                return result;
             }
             core::hint::spin_loop();
         }
@@ -460,6 +498,15 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
         Ok(id)
     }
 
+    /// Reads `count` sectors into a new vector (feature `alloc`; the `Hal` must translate heap
+    /// memory of that length contiguously, as identity-mapped kernels do).
+    #[cfg(feature = "alloc")]
+    pub fn read_vec(&mut self, sector: u64, count: u32) -> Result<alloc::vec::Vec<u8>, BlkError> {
+        let mut data = alloc::vec![0u8; count as usize * blk::SECTOR_SIZE as usize];
+        self.read_blocks(sector, &mut data)?;
+        Ok(data)
+    }
+
     /// Discards sectors, waiting.
     pub fn discard(&mut self, sector: u64, count: u32) -> Result<(), BlkError> {
         // SAFETY: no caller buffer.
@@ -477,5 +524,30 @@ impl<H: Hal, T: Transport, const QUEUE: usize> Drop for VirtIOBlk<H, T, QUEUE> {
     fn drop(&mut self) {
         // The device must stop using the rings and slots before their memory goes back.
         super::reset(&mut self.transport);
+    }
+}
+
+/// A request in flight, as a future (feature `async`).
+#[cfg(feature = "async")]
+pub struct BlkFuture<'a, H: Hal, T: Transport, const QUEUE: usize> {
+    blk: &'a mut VirtIOBlk<H, T, QUEUE>,
+    queue: u16,
+    token: u16,
+}
+
+#[cfg(feature = "async")]
+impl<H: Hal, T: Transport, const QUEUE: usize> core::future::Future for BlkFuture<'_, H, T, QUEUE> {
+    type Output = Result<(), BlkError>;
+
+    fn poll(self: core::pin::Pin<&mut Self>, cx: &mut core::task::Context<'_>) -> core::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        match this.blk.poll_token(this.queue, this.token) {
+            Ok(Some(result)) => core::task::Poll::Ready(result),
+            Ok(None) => {
+                cx.waker().wake_by_ref();
+                core::task::Poll::Pending
+            }
+            Err(e) => core::task::Poll::Ready(Err(e)),
+        }
     }
 }

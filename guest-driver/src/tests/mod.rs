@@ -343,3 +343,74 @@ fn blk_spreads_requests_over_its_queues() {
     }
     assert!(blk.queue_at(2).is_none());
 }
+
+#[test]
+fn blk_futures_and_vectors() {
+    use core::future::Future;
+    use core::task::{Context, Poll, Waker};
+    let (mut blk, _disk, _devices) = blk_device(64, &[]);
+    blk.write_blocks(3, &[0x5a; 1024]).unwrap();
+    assert_eq!(blk.read_vec(3, 2).unwrap(), vec![0x5a; 1024]);
+    let mut data = vec![0u8; 512];
+    // SAFETY: the future is polled to completion below before `data` is read.
+    let mut future =
+        unsafe { blk.submit_future(0, crate::device::blk::BlkRequest::Read { sector: 4, buf: &mut data }) }.unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let result = loop {
+        if let Poll::Ready(result) = core::pin::Pin::new(&mut future).poll(&mut cx) {
+            break result;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(result, Ok(()));
+    assert_eq!(data, vec![0x5a; 512]);
+}
+
+#[test]
+fn ecam_and_capability_parsing_find_a_virtio_pci_device() {
+    use crate::transport::Transport;
+    use crate::transport::pci::{Bdf, ConfigSpace, EcamConfigSpace, PciTransport, virtio_device_type};
+    // One bus of ECAM (32 devices x 8 functions x 4 KiB) in host memory, with a modern
+    // virtio-blk at 00:03.0 whose BAR 4 is another host buffer holding the virtio structures.
+    let mut ecam = vec![0u32; (1 << 20) / 4];
+    let mut bar = vec![0u32; 0x4000 / 4];
+    let bar_addr = bar.as_mut_ptr() as u64;
+    let function = (3 << 15) / 4;
+    ecam[function] = 0x1042_1af4; // vendor 0x1af4, device 0x1042 (block)
+    ecam[function + 1] = 0x0010_0000; // status: capability list
+    ecam[function + 0x10 / 4 + 4] = (bar_addr as u32 & !0xf) | 0x4; // BAR 4, 64-bit memory
+    ecam[function + 0x10 / 4 + 5] = (bar_addr >> 32) as u32;
+    ecam[function + 0x34 / 4] = 0x40;
+    // Vendor capabilities: common (0x0000), notify (0x1000, multiplier 4), ISR (0x2000),
+    // device (0x3000); each: [id, next, len, type], [bar], offset, length (+ multiplier).
+    let caps = [
+        (0x40u32, 0x50u32, 1u32, 0x0000u32),
+        (0x50, 0x64, 2, 0x1000),
+        (0x64, 0x74, 3, 0x2000),
+        (0x74, 0x00, 4, 0x3000),
+    ];
+    for (at, next, kind, offset) in caps {
+        let w = function + at as usize / 4;
+        ecam[w] = 0x09 | (next << 8) | (16 << 16) | (kind << 24);
+        ecam[w + 1] = 4;
+        ecam[w + 2] = offset;
+        ecam[w + 3] = 0x100;
+        if kind == 2 {
+            ecam[w + 4] = 4;
+        }
+    }
+    // SAFETY: the buffer covers bus 0 entirely and outlives the accessor.
+    let config = unsafe { EcamConfigSpace::new(core::ptr::NonNull::new(ecam.as_mut_ptr().cast()).unwrap()) };
+    let bdf = Bdf { bus: 0, device: 3, function: 0 };
+    assert_eq!(virtio_device_type(&config, bdf), Some(2));
+    assert_eq!(virtio_device_type(&config, Bdf { bus: 0, device: 4, function: 0 }), None);
+    let mut transport = PciTransport::new::<TestHal>(&config, bdf).unwrap();
+    assert_eq!(config.read16(bdf, 4) & 0x6, 0x6, "memory decoding and bus mastering enabled");
+    // Device features as the device publishes them in the common structure.
+    bar[1] = 0xdead_beef;
+    assert_eq!(transport.read_device_features() as u32, 0xdead_beef);
+    // num_queues (offset 18) = 1: queue 0 exists, queue 1 does not.
+    bar[4] = 1 << 16;
+    bar[6] = 0; // queue_size (offset 24) reads 0 until the device says otherwise
+    assert_eq!(transport.max_queue_size(1), 0);
+}

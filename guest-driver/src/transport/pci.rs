@@ -200,13 +200,14 @@ impl PciTransport {
     pub fn new<H: Hal>(config: &dyn ConfigSpace, bdf: Bdf) -> Result<PciTransport, TransportError> {
         let device_type =
             virtio_device_type(config, bdf).ok_or(TransportError::NotVirtio("not a virtio-pci device"))?;
-        // Memory space and bus master.
-        let command = config.read32(bdf, 4);
-        config.write32(bdf, 4, (command & 0xffff) | 0x6);
         let status = config.read16(bdf, 6);
         if status & 0x10 == 0 {
             return Err(TransportError::MissingCapability("capability list"));
         }
+        // Memory space and bus master; zeros written to the status half clear nothing (its
+        // bits are write-one-to-clear).
+        let command = config.read32(bdf, 4);
+        config.write32(bdf, 4, (command & 0xffff) | 0x6);
         let (mut common_cfg, mut notify, mut isr, mut device, mut msix) = (None, None, None, None, None);
         let mut multiplier = 0;
         let mut pointer = u16::from(config.read8(bdf, 0x34) & 0xfc);

@@ -111,13 +111,32 @@ impl ListenOn {
 
     fn listener(&self) -> Result<Listener, ServerError> {
         match self {
-            ListenOn::Path(path) => Listener::new(path, true)
-                .map_err(|source| ServerError::Listen { path: path.display().to_string(), source }),
+            ListenOn::Path(path) => listen_atomically(path),
             // SAFETY: the descriptor was checked to be open in `from_args`, and the listener
             // takes it over for the rest of the process.
             ListenOn::Fd(fd) => Ok(unsafe { Listener::from_raw_fd(*fd) }),
         }
     }
+}
+
+/// Creates a listening socket at `path` that frontends can never find before it listens: it is
+/// bound and listening under a temporary name first, then renamed into place (a frontend that
+/// waits for the file and connects at once would otherwise be refused in the moment between
+/// bind and listen).
+fn listen_atomically(path: &std::path::Path) -> Result<Listener, ServerError> {
+    let fail = |source: std::io::Error| ServerError::Listen {
+        path: path.display().to_string(),
+        source: vhost::vhost_user::Error::SocketError(source),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    let listener = std::os::unix::net::UnixListener::bind(&temporary).map_err(fail)?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(fail(e));
+    }
+    Ok(Listener::from(listener))
 }
 
 impl fmt::Display for ListenOn {

@@ -44,7 +44,15 @@ pub fn run(socket: &Path, pattern: Pattern, qd: usize, duration: Duration) -> Re
     };
     let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err("new"))?;
     blkio.set_str("path", &socket.to_string_lossy()).map_err(err("set path"))?;
-    blkio.connect().map_err(err("connect"))?;
+    // A peer (qemu-storage-daemon) may show its socket a moment before it listens.
+    let mut attempts = 0;
+    while let Err(e) = blkio.connect() {
+        attempts += 1;
+        if attempts >= 50 || !e.to_string().contains("refused") {
+            return Err(err("connect")(e));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     blkio.set_i32("num-queues", 1).map_err(err("set num-queues"))?;
     let capacity = blkio.get_u64("capacity").map_err(err("capacity"))?;
     let mut started = blkio.start().map_err(err("start"))?;

@@ -57,7 +57,15 @@ impl BlkioClient {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(setup("new"))?;
         blkio.set_str("path", &socket.to_string_lossy()).map_err(setup("set path"))?;
         blkio.set_bool("read-only", read_only).map_err(setup("set read-only"))?;
-        blkio.connect().map_err(setup("connect"))?;
+        // A peer (qemu-storage-daemon) may show its socket a moment before it listens.
+        let mut attempts = 0;
+        while let Err(e) = blkio.connect() {
+            attempts += 1;
+            if attempts >= 50 || !e.to_string().contains("refused") {
+                return Err(setup("connect")(e));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         blkio.set_i32("num-queues", num_queues.into()).map_err(setup("set num-queues"))?;
         let started = blkio.start().map_err(setup("start"))?;
         let region = blkio.alloc_mem_region(BUFFER_SIZE).map_err(setup("alloc_mem_region"))?;

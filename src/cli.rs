@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Show what this build of pvkit contains and check the machine it runs on.
     Demo,
+    /// Boot a guest on KVM with vhost-user backends attached over virtio-mmio.
+    Run(crate::run::RunArgs),
     /// Run a benchmark (contenders interleaved, medians and ratios).
     Bench {
         #[command(subcommand)]
@@ -47,6 +49,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
     };
     match cli.command {
         Command::Demo => demo(),
+        Command::Run(args) => crate::run::run(args),
         Command::Bench { scenario } => match crate::bench::run(&scenario) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

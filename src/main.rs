@@ -6,6 +6,7 @@
 
 mod bench;
 mod cli;
+mod run;
 
 use std::process::ExitCode;
 

@@ -4,7 +4,15 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod device;
+pub mod frontend;
 pub mod host_frontend;
+pub mod loader;
+pub mod memory;
+pub mod mmio;
+pub mod serial;
+pub mod vcpu;
+pub mod vm;
 
 use std::path::Path;
 

@@ -1,0 +1,162 @@
+//! `pvkit run`: boot a guest on KVM (or the software guest) with vhost-user backends attached.
+
+use pvkit_protocol::abi::{self, CompletionMode};
+use pvkit_vmm_glue::vcpu::Outcome;
+use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit status when the watchdog stopped the guest.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the guest crashed or KVM could not run it.
+pub const EXIT_CRASH: u8 = 125;
+
+/// Options of `pvkit run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel (an ELF with a 64-bit entry point); the embedded tiny guest when omitted.
+    #[arg(long, value_name = "ELF")]
+    pub kernel: Option<PathBuf>,
+    /// Extra kernel command line (device entries and pvkit keys are appended).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub cmdline: String,
+    /// Guest memory (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub vcpus: u8,
+    /// A vhost-user-blk backend's socket.
+    #[arg(long, value_name = "SOCK")]
+    pub blk: Vec<PathBuf>,
+    /// A vhost-user-net backend's socket.
+    #[arg(long, value_name = "SOCK")]
+    pub net: Vec<PathBuf>,
+    /// A vhost-user console backend's socket.
+    #[arg(long, value_name = "SOCK")]
+    pub console: Vec<PathBuf>,
+    /// Any virtio device type served by a vhost-user backend: virtio-id=N,socket=PATH.
+    #[arg(long, value_name = "virtio-id=N,socket=PATH", value_parser = parse_device)]
+    pub device: Vec<DeviceSpec>,
+    /// Where COM1's output goes: stdout or a file path.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// Seconds before the watchdog stops the guest.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Reconnect to a backend that went away every N milliseconds (0: never).
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub reconnect_ms: u64,
+    /// Do not announce pvkit's doorbell ports (the guest then uses MMIO QueueNotify).
+    #[arg(long)]
+    pub no_doorbells: bool,
+    /// Completion mode to announce (default: poll on a PVM-based KVM, else irq).
+    #[arg(long, value_parser = parse_completion)]
+    pub completion: Option<CompletionMode>,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    abi::parse_number(text).map_err(|e| format!("'{text}': {e}"))
+}
+
+fn parse_completion(text: &str) -> Result<CompletionMode, String> {
+    CompletionMode::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_device(text: &str) -> Result<DeviceSpec, String> {
+    let mut id = None;
+    let mut socket = None;
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("virtio-id", v)) => {
+                id = Some(v.parse::<u32>().map_err(|_| format!("virtio-id '{v}' is not a number"))?)
+            }
+            Some(("socket", v)) => socket = Some(PathBuf::from(v)),
+            _ => return Err(format!("'{part}' is not virtio-id=N or socket=PATH")),
+        }
+    }
+    match (id, socket) {
+        (Some(virtio_id), Some(socket)) if virtio_id > 0 => Ok(DeviceSpec { virtio_id, socket }),
+        _ => Err("give virtio-id=N (N > 0) and socket=PATH".into()),
+    }
+}
+
+impl RunArgs {
+    /// The devices in slot order: blk, net, console shorthands, then --device entries.
+    pub fn devices(&self) -> Vec<DeviceSpec> {
+        let short = |id: u32, list: &[PathBuf]| -> Vec<DeviceSpec> {
+            list.iter().map(|socket| DeviceSpec { virtio_id: id, socket: socket.clone() }).collect()
+        };
+        let mut all = short(2, &self.blk);
+        all.extend(short(1, &self.net));
+        all.extend(short(3, &self.console));
+        all.extend(self.device.iter().cloned());
+        all
+    }
+}
+
+/// What one `pvkit run` produced, ready to print.
+pub fn outcome_status(outcome: &Outcome) -> (ExitCode, String) {
+    match outcome {
+        Outcome::Exited(code) => {
+            let status = u8::try_from(*code).unwrap_or(u8::MAX);
+            (ExitCode::from(status), format!("the guest exited with code {code}"))
+        }
+        Outcome::TimedOut => (ExitCode::from(EXIT_TIMEOUT), "the watchdog stopped the guest (--timeout)".into()),
+        Outcome::Shutdown => (ExitCode::from(EXIT_CRASH), "the guest shut down (triple fault or reset)".into()),
+        Outcome::InternalError(why) => (ExitCode::from(EXIT_CRASH), format!("the guest could not run: {why}")),
+    }
+}
+
+/// Runs `pvkit run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    let kernel = match &args.kernel {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("pvkit run: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => crate::cli::TINY_GUEST_ELF.to_vec(),
+    };
+    if !pvkit_vmm_glue::kvm_usable() {
+        eprintln!("pvkit run: /dev/kvm is missing or not usable on this machine");
+        return ExitCode::FAILURE;
+    }
+    let serial: Box<dyn std::io::Write + Send> = if args.serial == "stdout" {
+        Box::new(std::io::stdout())
+    } else {
+        match std::fs::File::create(&args.serial) {
+            Ok(file) => Box::new(file),
+            Err(e) => {
+                eprintln!("pvkit run: cannot create {}: {e}", args.serial);
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let config = VmConfig {
+        kernel,
+        cmdline: args.cmdline.clone(),
+        memory: args.memory,
+        vcpus: args.vcpus,
+        devices: args.devices(),
+        serial,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        reconnect: (args.reconnect_ms > 0).then(|| Duration::from_millis(args.reconnect_ms)),
+        doorbells: !args.no_doorbells,
+        completion: args.completion,
+    };
+    match vm::run(config) {
+        Ok(report) => {
+            let (status, message) = outcome_status(&report.outcome);
+            eprintln!("pvkit run: {message} after {:.1} s", report.elapsed.as_secs_f64());
+            status
+        }
+        Err(e) => {
+            eprintln!("pvkit run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

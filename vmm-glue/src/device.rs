@@ -1,0 +1,202 @@
+//! One virtio-mmio device served by a vhost-user backend: the transport state the guest
+//! drives, the backend link, and the kick and call eventfds (registered with KVM by the VM).
+//! Guest accesses that reach the VMM come here; so do backend disconnects and reconnects.
+
+use crate::frontend::{BackendLink, FrontendError, MAX_QUEUE_SIZE};
+use crate::memory::GuestRam;
+use crate::mmio::{Effect, MmioTransportState, QueueConfig};
+use log::{info, warn};
+use std::path::PathBuf;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// A device as the VM sees it.
+pub struct VirtioDevice {
+    /// A short name for logs ("blk", "net", "console" or "virtio-N").
+    pub name: String,
+    /// Its microvm slot.
+    pub slot: u32,
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// The transport state.
+    pub state: MmioTransportState,
+    link: Option<BackendLink>,
+    /// One kick eventfd per queue (KVM ioeventfds on QueueNotify and the doorbell port).
+    pub kicks: Vec<EventFd>,
+    /// One call eventfd per queue (KVM irqfds on the device's IOAPIC pin).
+    pub calls: Vec<EventFd>,
+    default_queues: usize,
+    /// Guest protocol violations seen (the first is logged).
+    pub violations: u64,
+}
+
+/// A human name for a virtio device type.
+pub fn device_name(virtio_id: u32) -> String {
+    match virtio_id {
+        1 => "net".into(),
+        2 => "blk".into(),
+        3 => "console".into(),
+        other => format!("virtio-{other}"),
+    }
+}
+
+/// The queue count to assume for a backend that cannot report it (no MQ).
+pub fn default_queue_count(virtio_id: u32) -> usize {
+    match virtio_id {
+        1 => 2,
+        2 => 1,
+        3 => 2,
+        _ => 2,
+    }
+}
+
+impl VirtioDevice {
+    /// Connects to the backend of type `virtio_id` at `socket` for slot `slot`.
+    pub fn connect(virtio_id: u32, slot: u32, socket: PathBuf, ram: &GuestRam) -> Result<VirtioDevice, FrontendError> {
+        let default_queues = default_queue_count(virtio_id);
+        let link = BackendLink::connect(&socket, ram, default_queues)?;
+        let queues = link.num_queues();
+        let new_eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let state =
+            MmioTransportState::new(virtio_id, link.guest_features(), &vec![MAX_QUEUE_SIZE; queues], ram.size());
+        Ok(VirtioDevice {
+            name: device_name(virtio_id),
+            slot,
+            socket,
+            state,
+            link: Some(link),
+            kicks: (0..queues).map(|_| new_eventfd()).collect(),
+            calls: (0..queues).map(|_| new_eventfd()).collect(),
+            default_queues,
+            violations: 0,
+        })
+    }
+
+    /// The backend's control socket, while connected.
+    pub fn link_fd(&self) -> Option<i32> {
+        self.link.as_ref().map(BackendLink::socket_fd)
+    }
+
+    /// Whether the backend is connected.
+    pub fn connected(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Raises the device's interrupt (a configuration change or a broken device).
+    fn signal_config(&self) {
+        if let Some(call) = self.calls.first() {
+            let _ = call.write(1);
+        }
+    }
+
+    fn note_violation(&mut self, why: &str) {
+        self.violations += 1;
+        if self.violations == 1 {
+            warn!("{} (slot {}): {why}; the device needs a reset", self.name, self.slot);
+        }
+        self.signal_config();
+    }
+
+    /// A guest read in the device's window.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.state.read(offset, data) {
+            Effect::ConfigRead(config_offset) => {
+                let bytes = match self.link.as_mut() {
+                    Some(link) => link.read_config(config_offset as u32, data.len() as u32).unwrap_or_else(|e| {
+                        warn!("{}: configuration read: {e}", self.name);
+                        vec![0; data.len()]
+                    }),
+                    None => vec![0; data.len()],
+                };
+                let n = bytes.len().min(data.len());
+                data[..n].copy_from_slice(&bytes[..n]);
+            }
+            Effect::Broken(why) => self.note_violation(&why),
+            _ => {}
+        }
+    }
+
+    /// A guest write in the device's window.
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8], ram: &GuestRam) {
+        let before: Vec<QueueConfig> = self.state.queues().to_vec();
+        match self.state.write(offset, data) {
+            Effect::Activate => {
+                if let Err(e) = self.start_rings(ram, false) {
+                    warn!("{}: starting the backend's rings: {e}", self.name);
+                    self.state.mark_broken();
+                    self.signal_config();
+                }
+            }
+            Effect::Reset => {
+                if let Some(link) = self.link.as_mut()
+                    && let Err(e) = link.reset(&before)
+                {
+                    warn!("{}: stopping the backend's rings: {e}", self.name);
+                }
+            }
+            Effect::ConfigWrite(config_offset) => {
+                if let Some(link) = self.link.as_mut()
+                    && let Err(e) = link.write_config(config_offset as u32, data)
+                {
+                    warn!("{}: configuration write: {e}", self.name);
+                }
+            }
+            Effect::Broken(why) => self.note_violation(&why),
+            Effect::None | Effect::ConfigRead(_) => {}
+        }
+    }
+
+    /// Starts the backend's rings for the queues the driver enabled. After a reconnect
+    /// (`restore`), each ring starts where the guest's used index says the old backend got to.
+    fn start_rings(&mut self, ram: &GuestRam, restore: bool) -> Result<(), FrontendError> {
+        let queues = self.state.queues().to_vec();
+        let bases: Vec<u16> = queues
+            .iter()
+            .map(|q| {
+                if restore && q.ready { ram.memory().read_obj::<u16>(GuestAddress(q.used + 2)).unwrap_or(0) } else { 0 }
+            })
+            .collect();
+        let features = self.state.driver_features();
+        match self.link.as_mut() {
+            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram),
+            None => Ok(()),
+        }
+    }
+
+    /// The backend went away: forget the link and tell the guest the device needs a reset.
+    pub fn backend_lost(&mut self) {
+        if self.link.take().is_some() {
+            warn!("{}: backend at {} disconnected; the device needs a reset", self.name, self.socket.display());
+            self.state.mark_broken();
+            self.signal_config();
+        }
+    }
+
+    /// Tries to reconnect to the backend; on success restores the rings (if the driver had
+    /// started them) and clears DEVICE_NEEDS_RESET. Returns whether the backend is back.
+    pub fn try_reconnect(&mut self, ram: &GuestRam) -> bool {
+        if self.link.is_some() {
+            return true;
+        }
+        let Ok(link) = BackendLink::connect(&self.socket, ram, self.default_queues) else { return false };
+        if link.num_queues() < self.kicks.len() {
+            warn!("{}: the new backend serves {} queues, fewer than before; not used", self.name, link.num_queues());
+            return false;
+        }
+        self.link = Some(link);
+        let was_started = self.state.queues().iter().any(|q| q.ready) && self.state.status() & 4 != 0;
+        if was_started && let Err(e) = self.start_rings(ram, true) {
+            warn!("{}: restoring the rings: {e}", self.name);
+            self.link = None;
+            return false;
+        }
+        self.state.clear_broken();
+        info!(
+            "{}: backend at {} is back{}",
+            self.name,
+            self.socket.display(),
+            if was_started { ", rings restored" } else { "" }
+        );
+        true
+    }
+}

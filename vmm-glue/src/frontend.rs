@@ -1,0 +1,211 @@
+//! The vhost-user frontend of one device: the VMM's side of the control channel to an
+//! out-of-process backend. Feature negotiation, the memory table (the guest's memfd), ring
+//! setup on DRIVER_OK, the configuration space, and ring teardown on reset. The data path never
+//! comes here: kicks are ioeventfds and calls irqfds, wired by the VM.
+
+use crate::memory::GuestRam;
+use crate::mmio::QueueConfig;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors from the frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// A vhost-user request failed.
+    #[error("vhost-user {request} to {socket}: {source}")]
+    Request {
+        /// The request.
+        request: &'static str,
+        /// The backend's socket.
+        socket: String,
+        /// Why.
+        source: vhost::Error,
+    },
+    /// The backend does not offer what the transport needs.
+    #[error("the backend at {socket} {what}")]
+    Unsuitable {
+        /// The backend's socket.
+        socket: String,
+        /// What is missing.
+        what: String,
+    },
+}
+
+/// Bit 30: VHOST_USER_F_PROTOCOL_FEATURES (not a virtio feature; never shown to the guest).
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// Features the virtio-mmio transport cannot pass on: packed ring (34), NOTIFICATION_DATA
+/// (38, notifies carrying data would miss the ioeventfds' match), RING_RESET (40), and
+/// ACCESS_PLATFORM (33, there is no IOMMU).
+const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT | 1 << 33 | 1 << 34 | 1 << 38 | 1 << 40);
+/// Largest queue size offered to the guest.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+/// A connected backend.
+pub struct BackendLink {
+    frontend: Frontend,
+    socket: PathBuf,
+    offered: u64,
+    protocol: VhostUserProtocolFeatures,
+    num_queues: usize,
+}
+
+impl BackendLink {
+    /// Connects to the backend at `socket`, negotiates protocol features (MQ, CONFIG,
+    /// REPLY_ACK), and shares guest memory with it. `default_queues` is the queue count for
+    /// a backend that cannot say (no MQ).
+    pub fn connect(socket: &Path, ram: &GuestRam, default_queues: usize) -> Result<BackendLink, FrontendError> {
+        let name = socket.display().to_string();
+        let req = |request: &'static str| {
+            let socket = name.clone();
+            move |source: vhost::Error| FrontendError::Request { request, socket: socket.clone(), source }
+        };
+        let mut frontend = Frontend::connect(socket, default_queues as u64).map_err(req("connect"))?;
+        frontend.set_owner().map_err(req("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(req("GET_FEATURES"))?;
+        if offered & (1 << 32) == 0 {
+            return Err(FrontendError::Unsuitable { socket: name, what: "does not offer VIRTIO_F_VERSION_1".into() });
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        let mut num_queues = default_queues;
+        if offered & PROTOCOL_FEATURES_BIT != 0 {
+            let available = frontend.get_protocol_features().map_err(req("GET_PROTOCOL_FEATURES"))?;
+            protocol = available
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK);
+            frontend.set_protocol_features(protocol).map_err(req("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+            if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                num_queues = frontend.get_queue_num().map_err(req("GET_QUEUE_NUM"))? as usize;
+            }
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+            mmap_offset: 0,
+            mmap_handle: ram.fd(),
+        };
+        frontend.set_mem_table(&[region]).map_err(req("SET_MEM_TABLE"))?;
+        Ok(BackendLink {
+            frontend,
+            socket: socket.to_path_buf(),
+            offered,
+            protocol,
+            num_queues: num_queues.clamp(1, 64),
+        })
+    }
+
+    /// The features the guest is offered: the backend's, minus what the transport cannot do.
+    pub fn guest_features(&self) -> u64 {
+        self.offered & TRANSPORT_MASK
+    }
+
+    /// Queues the backend serves.
+    pub fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    /// Whether configuration-space access works (protocol feature CONFIG).
+    pub fn has_config(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// The control socket's descriptor (the VM watches it for the backend going away).
+    pub fn socket_fd(&self) -> i32 {
+        self.frontend.as_raw_fd()
+    }
+
+    fn req(&self, request: &'static str) -> impl Fn(vhost::Error) -> FrontendError + '_ {
+        move |source| FrontendError::Request { request, socket: self.socket.display().to_string(), source }
+    }
+
+    /// Starts the rings the driver enabled: SET_FEATURES with what the driver acknowledged,
+    /// then for each ready queue its size, addresses (translated into this process's mapping),
+    /// base index, kick and call eventfds, and enable.
+    pub fn activate(
+        &mut self,
+        driver_features: u64,
+        queues: &[QueueConfig],
+        bases: &[u16],
+        kicks: &[EventFd],
+        calls: &[EventFd],
+        ram: &GuestRam,
+    ) -> Result<(), FrontendError> {
+        let features = (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT);
+        let socket = self.socket.display().to_string();
+        let fail = |request: &'static str| {
+            let socket = socket.clone();
+            move |source: vhost::Error| FrontendError::Request { request, socket: socket.clone(), source }
+        };
+        self.frontend.set_features(features).map_err(fail("SET_FEATURES"))?;
+        for (index, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
+            let (Some(kick), Some(call)) = (kicks.get(index), calls.get(index)) else { continue };
+            let host = |gpa: u64, len: u64| {
+                ram.host_address(gpa, len).ok_or_else(|| FrontendError::Unsuitable {
+                    socket: socket.clone(),
+                    what: format!("was given a ring at {gpa:#x} outside guest memory"),
+                })
+            };
+            let size = u64::from(q.size);
+            let config = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc, 16 * size)?,
+                used_ring_addr: host(q.used, 6 + 8 * size)?,
+                avail_ring_addr: host(q.avail, 6 + 2 * size)?,
+                log_addr: None,
+            };
+            self.frontend.set_vring_num(index, q.size).map_err(fail("SET_VRING_NUM"))?;
+            self.frontend.set_vring_addr(index, &config).map_err(fail("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(index, bases.get(index).copied().unwrap_or(0))
+                .map_err(fail("SET_VRING_BASE"))?;
+            self.frontend.set_vring_call(index, call).map_err(fail("SET_VRING_CALL"))?;
+            self.frontend.set_vring_kick(index, kick).map_err(fail("SET_VRING_KICK"))?;
+            if self.offered & PROTOCOL_FEATURES_BIT != 0 {
+                self.frontend.set_vring_enable(index, true).map_err(fail("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the rings of the queues in `queues` that were ready (GET_VRING_BASE).
+    pub fn reset(&mut self, queues: &[QueueConfig]) -> Result<(), FrontendError> {
+        for (index, _) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
+            if self.offered & PROTOCOL_FEATURES_BIT != 0 {
+                let _ = self.frontend.set_vring_enable(index, false);
+            }
+            self.frontend.get_vring_base(index).map_err(self.req("GET_VRING_BASE"))?;
+        }
+        Ok(())
+    }
+
+    /// `size` configuration bytes at `offset` (zeros when the backend has no config).
+    pub fn read_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, FrontendError> {
+        if !self.has_config() || size == 0 || size > 256 {
+            return Ok(vec![0; size as usize]);
+        }
+        let buf = vec![0u8; size as usize];
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(self.req("GET_CONFIG"))?;
+        Ok(payload)
+    }
+
+    /// Writes configuration bytes.
+    pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        if !self.has_config() {
+            return Ok(());
+        }
+        self.frontend.set_config(offset, VhostUserConfigFlags::WRITABLE, data).map_err(self.req("SET_CONFIG"))
+    }
+}

@@ -391,7 +391,8 @@ mod tests {
 
     #[test]
     fn garbage_marks_the_device_broken_until_reset() {
-        let cases: Vec<Box<dyn Fn(&mut MmioTransportState) -> Effect>> = vec![
+        type Case = Box<dyn Fn(&mut MmioTransportState) -> Effect>;
+        let cases: Vec<Case> = vec![
             Box::new(|d| {
                 w(d, Register::QueueSel, 0);
                 w(d, Register::QueueNum, 100)

@@ -57,7 +57,12 @@ pub struct RunArgs {
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
-    abi::parse_number(text).map_err(|e| format!("'{text}': {e}"))
+    let size = abi::parse_number(text).map_err(|e| format!("'{text}': {e}"))?;
+    let (min, max) = (pvkit_vmm_glue::memory::MIN_SIZE, pvkit_vmm_glue::memory::MAX_SIZE);
+    if !(min..=max).contains(&size) {
+        return Err(format!("{text} is outside {} MiB .. {} MiB", min >> 20, max >> 20));
+    }
+    Ok(size)
 }
 
 fn parse_completion(text: &str) -> Result<CompletionMode, String> {

@@ -315,3 +315,19 @@ fn pty_port_with_size_and_live_resize() {
     send(&mut fe, cq::port_tx(1).into(), b"log line\n");
     assert_eq!(read_file_until(&log, 9), b"log line\n");
 }
+
+#[test]
+fn a_port_client_that_connects_before_the_frontend_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = dir.path().join("early.sock");
+    let (_backend, socket) = start(dir.path(), &[format!("unix:{}", port.display())]);
+    // The host side connects first, before any frontend (and its memory table) exists.
+    let mut client = std::os::unix::net::UnixStream::connect(&port).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fe = TestFrontend::connect(&socket, 1 << 20, 2, 64, features(false)).unwrap();
+    send(&mut fe, 1, b"early bird\n");
+    let mut got = [0u8; 11];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"early bird\n");
+}

@@ -563,9 +563,9 @@ impl VhostUserBackend for ConsoleDevice {
             if self.shared.stopped.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(memory) = self.memory() else {
-                return Err(io::Error::other("event before the memory table"));
-            };
+            // Host-side events (a client connecting to a port) are handled even before the
+            // frontend has sent its memory table: left alone, a listener event would not come
+            // back and the client would never be accepted.
             match self.classify(device_event) {
                 Some(Event::Listener(p)) => {
                     let accepted = self.shared.host.lock().get_mut(p).map(|port| port.accept()).transpose();
@@ -577,6 +577,7 @@ impl VhostUserBackend for ConsoleDevice {
                 Some(Event::Queue(_) | Event::Input(_) | Event::Output(_)) => {}
                 None => return Err(io::Error::other(format!("unknown event {device_event}"))),
             }
+            let Some(memory) = self.memory() else { return Ok(()) };
             // Console traffic is light: serving everything on any event keeps the flow-control
             // logic in one place (a kick on one queue can unblock another port's host side).
             self.pump_all(vrings, &memory)

@@ -1,0 +1,119 @@
+//! `pvkit run` on KVM: the tiny guest's self-test through pvkit's three backends, with pvkit's
+//! doorbell ports and with MMIO QueueNotify; the VMM's exit status and watchdog.
+//! On a machine without a usable /dev/kvm each test prints one skip line.
+
+use pvkit_test_support::facility;
+use pvkit_test_support::process::ChildGuard;
+use pvkit_test_support::tiny_guest::{GuestResult, console_peer_unix};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+const ALL: &[&str] = &["blk_write_read", "blk_flush", "blk_get_id", "net_arp", "console_write", "console_read"];
+
+fn pvkit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pvkit"))
+}
+
+/// pvkit's three backends (blk on a file, net loopback, console on a unix port).
+struct Backends {
+    processes: Vec<ChildGuard>,
+    blk: PathBuf,
+    net: PathBuf,
+    console: PathBuf,
+    console_port: PathBuf,
+}
+
+fn start_backends(dir: &Path) -> Backends {
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    let (blk, net, console, console_port) =
+        (dir.join("blk.sock"), dir.join("net.sock"), dir.join("console.sock"), dir.join("port.sock"));
+    let mut processes = Vec::new();
+    for (name, args, socket) in [
+        ("vhost-user-blk", vec!["blk".to_string(), "--blk-file".into(), disk.display().to_string()], &blk),
+        ("vhost-user-net", vec!["net".into(), "--loopback".into()], &net),
+        (
+            "vhost-user-console",
+            vec!["console".into(), "--port".into(), format!("unix:{}", console_port.display())],
+            &console,
+        ),
+    ] {
+        let mut cmd = pvkit();
+        cmd.arg("backend").args(&args).arg("--socket-path").arg(socket);
+        let mut child = ChildGuard::spawn(name, &mut cmd).unwrap();
+        child.wait_for_socket(socket, WAIT).unwrap();
+        processes.push(child);
+    }
+    Backends { processes: processes, blk, net, console, console_port }
+}
+
+fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {
+    let peer = console_peer_unix(backends.console_port.clone());
+    let out = pvkit()
+        .arg("run")
+        .arg("--blk")
+        .arg(&backends.blk)
+        .arg("--net")
+        .arg(&backends.net)
+        .arg("--console")
+        .arg(&backends.console)
+        .args(["--timeout", "30"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !peer.join().unwrap_or(false) {
+        let backends_log: String = backends.processes.drain(..).map(|p| p.terminate(WAIT)).collect();
+        panic!("the console peer never saw the ping:\n{log}\nbackends:\n{backends_log}");
+    }
+    (out, log)
+}
+
+#[test]
+fn tiny_guest_passes_its_self_test_with_port_doorbells() {
+    if !facility::require_kvm("vm_kvm_port_doorbells") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends = start_backends(dir.path());
+    let (out, log) = run_guest(&mut backends, &[]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(ALL, &log);
+    for device in ["blk", "net", "console"] {
+        assert_eq!(result.doorbell(device), Some("port-doorbell"), "{log}");
+    }
+    assert!(log.contains("pvkit.doorbells=0x6000"), "{log}");
+}
+
+#[test]
+fn tiny_guest_passes_its_self_test_with_mmio_notify() {
+    if !facility::require_kvm("vm_kvm_mmio_notify") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends = start_backends(dir.path());
+    let (out, log) = run_guest(&mut backends, &["--no-doorbells"]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(ALL, &log);
+    assert_eq!(result.doorbell("blk"), Some("mmio-notify"), "{log}");
+    assert!(!log.contains("pvkit.doorbells"), "{log}");
+}
+
+#[test]
+fn run_refuses_bad_input_and_reports_missing_backends() {
+    let bad = pvkit().args(["run", "--memory", "1K"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = pvkit().args(["run", "--device", "virtio-id=x,socket=/s"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    if !facility::require_kvm("vm_kvm_missing_backend") {
+        return;
+    }
+    let out = pvkit().args(["run", "--blk", "/nonexistent/blk.sock"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/blk.sock"), "{stderr}");
+}

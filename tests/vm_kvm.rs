@@ -46,7 +46,7 @@ fn start_backends(dir: &Path) -> Backends {
         child.wait_for_socket(socket, WAIT).unwrap();
         processes.push(child);
     }
-    Backends { processes: processes, blk, net, console, console_port }
+    Backends { processes, blk, net, console, console_port }
 }
 
 fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {

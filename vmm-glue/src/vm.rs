@@ -101,6 +101,9 @@ pub struct RunReport {
     pub elapsed: Duration,
 }
 
+/// The command-line key that tells the guest its TSC rate in kHz.
+pub const TSC_KHZ_KEY: &str = "pvkit.tsc_khz";
+
 /// The port base of pvkit's doorbells when they are announced.
 pub const DOORBELL_BASE: u16 = abi::DOORBELL_PORT_BASE;
 
@@ -267,6 +270,14 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let completion =
         config.completion.unwrap_or(if crate::kvm_is_pvm() { CompletionMode::Poll } else { CompletionMode::Interrupt });
     cmdline.push_str(&format!(" {}={}", abi::key::COMPLETION, completion.as_str()));
+    let mut vcpu_fds = Vec::new();
+    for id in 0..config.vcpus.max(1) {
+        vcpu_fds.push(vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
+    }
+    // The guest has no other clock it can trust: tell it the TSC's rate.
+    if let Some(khz) = vcpu_fds.first().and_then(|v| v.get_tsc_khz().ok()) {
+        cmdline.push_str(&format!(" {TSC_KHZ_KEY}={khz}"));
+    }
     let loaded = loader::load(&ram, &config.kernel, &cmdline)?;
 
     let bus =
@@ -276,8 +287,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         .map_err(|e| VmError::Runtime(format!("registering the vCPU kick signal: {e}")))?;
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
     let mut threads = Vec::new();
-    for id in 0..config.vcpus.max(1) {
-        let mut vcpu_fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    for (id, mut vcpu_fd) in vcpu_fds.into_iter().enumerate() {
         if id == 0 {
             vcpu::configure(&kvm, &vcpu_fd, &loaded)?;
         } else {

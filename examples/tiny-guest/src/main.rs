@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod boot;
 mod discover;
 mod hal;
@@ -35,7 +36,10 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
     }
     let devices = discover::find(cmdline);
     println!("tiny-guest: {} virtio device(s) found", devices.len());
-    let result = selftest::run(cmdline, mode, devices);
+    let (result, drivers) = selftest::run(cmdline, mode, devices);
+    if abi::param(cmdline, abi::key::MODE) == Some("bench") {
+        bench::run(drivers, cmdline);
+    }
     if mode == CompletionMode::Interrupt {
         irq::stop_timer();
     }

@@ -136,8 +136,22 @@ fn shim_for<'a>(cmdline: &'a str, slot: Option<u32>) -> impl Fn(u16, NotifyTarge
     move |queue, target| Shim::choose(cmdline, slot, queue, target)
 }
 
+/// The block driver the self-test used.
+pub type Blk = VirtIOBlk<GuestHal, AnyTransport, 64>;
+/// The net driver.
+pub type Net = VirtIONet<GuestHal, AnyTransport, 64>;
+/// The console driver.
+pub type Console = VirtIOConsole<GuestHal, AnyTransport, 16>;
+
+/// The drivers, after the self-test, for the benchmark.
+pub struct Drivers {
+    pub blk: Option<Blk>,
+    pub net: Option<Net>,
+    pub console: Option<Console>,
+}
+
 /// Runs every check for the devices found.
-pub fn run(cmdline: &str, mode: CompletionMode, mut devices: Devices) -> Checks {
+pub fn run(cmdline: &str, mode: CompletionMode, mut devices: Devices) -> (Checks, Drivers) {
     let mut checks = Checks {
         mode,
         names: [""; MAX_CHECKS],
@@ -146,16 +160,10 @@ pub fn run(cmdline: &str, mode: CompletionMode, mut devices: Devices) -> Checks 
         doorbells: [("", ""); 3],
         doorbell_count: 0,
     };
-    if let Some(found) = devices.take(DeviceId::Block.raw()) {
-        blk(&mut checks, cmdline, mode, found);
-    }
-    if let Some(found) = devices.take(DeviceId::Net.raw()) {
-        net(&mut checks, cmdline, mode, found);
-    }
-    if let Some(found) = devices.take(DeviceId::Console.raw()) {
-        console(&mut checks, cmdline, mode, found);
-    }
-    checks
+    let blk = devices.take(DeviceId::Block.raw()).and_then(|found| blk(&mut checks, cmdline, mode, found));
+    let net = devices.take(DeviceId::Net.raw()).and_then(|found| net(&mut checks, cmdline, mode, found));
+    let console = devices.take(DeviceId::Console.raw()).and_then(|found| console(&mut checks, cmdline, mode, found));
+    (checks, Drivers { blk, net, console })
 }
 
 fn vector_for(found: &Found, index: u8) -> u8 {
@@ -165,14 +173,15 @@ fn vector_for(found: &Found, index: u8) -> u8 {
     }
 }
 
-fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
+fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) -> Option<Blk> {
     let vector = vector_for(&found, 0);
     let (slot, pin) = (found.slot, found.irq);
     let mut dev = match VirtIOBlk::<GuestHal, AnyTransport, 64>::new(found.transport, shim_for(cmdline, slot)) {
         Ok(dev) => dev,
         Err(e) => {
             println!("tiny-guest: blk: {e}");
-            return checks.set("blk_init", false);
+            checks.set("blk_init", false);
+            return None;
         }
     };
     checks.doorbell("blk", dev.queue().doorbell());
@@ -185,7 +194,10 @@ fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
         dev.queue().suppress_interrupts(true);
     }
     let irqs_before = irq::count();
-    let Some(buffer) = Dma::<GuestHal>::new(2) else { return checks.set("blk_memory", false) };
+    let Some(buffer) = Dma::<GuestHal>::new(2) else {
+        checks.set("blk_memory", false);
+        return None;
+    };
     // SAFETY: the two DMA pages are this function's alone.
     let (write_buf, read_buf) = unsafe {
         let base = buffer.vaddr().as_ptr();
@@ -219,6 +231,7 @@ fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
     }
     let stats = dev.queue().stats();
     println!("tiny-guest: blk: {} requests, {} kicks", stats.added, stats.kicks);
+    Some(dev)
 }
 
 /// Submits one request, waits for its completion (polling or by interrupt), and says
@@ -272,14 +285,15 @@ fn arp_request(mac: [u8; 6]) -> [u8; 60] {
     f
 }
 
-fn net(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
+fn net(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) -> Option<Net> {
     let vector = vector_for(&found, 1);
     let (slot, pin) = (found.slot, found.irq);
     let mut dev = match VirtIONet::<GuestHal, AnyTransport, 64>::new(found.transport, shim_for(cmdline, slot)) {
         Ok(dev) => dev,
         Err(e) => {
             println!("tiny-guest: net: {e}");
-            return checks.set("net_init", false);
+            checks.set("net_init", false);
+            return None;
         }
     };
     let mac = dev.mac();
@@ -337,19 +351,21 @@ fn net(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
     if mode == CompletionMode::Interrupt {
         checks.set("net_irq_delivered", irq::count() > irqs_before);
     }
+    Some(dev)
 }
 
 const PING: &[u8] = b"PVKIT-CONSOLE-PING\n";
 const PONG: &[u8] = b"PVKIT-CONSOLE-PONG";
 
-fn console(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) {
+fn console(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) -> Option<Console> {
     let vector = vector_for(&found, 2);
     let (slot, pin) = (found.slot, found.irq);
     let mut dev = match VirtIOConsole::<GuestHal, AnyTransport, 16>::new(found.transport, shim_for(cmdline, slot)) {
         Ok(dev) => dev,
         Err(e) => {
             println!("tiny-guest: console: {e}");
-            return checks.set("console_init", false);
+            checks.set("console_init", false);
+            return None;
         }
     };
     checks.doorbell("console", dev.queues().1.doorbell());
@@ -377,4 +393,5 @@ fn console(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Foun
     let got = line[..len].split(|b| *b == b'\n').next().unwrap_or(&[]);
     let got = got.strip_suffix(b"\r").unwrap_or(got);
     checks.set("console_read", got == PONG);
+    Some(dev)
 }

@@ -423,7 +423,28 @@ impl ConsoleDevice {
     }
 
     /// Serves every queue and port once more: used after anything that may unblock work.
+    /// Serves every queue, then asks the driver for a kick on the next buffer of each
+    /// (RING_EVENT_IDX's `avail_event`, or clearing NO_NOTIFY), and serves again if buffers
+    /// arrived meanwhile, so no buffer waits without a kick.
     fn pump_all(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {
+        for _ in 0..64 {
+            self.pump_once(vrings, memory)?;
+            let mut more = false;
+            for (q, vring) in vrings.iter().enumerate().filter(|(_, v)| v.get_ref().get_queue().ready()) {
+                let pending = vring.enable_notification().map_err(io::Error::other)?;
+                // Receive queues keep free buffers on purpose; only new output counts.
+                if matches!(self.role(q), Some(QueueRole::Tx(_) | QueueRole::ControlTx)) {
+                    more |= pending;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn pump_once(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {
         for (q, vring) in vrings.iter().enumerate() {
             if !vring.get_ref().get_queue().ready() {
                 continue;

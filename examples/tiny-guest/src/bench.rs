@@ -1,0 +1,159 @@
+//! Benchmark mode (`pvkit.mode=bench`): after the self-test, each device is driven for a fixed
+//! time (`pvkit.bench_ms=N`, 1000 by default) measured with the TSC at the rate the host gives
+//! (`pvkit.tsc_khz=N`; without it, 2 GHz is assumed and only the host's timing is right).
+//! Each run is bracketed by `PVKIT-BENCH-BEGIN name` and `PVKIT-BENCH-END name ops=.. bytes=..
+//! kicks=.. ticks=..` lines on COM1, so the host can also time it by when the lines arrive.
+
+use crate::hal::GuestHal;
+use crate::println;
+use crate::selftest::{Blk, Console, Drivers, Net};
+use pvkit_guest_driver::device::blk::BlkRequest;
+use pvkit_guest_driver::hal::{Dma, PAGE_SIZE};
+use pvkit_protocol::abi;
+
+/// Requests in flight for the block benchmark (4 KiB random reads).
+const BLK_DEPTH: usize = 16;
+/// Frames in flight for the net benchmark (64 bytes, through a loopback backend).
+const NET_WINDOW: u64 = 32;
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// A time budget in TSC ticks.
+#[derive(Clone, Copy)]
+struct Budget {
+    ticks: u64,
+}
+
+impl Budget {
+    fn from_cmdline(cmdline: &str) -> Budget {
+        let number = |key: &str, default: u64| {
+            abi::param(cmdline, key).and_then(|v| abi::parse_number(v).ok()).filter(|v| *v > 0).unwrap_or(default)
+        };
+        let khz = number("pvkit.tsc_khz", 2_000_000);
+        let ms = number("pvkit.bench_ms", 1000).min(60_000);
+        Budget { ticks: khz.saturating_mul(ms) }
+    }
+}
+
+/// Runs each device's benchmark.
+pub fn run(drivers: Drivers, cmdline: &str) {
+    let budget = Budget::from_cmdline(cmdline);
+    if let Some(dev) = drivers.blk {
+        blk(dev, budget);
+    }
+    if let Some(dev) = drivers.net {
+        net(dev, budget);
+    }
+    if let Some(dev) = drivers.console {
+        console(dev, budget);
+    }
+}
+
+fn report(name: &str, ops: u64, bytes: u64, kicks: u64, started: u64) {
+    println!("PVKIT-BENCH-END {name} ops={ops} bytes={bytes} kicks={kicks} ticks={}", rdtsc() - started);
+}
+
+fn blk(mut dev: Blk, budget: Budget) {
+    let blocks = dev.info().capacity / 8;
+    let Some(buffers) = Dma::<GuestHal>::new(BLK_DEPTH) else { return };
+    if blocks == 0 {
+        return;
+    }
+    let mut free: [usize; BLK_DEPTH] = core::array::from_fn(|i| i);
+    let mut free_len = BLK_DEPTH;
+    let mut slot_of = [0usize; 64];
+    let (mut done, mut rng) = (0u64, 0x2545_f491_4f6c_dd1du64);
+    let start_kicks = dev.queue().stats().kicks;
+    println!("PVKIT-BENCH-BEGIN blk");
+    let started = rdtsc();
+    let mut submitting = true;
+    while submitting || free_len < BLK_DEPTH {
+        submitting = rdtsc() - started < budget.ticks;
+        while submitting && free_len > 0 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let sector = (rng % blocks) * 8;
+            free_len -= 1;
+            let slot = free[free_len];
+            // SAFETY: each 4 KiB page of `buffers` belongs to one request at a time (a slot is
+            // reused only after its completion), and the pages outlive the loop.
+            let buf =
+                unsafe { core::slice::from_raw_parts_mut(buffers.vaddr().as_ptr().add(slot * PAGE_SIZE), PAGE_SIZE) };
+            // SAFETY: as above.
+            match unsafe { dev.submit(BlkRequest::Read { sector, buf }) } {
+                Ok(token) => slot_of[usize::from(token) % 64] = slot,
+                Err(_) => {
+                    free_len += 1;
+                    break;
+                }
+            }
+        }
+        dev.kick();
+        loop {
+            match dev.poll() {
+                Ok(Some(completion)) => {
+                    free[free_len] = slot_of[usize::from(completion.token) % 64];
+                    free_len += 1;
+                    done += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    println!("tiny-guest: blk bench: {e}");
+                    return;
+                }
+            }
+        }
+    }
+    let kicks = dev.queue().stats().kicks - start_kicks;
+    report("blk", done, done * PAGE_SIZE as u64, kicks, started);
+}
+
+fn net(mut dev: Net, budget: Budget) {
+    let mut frame = [0u8; 64];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&dev.mac());
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let mut buf = [0u8; 2048];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let start_kicks = dev.queues().1.stats().kicks;
+    println!("PVKIT-BENCH-BEGIN net");
+    let started = rdtsc();
+    // Send while the budget lasts; then wait (a bounded while) for the frames in flight.
+    loop {
+        let elapsed = rdtsc() - started;
+        if elapsed >= budget.ticks && (received == sent || elapsed >= budget.ticks.saturating_mul(2)) {
+            break;
+        }
+        while elapsed < budget.ticks && sent - received < NET_WINDOW {
+            if dev.send(&frame).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        while let Ok(Some(_)) = dev.receive(&mut buf) {
+            received += 1;
+        }
+    }
+    let kicks = dev.queues().1.stats().kicks - start_kicks;
+    report("net", received, received * 64, kicks, started);
+}
+
+fn console(mut dev: Console, budget: Budget) {
+    let chunk = [b'x'; pvkit_guest_driver::device::console::BUFFER_SIZE];
+    let mut writes = 0u64;
+    let start_kicks = dev.queues().1.stats().kicks;
+    println!("PVKIT-BENCH-BEGIN console");
+    let started = rdtsc();
+    while rdtsc() - started < budget.ticks {
+        if dev.write(&chunk).is_err() {
+            break;
+        }
+        writes += 1;
+    }
+    let kicks = dev.queues().1.stats().kicks - start_kicks;
+    report("console", writes, writes * chunk.len() as u64, kicks, started);
+}

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show what this build of pvkit contains and check the machine it runs on.
+    /// Start the three backends, boot the tiny guest against them, self-test, benchmark, summarise.
     Demo,
     /// Boot a guest on KVM with vhost-user backends attached over virtio-mmio.
     Run(crate::run::RunArgs),
@@ -48,7 +48,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         }
     };
     match cli.command {
-        Command::Demo => demo(),
+        Command::Demo => crate::demo::demo(),
         Command::Run(args) => crate::run::run(args),
         Command::Bench { scenario } => match crate::bench::run(&scenario) {
             Ok(()) => ExitCode::SUCCESS,
@@ -67,25 +67,4 @@ pub fn main(args: Vec<String>) -> ExitCode {
             }
         }
     }
-}
-
-fn demo() -> ExitCode {
-    println!("pvkit {}: what this build contains", env!("CARGO_PKG_VERSION"));
-    let row = |name: &str, what: &str, state: &str| println!("  {name:<20} {what:<66} {state}");
-    row("protocol", "wire formats and ABI (virtio-blk/-net/-console, mmio, split ring)", "ready");
-    row("tiny guest", &format!("embedded x86_64-unknown-none ELF, {} bytes", TINY_GUEST_ELF.len()), "built");
-    row("vhost-user-blk", "vhost-user block backend (io_uring, sync and null engines)", "built");
-    row("vhost-user-console", "vhost-user console backend (multiport, SIZE, EMERG_WRITE)", "built");
-    row("vhost-user-net", "vhost-user net backend (tap, switch, sink, loopback; MRG_RXBUF, MQ)", "built");
-    row("vmm-glue", "host-side vhost-user frontend and driver (used by pvkit bench)", "built");
-    row("", "KVM VMM, virtio-mmio transport, software guest", "not built yet");
-    println!();
-    let kvm = if pvkit_vmm_glue::kvm_usable() { "usable" } else { "not usable" };
-    let flavour = if pvkit_vmm_glue::kvm_is_pvm() { " (PVM-based: guests poll, no interrupts)" } else { "" };
-    println!("machine: /dev/kvm {kvm}{flavour}");
-    println!();
-    println!("The demo boots the tiny guest against all three backends once the VMM is built; until");
-    println!("then it reports the parts above and exits 0. `pvkit bench blk`, `pvkit bench net` and");
-    println!("`pvkit bench console` measure the backends.");
-    ExitCode::SUCCESS
 }

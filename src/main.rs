@@ -6,7 +6,9 @@
 
 mod bench;
 mod cli;
+mod demo;
 mod run;
+mod software;
 
 use std::process::ExitCode;
 

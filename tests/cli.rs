@@ -30,13 +30,25 @@ fn bad_arguments_exit_two_with_a_message() {
 }
 
 #[test]
-fn demo_reports_the_embedded_guest() {
+fn demo_runs_the_guest_against_three_backend_processes() {
+    let started = std::time::Instant::now();
     let out = pvkit().arg("demo").output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("tiny guest")).expect("demo lists the tiny guest");
-    let bytes: usize = line.split_whitespace().find_map(|w| w.parse().ok()).expect("with its size");
-    assert!(bytes > 1000, "{line}");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "the demo took {:?}", started.elapsed());
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+    for check in ["blk_write_read", "blk_flush", "blk_get_id", "net_arp", "console_write", "console_read"] {
+        assert!(stdout.lines().any(|l| l.trim_start().starts_with(check) && l.ends_with("pass")), "{check}:\n{stdout}");
+    }
+    for rate in ["IOPS", "packets/s", "KB/s"] {
+        let line = stdout.lines().find(|l| l.contains(rate)).unwrap_or_else(|| panic!("no {rate} line:\n{stdout}"));
+        assert!(line.split_whitespace().any(|w| w.parse::<f64>().is_ok_and(|v| v > 0.0)), "{line}");
+    }
+    // The backends ran as separate processes under their own names.
+    for name in ["vhost-user-blk", "vhost-user-net", "vhost-user-console"] {
+        assert!(stderr.contains(&format!("{name} running (pid")), "{stderr}");
+    }
+    assert!(stderr.contains("cleaning up"), "{stderr}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod frontend;
+pub mod guest_report;
 pub mod host_frontend;
 pub mod loader;
 pub mod memory;

@@ -48,6 +48,7 @@ pub struct MmioTransportState {
     device_id: u32,
     device_features: u64,
     driver_features: u64,
+    negotiated: u64,
     device_features_sel: u32,
     driver_features_sel: u32,
     queue_sel: u32,
@@ -66,6 +67,7 @@ impl MmioTransportState {
             device_id,
             device_features,
             driver_features: 0,
+            negotiated: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
             queue_sel: 0,
@@ -80,6 +82,11 @@ impl MmioTransportState {
     /// The features the driver acknowledged.
     pub fn driver_features(&self) -> u64 {
         self.driver_features
+    }
+
+    /// The features of the last activation (kept after a reset, for reports).
+    pub fn negotiated_features(&self) -> u64 {
+        self.negotiated
     }
 
     /// The queues.
@@ -297,6 +304,9 @@ impl MmioTransportState {
             }
         }
         let activate = next.has(status::DRIVER_OK) && !current.has(status::DRIVER_OK);
+        if activate {
+            self.negotiated = self.driver_features;
+        }
         self.status = next.raw();
         if activate { Effect::Activate } else { Effect::None }
     }

@@ -366,7 +366,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         .iter()
         .map(|d| {
             let d = d.lock().unwrap_or_else(|p| p.into_inner());
-            (d.name.clone(), d.state.driver_features(), d.violations)
+            (d.name.clone(), d.state.negotiated_features(), d.violations)
         })
         .collect();
     Ok(RunReport { outcome, cmdline, devices, elapsed: started.elapsed() })

@@ -1,0 +1,278 @@
+//! `pvkit demo`: pvkit's three backends as separate processes, the embedded tiny guest booted
+//! on KVM against them, its self-test and a short benchmark through every device, and a
+//! summary. Exits 0 only if every check passed.
+
+use pvkit_host_devices::{BackendKind, backend_command};
+use pvkit_protocol::virtio::{DeviceId, feature_name};
+use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
+use pvkit_vmm_glue::vm::{self, DeviceSpec, RunReport, VmConfig};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const STEPS: usize = 5;
+
+fn step(n: usize, what: &str) {
+    eprintln!("[{n}/{STEPS}] {what}");
+}
+
+/// Backend processes, stopped (SIGTERM) when dropped.
+struct Backends {
+    children: Vec<(BackendKind, Child)>,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            // SAFETY: sends SIGTERM to a child this process started.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for (_, child) in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for(path: &Path, child: &mut Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited at start ({status})"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not create {} within 10 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn start_backends(dir: &Path) -> Result<(Backends, [PathBuf; 3], PathBuf), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find pvkit's own binary: {e}"))?;
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+    let sockets = [dir.join("blk.sock"), dir.join("net.sock"), dir.join("console.sock")];
+    let port = dir.join("console-port.sock");
+    let mut backends = Backends { children: Vec::new() };
+    let specs: [(BackendKind, Vec<String>); 3] = [
+        (BackendKind::Blk, vec!["--blk-file".into(), image.display().to_string()]),
+        (BackendKind::Net, vec!["--loopback".into()]),
+        (BackendKind::Console, vec!["--port".into(), format!("unix:{}", port.display())]),
+    ];
+    for ((kind, args), socket) in specs.into_iter().zip(&sockets) {
+        let log = std::fs::File::create(dir.join(format!("{}.log", kind.program_name())))
+            .map_err(|e| format!("cannot create a log file: {e}"))?;
+        let mut child = backend_command(&exe, kind)
+            .args(&args)
+            .arg("--socket-path")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", kind.program_name()))?;
+        let started = wait_for(socket, &mut child, kind.program_name());
+        backends.children.push((kind, child));
+        started?;
+        eprintln!(
+            "      {} running (pid {})",
+            kind.program_name(),
+            backends.children.last().map_or(0, |(_, c)| c.id())
+        );
+    }
+    Ok((backends, sockets, port))
+}
+
+/// COM1 output, kept for parsing and echoed (check lines) as progress.
+#[derive(Clone, Default)]
+struct Capture {
+    bytes: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let line_start = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        bytes.extend_from_slice(buf);
+        // Echo finished progress lines (checks, benchmark results).
+        let text = String::from_utf8_lossy(&bytes[line_start..]).into_owned();
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            let line = line.trim_end();
+            if line.contains("check ") || line.starts_with("PVKIT-BENCH-BEGIN") {
+                eprintln!("      guest: {}", line.trim_start_matches("tiny-guest: "));
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Answers the guest's console ping, then counts what the guest writes.
+fn console_host(port: PathBuf, received: Arc<AtomicU64>) {
+    std::thread::spawn(move || {
+        let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&port) else { return };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(40)));
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while !String::from_utf8_lossy(&seen).contains("PVKIT-CONSOLE-PING") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(b"PVKIT-CONSOLE-PONG\n");
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            received.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+}
+
+fn feature_list(device: &str, features: u64) -> String {
+    let id = match device {
+        "blk" => Some(DeviceId::Block),
+        "net" => Some(DeviceId::Net),
+        "console" => Some(DeviceId::Console),
+        _ => None,
+    };
+    (0..64)
+        .filter(|bit| features & (1u64 << bit) != 0)
+        .map(|bit| match id.and_then(|id| feature_name(id, bit)) {
+            Some(name) => name.to_string(),
+            None => format!("bit{bit}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn summary(report: &RunReport, serial: &str, console_bytes: u64) -> bool {
+    let tsc_khz: u64 = report
+        .cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(vm::TSC_KHZ_KEY)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or(0);
+    println!("pvkit demo: the tiny guest on KVM with three out-of-process vhost-user backends");
+    if pvkit_vmm_glue::kvm_is_pvm() {
+        println!("  (this KVM is PVM-based: the guest polls, and its instructions are emulated, so rates are low)");
+    }
+    println!("\ndevices (virtio-mmio, negotiated features):");
+    for (name, features, violations) in &report.devices {
+        let extra = if *violations > 0 { format!(" ({violations} protocol violations)") } else { String::new() };
+        println!("  {name:<8} {}{extra}", feature_list(name, *features));
+    }
+    let result = GuestResult::parse(serial);
+    println!("\nself-test:");
+    match &result {
+        Some(r) => {
+            for (name, ok) in &r.checks {
+                println!("  {:<20} {}", name, if *ok { "pass" } else { "FAIL" });
+            }
+            let doorbells: Vec<String> = r.doorbells.iter().map(|(d, m)| format!("{d}: {m}")).collect();
+            println!("  doorbells: {}", doorbells.join(", "));
+        }
+        None => println!("  the guest printed no result line"),
+    }
+    println!("\nbenchmark (1 s per device, timed with the TSC):");
+    for line in BenchLine::parse_all(serial) {
+        let seconds = line.seconds(tsc_khz).max(1e-9);
+        let rate = line.ops as f64 / seconds;
+        let kicks = if line.ops > 0 { line.kicks as f64 / line.ops as f64 } else { 0.0 };
+        match line.name.as_str() {
+            "blk" => println!(
+                "  blk      4 KiB random reads, 16 in flight   {rate:>10.0} IOPS       {kicks:.2} kicks/request"
+            ),
+            "net" => {
+                println!("  net      64-byte frames through loopback    {rate:>10.0} packets/s  {kicks:.2} kicks/frame")
+            }
+            "console" => println!(
+                "  console  512-byte writes                   {:>10.1} KB/s       {kicks:.2} kicks/write (host read {console_bytes} bytes)",
+                line.bytes as f64 / seconds / 1000.0
+            ),
+            other => println!("  {other}: {} ops", line.ops),
+        }
+    }
+    let (status, message) = crate::run::outcome_status(&report.outcome);
+    let passed = result.as_ref().is_some_and(GuestResult::all_passed) && status == ExitCode::SUCCESS;
+    println!("\nresult: {} ({message}, {:.1} s)", if passed { "PASS" } else { "FAIL" }, report.elapsed.as_secs_f64());
+    passed
+}
+
+/// Runs the demo.
+pub fn demo() -> ExitCode {
+    let started = Instant::now();
+    // The summary says what matters; the VMM's per-device lines are for `pvkit run`.
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let dir = std::env::temp_dir().join(format!("pvkit-demo-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("pvkit demo: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let outcome = run_demo(&dir);
+    step(5, "cleaning up");
+    let _ = std::fs::remove_dir_all(&dir);
+    match outcome {
+        Ok(true) => {
+            eprintln!("pvkit demo: done in {:.1} s", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("pvkit demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo(dir: &Path) -> Result<bool, String> {
+    step(1, "starting vhost-user-blk, vhost-user-net --loopback and vhost-user-console as separate processes");
+    let (backends, sockets, port) = start_backends(dir)?;
+    let received = Arc::new(AtomicU64::new(0));
+    console_host(port, received.clone());
+    if !pvkit_vmm_glue::kvm_usable() {
+        step(2, "/dev/kvm is not usable here: running the software guest instead");
+        return crate::software::demo(&sockets).map_err(|e| e.to_string());
+    }
+    step(2, "booting the tiny guest on KVM (self-test, then 1 s of I/O per device)");
+    let capture = Capture::default();
+    let config = VmConfig {
+        kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
+        cmdline: "pvkit.mode=bench pvkit.bench_ms=1000".into(),
+        memory: 256 << 20,
+        vcpus: 1,
+        devices: vec![
+            DeviceSpec { virtio_id: 2, socket: sockets[0].clone() },
+            DeviceSpec { virtio_id: 1, socket: sockets[1].clone() },
+            DeviceSpec { virtio_id: 3, socket: sockets[2].clone() },
+        ],
+        serial: Box::new(capture.clone()),
+        timeout: Duration::from_secs(25),
+        reconnect: None,
+        doorbells: true,
+        completion: None,
+    };
+    let report = vm::run(config).map_err(|e| e.to_string())?;
+    step(3, "guest finished");
+    // Give the console host a moment to read the last bytes.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(backends);
+    step(4, "summary");
+    let serial = String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    Ok(summary(&report, &serial, received.load(Ordering::Relaxed)))
+}

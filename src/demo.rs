@@ -160,14 +160,15 @@ fn feature_list(device: &str, features: u64) -> String {
         .join(" ")
 }
 
-fn summary(report: &RunReport, serial: &str, console_bytes: u64) -> bool {
+/// Prints the summary; true when every check passed.
+pub fn summary(report: &RunReport, serial: &str, console_bytes: u64, guest: &str) -> bool {
     let tsc_khz: u64 = report
         .cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix(vm::TSC_KHZ_KEY)?.strip_prefix('=')?.parse().ok())
         .unwrap_or(0);
-    println!("pvkit demo: the tiny guest on KVM with three out-of-process vhost-user backends");
-    if pvkit_vmm_glue::kvm_is_pvm() {
+    println!("pvkit demo: {guest} with three out-of-process vhost-user backends");
+    if guest.contains("KVM") && pvkit_vmm_glue::kvm_is_pvm() {
         println!("  (this KVM is PVM-based: the guest polls, and its instructions are emulated, so rates are low)");
     }
     println!("\ndevices (virtio-mmio, negotiated features):");
@@ -245,9 +246,14 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
     let (backends, sockets, port) = start_backends(dir)?;
     let received = Arc::new(AtomicU64::new(0));
     console_host(port, received.clone());
-    if !pvkit_vmm_glue::kvm_usable() {
-        step(2, "/dev/kvm is not usable here: running the software guest instead");
-        return crate::software::demo(&sockets).map_err(|e| e.to_string());
+    if !pvkit_vmm_glue::kvm_usable() || std::env::var_os("PVKIT_DEMO_SOFTWARE_GUEST").is_some() {
+        let why = if pvkit_vmm_glue::kvm_usable() {
+            "PVKIT_DEMO_SOFTWARE_GUEST is set"
+        } else {
+            "/dev/kvm is not usable here"
+        };
+        step(2, &format!("{why}: running the software guest (the drivers in a host thread) instead of a VM"));
+        return crate::software::demo(&sockets, &received).map_err(|e| e.to_string());
     }
     step(2, "booting the tiny guest on KVM (self-test, then 1 s of I/O per device)");
     let capture = Capture::default();
@@ -274,5 +280,5 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
     drop(backends);
     step(4, "summary");
     let serial = String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-    Ok(summary(&report, &serial, received.load(Ordering::Relaxed)))
+    Ok(summary(&report, &serial, received.load(Ordering::Relaxed), "the tiny guest on KVM"))
 }

@@ -54,6 +54,11 @@ pub struct RunArgs {
     /// Completion mode to announce (default: poll on a PVM-based KVM, else irq).
     #[arg(long, value_parser = parse_completion)]
     pub completion: Option<CompletionMode>,
+    /// No vCPU: run the guest drivers in a host thread over the same shared memory, frontends
+    /// and backends (needs no /dev/kvm and no kernel; `pvkit.mode=bench` in --cmdline adds the
+    /// benchmark).
+    #[arg(long, conflicts_with_all = ["kernel", "vcpus", "completion"])]
+    pub software_guest: bool,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -114,8 +119,35 @@ pub fn outcome_status(outcome: &Outcome) -> (ExitCode, String) {
     }
 }
 
+/// Runs the software guest for `pvkit run --software-guest`.
+fn run_software(args: &RunArgs) -> ExitCode {
+    let bench_ms = abi::param(&args.cmdline, abi::key::MODE)
+        .filter(|m| *m == "bench")
+        .map(|_| abi::param(&args.cmdline, "pvkit.bench_ms").and_then(|v| abi::parse_number(v).ok()).unwrap_or(1000));
+    match pvkit_vmm_glue::software_guest::run(&args.devices(), args.memory, bench_ms) {
+        Ok(report) => {
+            if args.serial == "stdout" {
+                print!("{}", report.log);
+            } else if let Err(e) = std::fs::write(&args.serial, &report.log) {
+                eprintln!("pvkit run: cannot write {}: {e}", args.serial);
+                return ExitCode::FAILURE;
+            }
+            let passed = pvkit_vmm_glue::guest_report::GuestResult::parse(&report.log).is_some_and(|r| r.all_passed());
+            eprintln!("pvkit run: software guest {}", if passed { "passed every check" } else { "FAILED a check" });
+            if passed { ExitCode::SUCCESS } else { ExitCode::from(abi::EXIT_FAIL as u8) }
+        }
+        Err(e) => {
+            eprintln!("pvkit run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `pvkit run`.
 pub fn run(args: RunArgs) -> ExitCode {
+    if args.software_guest {
+        return run_software(&args);
+    }
     let kernel = match &args.kernel {
         Some(path) => match std::fs::read(path) {
             Ok(bytes) => bytes,

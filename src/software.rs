@@ -1,8 +1,25 @@
-//! The software guest (used where /dev/kvm is not usable): not built yet.
+//! The demo on the software guest (where /dev/kvm is not usable).
 
+use pvkit_vmm_glue::software_guest;
+use pvkit_vmm_glue::vcpu::Outcome;
+use pvkit_vmm_glue::vm::{DeviceSpec, RunReport};
 use std::path::PathBuf;
+use std::time::Instant;
 
-/// Runs the demo's self-test with the software guest.
-pub fn demo(_sockets: &[PathBuf; 3]) -> Result<bool, String> {
-    Err("the software guest is not part of this build yet".into())
+/// Runs the self-test and the benchmark on the software guest and prints the demo summary.
+pub fn demo(sockets: &[PathBuf; 3], console_bytes: &std::sync::atomic::AtomicU64) -> Result<bool, String> {
+    let started = Instant::now();
+    let devices = [(2, &sockets[0]), (1, &sockets[1]), (3, &sockets[2])]
+        .map(|(virtio_id, socket)| DeviceSpec { virtio_id, socket: socket.clone() });
+    let report = software_guest::run(&devices, 256 << 20, Some(1000)).map_err(|e| e.to_string())?;
+    let passed = pvkit_vmm_glue::guest_report::GuestResult::parse(&report.log).is_some_and(|r| r.all_passed());
+    let run_report = RunReport {
+        outcome: Outcome::Exited(if passed { 0 } else { 1 }),
+        cmdline: format!("{}={}", pvkit_vmm_glue::vm::TSC_KHZ_KEY, software_guest::SOFTWARE_TICK_KHZ),
+        devices: report.devices.iter().map(|(name, features)| (name.clone(), *features, 0)).collect(),
+        elapsed: started.elapsed(),
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let received = console_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(crate::demo::summary(&run_report, &report.log, received, "the software guest"))
 }

@@ -117,3 +117,28 @@ fn run_refuses_bad_input_and_reports_missing_backends() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("/nonexistent/blk.sock"), "{stderr}");
 }
+
+#[test]
+fn software_guest_passes_the_same_self_test_without_kvm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends = start_backends(dir.path());
+    let peer = console_peer_unix(backends.console_port.clone());
+    let out = pvkit()
+        .args(["run", "--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200", "--blk"])
+        .arg(&backends.blk)
+        .arg("--net")
+        .arg(&backends.net)
+        .arg("--console")
+        .arg(&backends.console)
+        .output()
+        .unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(peer.join().unwrap_or(false), "the console peer never saw the ping:\n{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}")).assert_passed(ALL, &log);
+    let bench = pvkit_test_support::tiny_guest::BenchLine::parse_all(&log);
+    for name in ["blk", "net", "console"] {
+        assert!(bench.iter().any(|b| b.name == name && b.ops > 0), "{name} benchmark:\n{log}");
+    }
+    backends.processes.clear();
+}

@@ -17,19 +17,47 @@ pub trait Doorbell {
 }
 
 /// The mechanism a queue uses, chosen once at setup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Shim {
     /// The transport's notify register.
     Transport(NotifyTarget),
     /// A pvkit doorbell port (x86 `out` of the queue index).
     Port(u16),
+    /// Anything else that can ring (a hosted driver writing an eventfd, a test double).
+    Custom(&'static (dyn Doorbell + Sync)),
 }
+
+impl core::fmt::Debug for Shim {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Shim::Transport(target) => f.debug_tuple("Transport").field(target).finish(),
+            Shim::Port(port) => f.debug_tuple("Port").field(port).finish(),
+            Shim::Custom(d) => f.debug_tuple("Custom").field(&(*d as *const dyn Doorbell).cast::<()>()).finish(),
+        }
+    }
+}
+
+impl PartialEq for Shim {
+    fn eq(&self, other: &Shim) -> bool {
+        match (self, other) {
+            (Shim::Transport(a), Shim::Transport(b)) => a == b,
+            (Shim::Port(a), Shim::Port(b)) => a == b,
+            (Shim::Custom(a), Shim::Custom(b)) => {
+                core::ptr::addr_eq(*a as *const dyn Doorbell, *b as *const dyn Doorbell)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Shim {}
 
 impl Doorbell for Shim {
     fn ring(&self, queue: u16) {
         match *self {
             Shim::Transport(target) => target.write(queue),
             Shim::Port(port) => port_out(port, queue),
+            Shim::Custom(doorbell) => doorbell.ring(queue),
         }
     }
 }
@@ -41,6 +69,7 @@ impl Shim {
             Shim::Transport(NotifyTarget::Mmio32(_)) => "mmio-notify",
             Shim::Transport(NotifyTarget::Pci16(_)) => "pci-notify",
             Shim::Port(_) => "port-doorbell",
+            Shim::Custom(_) => "custom",
         }
     }
 

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod memory;
 pub mod mmio;
 pub mod serial;
+pub mod software_guest;
 pub mod vcpu;
 pub mod vm;
 

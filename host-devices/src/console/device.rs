@@ -424,10 +424,11 @@ impl ConsoleDevice {
 
     /// Serves every queue and port once more: used after anything that may unblock work.
     /// Serves every queue, then asks the driver for a kick on the next buffer of each
-    /// (RING_EVENT_IDX's `avail_event`, or clearing NO_NOTIFY), and serves again if buffers
-    /// arrived meanwhile, so no buffer waits without a kick.
+    /// (RING_EVENT_IDX's `avail_event`, or clearing NO_NOTIFY), and serves again if output
+    /// arrived meanwhile: a driver that published it before the request for a kick was visible
+    /// will not kick, so stopping here would leave it waiting for good.
     fn pump_all(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {
-        for _ in 0..64 {
+        loop {
             self.pump_once(vrings, memory)?;
             let mut more = false;
             for (q, vring) in vrings.iter().enumerate().filter(|(_, v)| v.get_ref().get_queue().ready()) {
@@ -438,10 +439,9 @@ impl ConsoleDevice {
                 }
             }
             if !more {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     fn pump_once(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Waits for the guest's console ping on `stream` and answers it; false if it never came.
-pub fn answer_console_ping(mut stream: impl Read + Write) -> bool {
+/// Afterwards a detached thread keeps reading (and discarding) what the guest writes, as a
+/// terminal would: a console host side that stops reading holds the guest's output back.
+pub fn answer_console_ping<S: Read + Write + Send + 'static>(mut stream: S) -> bool {
     let mut seen = Vec::new();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("PVKIT-CONSOLE-PING") {
@@ -17,7 +19,11 @@ pub fn answer_console_ping(mut stream: impl Read + Write) -> bool {
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
-    stream.write_all(b"PVKIT-CONSOLE-PONG\n").is_ok()
+    if stream.write_all(b"PVKIT-CONSOLE-PONG\n").is_err() {
+        return false;
+    }
+    std::thread::spawn(move || while matches!(stream.read(&mut buf), Ok(n) if n > 0) {});
+    true
 }
 
 /// Connects (retrying for up to 10 s) to a unix socket that carries the guest's console and

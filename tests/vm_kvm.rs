@@ -142,3 +142,33 @@ fn software_guest_passes_the_same_self_test_without_kvm() {
     }
     backends.processes.clear();
 }
+
+#[test]
+fn tiny_guest_passes_its_blk_checks_on_qemu_storage_daemon() {
+    use pvkit_test_support::peers::{QemuStorageDaemon, QsdDisk};
+    let test = "vm_kvm_qemu_storage_daemon";
+    if !facility::require_kvm(test) || !facility::require_programs(test, &["qemu-storage-daemon"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("qsd.img");
+    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    let socket = dir.path().join("qsd.sock");
+    let _qsd = QemuStorageDaemon::start(&QsdDisk::File(disk), &socket, 1, true).unwrap();
+    // A backend that is not pvkit's may show its socket a moment before it listens.
+    let mut out = None;
+    for _ in 0..20 {
+        let attempt = pvkit().arg("run").arg("--blk").arg(&socket).args(["--timeout", "30"]).output().unwrap();
+        let refused = String::from_utf8_lossy(&attempt.stderr).contains("refused");
+        out = Some(attempt);
+        if !refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = out.unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(&["blk_write_read", "blk_flush", "blk_get_id"], &log);
+}

@@ -189,16 +189,21 @@ impl BackendLink {
     }
 
     /// `size` configuration bytes at `offset` (zeros when the backend has no config).
+    ///
+    /// The request always starts at offset 0 and covers everything up to the bytes wanted:
+    /// some backends (qemu-storage-daemon's vhost-user-blk export) ignore the offset of
+    /// GET_CONFIG and answer from the start, as QEMU's own frontend always asks.
     pub fn read_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, FrontendError> {
-        if !self.has_config() || size == 0 || size > 256 {
+        let end = offset.saturating_add(size);
+        if !self.has_config() || size == 0 || end > 256 {
             return Ok(vec![0; size as usize]);
         }
-        let buf = vec![0u8; size as usize];
-        let (_, payload) = self
-            .frontend
-            .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(self.req("GET_CONFIG"))?;
-        Ok(payload)
+        let buf = vec![0u8; end as usize];
+        let (_, payload) =
+            self.frontend.get_config(0, end, VhostUserConfigFlags::WRITABLE, &buf).map_err(self.req("GET_CONFIG"))?;
+        let mut out = payload.get(offset as usize..).map(<[u8]>::to_vec).unwrap_or_default();
+        out.resize(size as usize, 0);
+        Ok(out)
     }
 
     /// Writes configuration bytes.

@@ -172,3 +172,29 @@ fn tiny_guest_passes_its_blk_checks_on_qemu_storage_daemon() {
     let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
     result.assert_passed(&["blk_write_read", "blk_flush", "blk_get_id"], &log);
 }
+
+#[test]
+fn garbage_in_one_transport_breaks_that_device_only() {
+    if !facility::require_kvm("vm_kvm_garbage") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backends = start_backends(dir.path());
+    let out = pvkit()
+        .arg("run")
+        .arg("--blk")
+        .arg(&backends.blk)
+        .arg("--net")
+        .arg(&backends.net)
+        .arg("--console")
+        .arg(&backends.console)
+        .args(["--timeout", "30", "--cmdline", "pvkit.mode=garbage"])
+        .output()
+        .unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The VMM kept running, the abused console reports DEVICE_NEEDS_RESET, blk and net work.
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(&["garbage_needs_reset", "blk_write_read", "blk_get_id", "net_arp"], &log);
+    assert!(log.contains("queue size 3") && log.contains("needs a reset"), "{log}");
+}

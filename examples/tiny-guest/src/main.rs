@@ -34,9 +34,13 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
     if mode == CompletionMode::Interrupt {
         irq::init();
     }
-    let devices = discover::find(cmdline);
+    let mut devices = discover::find(cmdline);
+    let garbage = (abi::param(cmdline, abi::key::MODE) == Some("garbage")).then(|| selftest::garbage(&mut devices));
     println!("tiny-guest: {} virtio device(s) found", devices.len());
-    let (result, drivers) = selftest::run(cmdline, mode, devices);
+    let (mut result, drivers) = selftest::run(cmdline, mode, devices);
+    if let Some(needs_reset) = garbage {
+        result.set_external("garbage_needs_reset", needs_reset);
+    }
     if abi::param(cmdline, abi::key::MODE) == Some("bench") {
         bench::run(drivers, cmdline);
     }

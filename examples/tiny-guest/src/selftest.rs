@@ -39,6 +39,11 @@ impl Checks {
         }
     }
 
+    /// Records a check made outside the device self-tests.
+    pub fn set_external(&mut self, name: &'static str, value: bool) {
+        self.set(name, value);
+    }
+
     fn doorbell(&mut self, device: &'static str, shim: Shim) {
         if self.doorbell_count < self.doorbells.len() {
             self.doorbells[self.doorbell_count] = (device, shim.name());
@@ -394,4 +399,29 @@ fn console(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Foun
     let got = got.strip_suffix(b"\r").unwrap_or(got);
     checks.set("console_read", got == PONG);
     Some(dev)
+}
+
+/// Garbage mode (`pvkit.mode=garbage`): takes the console device and writes nonsense to its
+/// transport registers (a queue size that is not a power of two, rings outside memory, a
+/// notify for a queue that does not exist). Returns whether the device then reports
+/// DEVICE_NEEDS_RESET; the other devices' self-tests run afterwards as usual.
+pub fn garbage(devices: &mut Devices) -> bool {
+    use pvkit_protocol::mmio::Register;
+    let Some(found) = devices.take(DeviceId::Console.raw()) else {
+        println!("tiny-guest: garbage mode needs a console device to abuse");
+        return false;
+    };
+    let AnyTransport::Mmio(mut mmio) = found.transport else { return false };
+    mmio.write_register(Register::Status, 0);
+    mmio.write_register(Register::Status, 3);
+    mmio.write_register(Register::QueueSel, 0);
+    mmio.write_register(Register::QueueNum, 3);
+    mmio.write_register(Register::QueueDescLow, 0xffff_f000);
+    mmio.write_register(Register::QueueDescHigh, 0x7fff);
+    mmio.write_register(Register::QueueReady, 1);
+    mmio.write_register(Register::QueueNotify, 99);
+    let status = mmio.read_register(Register::Status);
+    let needs_reset = status & u32::from(pvkit_protocol::virtio::status::DEVICE_NEEDS_RESET) != 0;
+    println!("tiny-guest: garbage written to the console's transport; status now {status:#x}");
+    needs_reset
 }

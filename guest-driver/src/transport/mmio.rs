@@ -54,6 +54,17 @@ impl MmioTransport {
         self.version
     }
 
+    /// Reads any register as the device presents it (diagnostics, tests of a device's input
+    /// checks); drivers use the [`Transport`] methods.
+    pub fn read_register(&self, reg: Register) -> u32 {
+        self.read(reg)
+    }
+
+    /// Writes any value to any register, sensible or not (tests of a device's input checks).
+    pub fn write_register(&mut self, reg: Register, value: u32) {
+        self.write(reg, value);
+    }
+
     fn reg(&self, reg: Register) -> *mut u32 {
         // Register offsets are below the window size, so the pointer stays inside the window.
         self.base.as_ptr().wrapping_add(reg.offset() as usize).cast::<u32>()

@@ -198,3 +198,42 @@ fn garbage_in_one_transport_breaks_that_device_only() {
     result.assert_passed(&["garbage_needs_reset", "blk_write_read", "blk_get_id", "net_arp"], &log);
     assert!(log.contains("queue size 3") && log.contains("needs a reset"), "{log}");
 }
+
+#[test]
+fn guest_io_succeeds_after_the_block_backend_restarts() {
+    if !facility::require_kvm("vm_kvm_backend_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    let (socket, serial) = (dir.path().join("blk.sock"), dir.path().join("serial.log"));
+    let start = || {
+        let mut cmd = pvkit();
+        cmd.args(["backend", "blk", "--blk-file"]).arg(&disk).arg("--socket-path").arg(&socket);
+        let mut child = ChildGuard::spawn("vhost-user-blk", &mut cmd).unwrap();
+        child.wait_for_socket(&socket, WAIT).unwrap();
+        child
+    };
+    let first = start();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_pvkit"));
+    run.arg("run").arg("--blk").arg(&socket).args(["--timeout", "60", "--reconnect-ms", "100"]);
+    run.arg("--serial").arg(&serial).args(["--cmdline", "pvkit.mode=restart"]);
+    let vm = std::thread::spawn(move || run.output().unwrap());
+    // Kill the backend while the guest idles, then start a new one on the same socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("waiting-for-restart") {
+        assert!(std::time::Instant::now() < deadline, "the guest never reached its idle phase");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(first.stop());
+    std::thread::sleep(Duration::from_millis(300));
+    let _second = start();
+    let out = vm.join().unwrap();
+    let log =
+        format!("{}\n{}", std::fs::read_to_string(&serial).unwrap_or_default(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(&["blk_write_read", "blk_after_restart"], &log);
+    assert!(log.contains("disconnected") && log.contains("rings restored"), "{log}");
+}

@@ -41,6 +41,12 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
     if let Some(needs_reset) = garbage {
         result.set_external("garbage_needs_reset", needs_reset);
     }
+    let mut drivers = drivers;
+    if abi::param(cmdline, abi::key::MODE) == Some("restart")
+        && let Some(blk) = drivers.blk.as_mut()
+    {
+        result.set_external("blk_after_restart", selftest::blk_after_restart(blk));
+    }
     if abi::param(cmdline, abi::key::MODE) == Some("bench") {
         bench::run(drivers, cmdline);
     }

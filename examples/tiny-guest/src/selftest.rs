@@ -425,3 +425,29 @@ pub fn garbage(devices: &mut Devices) -> bool {
     println!("tiny-guest: garbage written to the console's transport; status now {status:#x}");
     needs_reset
 }
+
+/// Restart mode (`pvkit.mode=restart`): after the self-test, waits (up to a minute) for the
+/// host to kill and restart the block backend, which the device shows as DEVICE_NEEDS_RESET
+/// appearing and then clearing once the VMM has restored the rings; then writes, reads back
+/// and compares a block.
+pub fn blk_after_restart(dev: &mut Blk) -> bool {
+    let needs_reset = pvkit_protocol::virtio::status::DEVICE_NEEDS_RESET;
+    println!("PVKIT-PHASE waiting-for-restart");
+    let deadline = Deadline::after_secs(60);
+    let saw_loss = wait(CompletionMode::Poll, 60, || dev.transport().status() & needs_reset != 0);
+    let back = saw_loss && wait(CompletionMode::Poll, 60, || dev.transport().status() & needs_reset == 0);
+    println!("tiny-guest: backend lost: {saw_loss}, back: {back}");
+    if !back || deadline.passed() {
+        return false;
+    }
+    let Some(buffer) = Dma::<GuestHal>::new(2) else { return false };
+    // SAFETY: two DMA pages of this function's own.
+    let (out, back_buf) = unsafe {
+        let base = buffer.vaddr().as_ptr();
+        (core::slice::from_raw_parts_mut(base, 4096), core::slice::from_raw_parts_mut(base.add(4096), 4096))
+    };
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(7).wrapping_add(3);
+    }
+    dev.write_blocks(16, out).is_ok() && dev.read_blocks(16, back_buf).is_ok() && out == back_buf
+}

@@ -237,3 +237,37 @@ fn guest_io_succeeds_after_the_block_backend_restarts() {
     result.assert_passed(&["blk_write_read", "blk_after_restart"], &log);
     assert!(log.contains("disconnected") && log.contains("rings restored"), "{log}");
 }
+
+#[test]
+fn tiny_guest_passes_its_console_checks_on_vhost_device_console() {
+    let test = "vm_kvm_vhost_device_console";
+    if !facility::require_kvm(test) || !facility::require_programs(test, &["vhost-device-console"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vdc.sock");
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let mut cmd = Command::new("vhost-device-console");
+    cmd.arg("--socket-path").arg(&socket).args(["--backend", "network", "--tcp-port", &port.to_string()]);
+    let mut backend = ChildGuard::spawn("vhost-device-console", &mut cmd).unwrap();
+    // It listens on PATH0 for --socket-path PATH.
+    let listening = dir.path().join("vdc.sock0");
+    backend.wait_for_socket(&listening, WAIT).unwrap();
+    let peer = pvkit_test_support::tiny_guest::console_peer_tcp(port, true);
+    let mut out = None;
+    for _ in 0..20 {
+        let attempt = pvkit().arg("run").arg("--console").arg(&listening).args(["--timeout", "30"]).output().unwrap();
+        let refused = String::from_utf8_lossy(&attempt.stderr).contains("refused");
+        out = Some(attempt);
+        if !refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = out.unwrap();
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(peer.join().unwrap_or(false), "the console peer never saw the ping:\n{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(&["console_write", "console_read"], &log);
+}

@@ -382,12 +382,16 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
         if elem.check(SIZE as u16, u32::MAX).is_err() || !self.in_flight[id] {
             return Err(bad);
         }
-        if elem.len > self.writable[id] {
+        let writable = self.writable[id];
+        // A chain with nothing to write: some devices report the bytes they read (against the
+        // specification); harmless, so reported as 0 rather than refused.
+        let len = if writable == 0 { 0 } else { elem.len };
+        if len > writable {
             self.recycle(id as u16);
             return Err(bad);
         }
         self.recycle(id as u16);
-        Ok(Some(Used { token: id as u16, len: elem.len }))
+        Ok(Some(Used { token: id as u16, len }))
     }
 
     /// Returns a chain's descriptors to the free list (walking the driver's own links).

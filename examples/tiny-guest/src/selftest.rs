@@ -397,6 +397,9 @@ fn console(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Foun
     }
     let got = line[..len].split(|b| *b == b'\n').next().unwrap_or(&[]);
     let got = got.strip_suffix(b"\r").unwrap_or(got);
+    if got != PONG {
+        println!("tiny-guest: console: read {:?}", core::str::from_utf8(&line[..len]).unwrap_or("(not UTF-8)"));
+    }
     checks.set("console_read", got == PONG);
     Some(dev)
 }

@@ -209,6 +209,11 @@ fn a_misbehaving_device_yields_errors_not_chaos() {
     let token = add(&mut q, &[buf(&out, true)]).unwrap();
     publish(3, u32::from(token), 16, 4);
     assert_eq!(q.pop_used().unwrap().map(|u| (u.token, u.len)), Some((token, 16)));
+    // A read-only chain reported with the bytes read (as some devices do): accepted, length 0.
+    let input = [0u8; 8];
+    let token = add(&mut q, &[buf(&input, false)]).unwrap();
+    publish(4, u32::from(token), 8, 5);
+    assert_eq!(q.pop_used().unwrap().map(|u| (u.token, u.len)), Some((token, 0)));
     // Bad chains from the driver side are refused too.
     assert_eq!(add(&mut q, &[]), Err(QueueError::BadChain(0)));
     assert_eq!(add(&mut q, &[buf(&out, true), buf(&out, false)]), Err(QueueError::BadOrder));

@@ -6,7 +6,7 @@
 
 use pvkit_test_support::facility;
 use pvkit_test_support::process::ChildGuard;
-use std::io::{Read, Write};
+use pvkit_test_support::tiny_guest::{GuestResult, console_peer_unix};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -27,28 +27,9 @@ struct Run {
 }
 
 impl Run {
-    /// The checks of the PVKIT-RESULT line, as (name, passed).
-    fn checks(&self) -> Vec<(String, bool)> {
-        let line = self.serial.lines().find_map(|l| l.strip_prefix("PVKIT-RESULT ")).unwrap_or_else(|| {
-            panic!("no result line:\n{}", self.serial);
-        });
-        let checks = line.split("\"checks\":{").nth(1).and_then(|r| r.split('}').next()).unwrap_or("");
-        checks
-            .split(',')
-            .filter(|c| !c.is_empty())
-            .map(|c| {
-                let (name, value) = c.split_once(':').expect("name:value");
-                (name.trim_matches('"').to_string(), value == "true")
-            })
-            .collect()
-    }
-
     fn assert_passed(&self, expected: &[&str]) {
-        let checks = self.checks();
-        for name in expected {
-            assert!(checks.iter().any(|(n, ok)| n == name && *ok), "check {name} missing or failed:\n{}", self.serial);
-        }
-        assert!(checks.iter().all(|(_, ok)| *ok), "a check failed:\n{}", self.serial);
+        let result = GuestResult::parse(&self.serial).unwrap_or_else(|| panic!("no result line:\n{}", self.serial));
+        result.assert_passed(expected, &self.serial);
         // QEMU's isa-debug-exit turns the guest's 0 into exit status (0 << 1) | 1.
         assert_eq!(self.status, Some(1), "QEMU's exit status\n{}", self.serial);
     }
@@ -58,32 +39,6 @@ fn guest_elf(dir: &Path) -> PathBuf {
     let path = dir.join("tiny-guest.elf");
     std::fs::write(&path, TINY_GUEST_ELF).unwrap();
     path
-}
-
-/// Answers the guest's console ping through QEMU's chardev socket (QEMU waits for this
-/// connection before it starts the guest).
-fn console_peer(socket: PathBuf) -> std::thread::JoinHandle<bool> {
-    std::thread::spawn(move || {
-        let mut stream = None;
-        for _ in 0..200 {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(&socket) {
-                stream = Some(s);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let Some(mut stream) = stream else { return false };
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        while !String::from_utf8_lossy(&seen).contains("PVKIT-CONSOLE-PING") {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        stream.write_all(b"PVKIT-CONSOLE-PONG\n").is_ok()
-    })
 }
 
 fn run(test: &str, machine: Machine, completion: &str) -> Option<Run> {
@@ -113,7 +68,8 @@ fn run(test: &str, machine: Machine, completion: &str) -> Option<Run> {
     cmd.args(["-device", &format!("virtio-serial-{suffix}{modern}")]);
     cmd.args(["-chardev", &format!("socket,id=c0,path={},server=on,wait=on", console.display())]);
     cmd.args(["-device", "virtconsole,chardev=c0"]);
-    let peer = console_peer(console);
+    // QEMU waits for this connection before it starts the guest.
+    let peer = console_peer_unix(console);
     let out = run_with_timeout(cmd, Duration::from_secs(120));
     let answered = peer.join().unwrap_or(false);
     assert!(answered, "the console peer never saw the guest's ping:\n{}", out.serial);

@@ -49,6 +49,20 @@ fn start_backends(dir: &Path) -> Backends {
     Backends { processes, blk, net, console, console_port }
 }
 
+/// `pvkit run` with one device on `socket`, tried again while the connection is refused: a
+/// backend that is not pvkit's may show its socket a moment before it listens.
+fn run_until_accepted(device: &[&str], socket: &Path) -> Output {
+    let mut attempts = 0;
+    loop {
+        let out = pvkit().arg("run").args(device).arg(socket).args(["--timeout", "30"]).output().unwrap();
+        attempts += 1;
+        if attempts >= 20 || !String::from_utf8_lossy(&out.stderr).contains("refused") {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {
     let peer = console_peer_unix(backends.console_port.clone());
     let out = pvkit()
@@ -155,18 +169,7 @@ fn tiny_guest_passes_its_blk_checks_on_qemu_storage_daemon() {
     std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
     let socket = dir.path().join("qsd.sock");
     let _qsd = QemuStorageDaemon::start(&QsdDisk::File(disk), &socket, 1, true).unwrap();
-    // A backend that is not pvkit's may show its socket a moment before it listens.
-    let mut out = None;
-    for _ in 0..20 {
-        let attempt = pvkit().arg("run").arg("--blk").arg(&socket).args(["--timeout", "30"]).output().unwrap();
-        let refused = String::from_utf8_lossy(&attempt.stderr).contains("refused");
-        out = Some(attempt);
-        if !refused {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = out.unwrap();
+    let out = run_until_accepted(&["--blk"], &socket);
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{log}");
     let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
@@ -254,17 +257,7 @@ fn tiny_guest_passes_its_console_checks_on_vhost_device_console() {
     let listening = dir.path().join("vdc.sock0");
     backend.wait_for_socket(&listening, WAIT).unwrap();
     let peer = pvkit_test_support::tiny_guest::console_peer_tcp(port, true);
-    let mut out = None;
-    for _ in 0..20 {
-        let attempt = pvkit().arg("run").arg("--console").arg(&listening).args(["--timeout", "30"]).output().unwrap();
-        let refused = String::from_utf8_lossy(&attempt.stderr).contains("refused");
-        out = Some(attempt);
-        if !refused {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = out.unwrap();
+    let out = run_until_accepted(&["--console"], &listening);
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(peer.join().unwrap_or(false), "the console peer never saw the ping:\n{log}");
     assert_eq!(out.status.code(), Some(0), "{log}");

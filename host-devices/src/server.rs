@@ -70,6 +70,12 @@ pub fn config_slice(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     out
 }
 
+/// Parses a `--queue-size` value: a power of two up to the virtio maximum.
+pub fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let n: u32 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
+    pvkit_protocol::ring::check_queue_size(n).map_err(|e| e.to_string())
+}
+
 /// Parses a backend's command line (without the program name) as `name`: `Ok(None)` when
 /// help or the version was printed, `Err` with clap's message for bad arguments.
 pub fn parse_args<T: clap::Parser>(name: &str, args: &[String]) -> Result<Option<T>, String> {

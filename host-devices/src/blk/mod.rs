@@ -59,7 +59,7 @@ pub struct BlkArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
     /// Largest queue size accepted.
-    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    #[arg(long, default_value_t = 1024, value_parser = server::parse_queue_size)]
     pub queue_size: u16,
     /// Open the image with O_DIRECT.
     #[arg(long)]
@@ -83,11 +83,6 @@ pub struct BlkArgs {
     /// Print a counter summary every N milliseconds (and at exit); 0 only at exit.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub stats_ms: u64,
-}
-
-fn parse_queue_size(text: &str) -> Result<u16, String> {
-    let n: u32 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
-    pvkit_protocol::ring::check_queue_size(n).map_err(|e| e.to_string())
 }
 
 fn parse_block_size(text: &str) -> Result<u32, String> {

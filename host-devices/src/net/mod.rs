@@ -96,7 +96,7 @@ pub struct NetArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub num_queue_pairs: u16,
     /// Largest queue size accepted.
-    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    #[arg(long, default_value_t = 1024, value_parser = server::parse_queue_size)]
     pub queue_size: u16,
     /// Keep polling a queue pair for up to N microseconds after its last frame before sleeping
     /// on its kicks (0 disables); an idle pair costs no CPU.
@@ -105,11 +105,6 @@ pub struct NetArgs {
     /// Print a counter summary every N milliseconds (and at exit); 0 only at exit.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub stats_ms: u64,
-}
-
-fn parse_queue_size(text: &str) -> Result<u16, String> {
-    let n: u32 = text.parse().map_err(|_| format!("'{text}' is not a number"))?;
-    pvkit_protocol::ring::check_queue_size(n).map_err(|e| e.to_string())
 }
 
 /// The capabilities JSON (QEMU's docs/interop/vhost-user.json shape).

@@ -20,7 +20,7 @@ fn step(n: usize, what: &str) {
 }
 
 /// Backend processes, stopped (SIGTERM) when dropped.
-struct Backends {
+pub(crate) struct Backends {
     children: Vec<(BackendKind, Child)>,
 }
 
@@ -55,7 +55,7 @@ fn wait_for(path: &Path, child: &mut Child, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn start_backends(dir: &Path) -> Result<(Backends, [PathBuf; 3], PathBuf), String> {
+pub(crate) fn start_backends(dir: &Path, verbose: bool) -> Result<(Backends, [PathBuf; 3], PathBuf), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find pvkit's own binary: {e}"))?;
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
@@ -84,19 +84,20 @@ fn start_backends(dir: &Path) -> Result<(Backends, [PathBuf; 3], PathBuf), Strin
         let started = wait_for(socket, &mut child, kind.program_name());
         backends.children.push((kind, child));
         started?;
-        eprintln!(
-            "      {} running (pid {})",
-            kind.program_name(),
-            backends.children.last().map_or(0, |(_, c)| c.id())
-        );
+        if verbose {
+            let pid = backends.children.last().map_or(0, |(_, c)| c.id());
+            eprintln!("      {} running (pid {pid})", kind.program_name());
+        }
     }
     Ok((backends, sockets, port))
 }
 
 /// COM1 output, kept for parsing and echoed (check lines) as progress.
 #[derive(Clone, Default)]
-struct Capture {
-    bytes: Arc<Mutex<Vec<u8>>>,
+pub(crate) struct Capture {
+    pub(crate) bytes: Arc<Mutex<Vec<u8>>>,
+    /// Echo check lines to standard error as progress.
+    pub(crate) echo: bool,
 }
 
 impl Write for Capture {
@@ -108,7 +109,7 @@ impl Write for Capture {
         let text = String::from_utf8_lossy(&bytes[line_start..]).into_owned();
         for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
             let line = line.trim_end();
-            if line.contains("check ") || line.starts_with("PVKIT-BENCH-BEGIN") {
+            if self.echo && (line.contains("check ") || line.starts_with("PVKIT-BENCH-BEGIN")) {
                 eprintln!("      guest: {}", line.trim_start_matches("tiny-guest: "));
             }
         }
@@ -121,7 +122,7 @@ impl Write for Capture {
 }
 
 /// Answers the guest's console ping, then counts what the guest writes.
-fn console_host(port: PathBuf, received: Arc<AtomicU64>) {
+pub(crate) fn console_host(port: PathBuf, received: Arc<AtomicU64>) {
     std::thread::spawn(move || {
         let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&port) else { return };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(40)));
@@ -243,7 +244,7 @@ pub fn demo() -> ExitCode {
 
 fn run_demo(dir: &Path) -> Result<bool, String> {
     step(1, "starting vhost-user-blk, vhost-user-net --loopback and vhost-user-console as separate processes");
-    let (backends, sockets, port) = start_backends(dir)?;
+    let (backends, sockets, port) = start_backends(dir, true)?;
     let received = Arc::new(AtomicU64::new(0));
     console_host(port, received.clone());
     if !pvkit_vmm_glue::kvm_usable() || std::env::var_os("PVKIT_DEMO_SOFTWARE_GUEST").is_some() {
@@ -256,7 +257,7 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
         return crate::software::demo(&sockets, &received).map_err(|e| e.to_string());
     }
     step(2, "booting the tiny guest on KVM (self-test, then 1 s of I/O per device)");
-    let capture = Capture::default();
+    let capture = Capture { echo: true, ..Capture::default() };
     let config = VmConfig {
         kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
         cmdline: "pvkit.mode=bench pvkit.bench_ms=1000".into(),

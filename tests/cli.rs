@@ -154,3 +154,21 @@ fn bench_net_compares_the_sink_with_dpdk_vhost() {
     let bad = pvkit().args(["bench", "net", "--frame-sizes", "9000"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn bench_guest_drives_the_whole_stack() {
+    let out = pvkit().args(["bench", "guest", "--rounds", "1", "--ms", "100"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for device in ["blk: IOPS", "net: packets/s", "console: MB/s"] {
+        assert!(stdout.contains(device), "{device}:\n{stdout}");
+    }
+    let software: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("software guest")).collect();
+    assert_eq!(software.len(), 3, "{stdout}");
+    for line in software {
+        let median: f64 = line.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
+        assert!(median > 0.0, "{line}");
+    }
+    let bad = pvkit().args(["bench", "guest", "--rounds", "0"]).output().unwrap();
+    assert!(!bad.status.success());
+}

@@ -247,9 +247,23 @@ fn tiny_guest_passes_its_console_checks_on_vhost_device_console() {
     if !facility::require_kvm(test) || !facility::require_programs(test, &["vhost-device-console"]) {
         return;
     }
+    // vhost-device-console 0.1.0 sometimes never completes the multiport handshake (seen once
+    // in a CI run: the guest's DEVICE_READY got no PORT_ADD); a fresh backend gets two more
+    // tries. Every attempt's log is shown if all fail.
+    let mut logs = Vec::new();
+    for attempt in 0..3 {
+        match vhost_device_console_attempt(attempt) {
+            Ok(()) => return,
+            Err(log) => logs.push(log),
+        }
+    }
+    panic!("the console checks failed against vhost-device-console three times:\n{}", logs.join("\n----\n"));
+}
+
+fn vhost_device_console_attempt(attempt: u16) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vdc.sock");
-    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let port = 20_000 + (std::process::id() % 20_000) as u16 + attempt;
     let mut cmd = Command::new("vhost-device-console");
     cmd.arg("--socket-path").arg(&socket).args(["--backend", "network", "--tcp-port", &port.to_string()]);
     let mut backend = ChildGuard::spawn("vhost-device-console", &mut cmd).unwrap();
@@ -259,8 +273,9 @@ fn tiny_guest_passes_its_console_checks_on_vhost_device_console() {
     let peer = pvkit_test_support::tiny_guest::console_peer_tcp(port, true);
     let out = run_until_accepted(&["--console"], &listening);
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(peer.join().unwrap_or(false), "the console peer never saw the ping:\n{log}");
-    assert_eq!(out.status.code(), Some(0), "{log}");
-    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
-    result.assert_passed(&["console_write", "console_read"], &log);
+    let answered = peer.join().unwrap_or(false);
+    let passed = GuestResult::parse(&log).is_some_and(|r| {
+        r.check("console_write") == Some(true) && r.check("console_read") == Some(true) && r.all_passed()
+    });
+    if answered && passed && out.status.code() == Some(0) { Ok(()) } else { Err(log) }
 }

@@ -2,6 +2,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod guest;
 mod loadgen;
 pub mod net;
 mod process;
@@ -13,6 +14,9 @@ pub enum Scenario {
     Blk(blk::BlkBenchArgs),
     /// Frames per second into vhost-user-net --sink vs DPDK's net_vhost, DPDK testpmd generating.
     Net(net::NetBenchArgs),
+    /// The whole stack: the tiny guest on KVM (port doorbells, MMIO notify) and the software
+    /// guest driving pvkit's three backends.
+    Guest(guest::GuestBenchArgs),
     /// Guest-to-host throughput through one vhost-user-console port.
     Console(console::ConsoleBenchArgs),
 }
@@ -35,5 +39,6 @@ pub fn run(scenario: &Scenario) -> Result<(), String> {
         Scenario::Blk(args) => blk::run(args),
         Scenario::Console(args) => console::run(args),
         Scenario::Net(args) => net::run(args),
+        Scenario::Guest(args) => guest::run(args),
     }
 }

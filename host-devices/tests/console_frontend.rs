@@ -331,3 +331,35 @@ fn a_port_client_that_connects_before_the_frontend_is_served() {
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"early bird\n");
 }
+
+#[test]
+fn event_idx_frontends_keep_getting_served() {
+    // A frontend that kicks only when the backend asked (RING_EVENT_IDX's avail_event), as a
+    // specification-following driver does: a backend that forgets to re-arm, or stops
+    // re-checking after a few rounds, leaves one of these writes waiting for good.
+    let dir = tempfile::tempdir().unwrap();
+    let port = dir.path().join("drain.sock");
+    let (_backend, socket) = start(dir.path(), &[format!("unix:{}", port.display())]);
+    let mut client = std::os::unix::net::UnixStream::connect(&port).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let wanted = Features(features(false)).with(vf::RING_EVENT_IDX).0;
+    let mut fe = TestFrontend::connect(&socket, 1 << 20, 2, 64, wanted).unwrap();
+    assert!(Features(fe.features).has(vf::RING_EVENT_IDX));
+    let reader = std::thread::spawn(move || {
+        let mut total = Vec::new();
+        let mut buf = [0u8; 4096];
+        while total.len() < 300 * 8 {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total.extend_from_slice(&buf[..n]),
+            }
+        }
+        total
+    });
+    for i in 0..300u32 {
+        send(&mut fe, 1, format!("{i:07}\n").as_bytes());
+    }
+    let got = reader.join().unwrap();
+    let expected: Vec<u8> = (0..300u32).flat_map(|i| format!("{i:07}\n").into_bytes()).collect();
+    assert_eq!(got, expected);
+}

@@ -73,6 +73,8 @@ pub struct HostFrontend {
 }
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VIRTIO_F_RING_EVENT_IDX.
+const RING_EVENT_IDX: u32 = 29;
 
 impl HostFrontend {
     /// Connects to `socket`, negotiates `wanted` features (intersected with the backend's),
@@ -217,7 +219,20 @@ impl HostFrontend {
             .write_obj(queue.next_avail, GuestAddress(queue.layout.avail + 2))
             .map_err(|e| FrontendError::Setup(e.to_string()))?;
         fence(Ordering::SeqCst);
-        queue.kick.write(1).map_err(|e| FrontendError::Setup(e.to_string()))?;
+        // With RING_EVENT_IDX, kick only when the backend asked for this entry (its
+        // `avail_event`), as a driver following the specification does: a backend that
+        // forgets to re-arm is then noticed as a request that never completes.
+        let kick = if self.features & (1 << RING_EVENT_IDX) != 0 {
+            let at = queue.layout.used + ring::avail_event_offset(size);
+            let avail_event: u16 =
+                self.mem.read_obj(GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+            ring::need_event(avail_event, queue.next_avail, queue.next_avail.wrapping_sub(1))
+        } else {
+            true
+        };
+        if kick {
+            queue.kick.write(1).map_err(|e| FrontendError::Setup(e.to_string()))?;
+        }
         Ok(ids[0])
     }
 
@@ -239,6 +254,13 @@ impl HostFrontend {
                 self.mem.read_slice(&mut raw, GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
                 let elem = ring::UsedElemRepr::parse(&raw).map_err(|e| FrontendError::Setup(e.to_string()))?;
                 queue.last_used = queue.last_used.wrapping_add(1);
+                if self.features & (1 << RING_EVENT_IDX) != 0 {
+                    // Ask for a call at the next completion.
+                    let at = queue.layout.avail + ring::used_event_offset(size);
+                    self.mem
+                        .write_obj(queue.last_used, GuestAddress(at))
+                        .map_err(|e| FrontendError::Setup(e.to_string()))?;
+                }
                 let head =
                     u16::try_from(elem.id).map_err(|_| FrontendError::Queue(q, format!("used id {}", elem.id)))?;
                 // Walk the chain to free its descriptors.

@@ -87,3 +87,30 @@ fn test_frontend_drives_the_block_backend() {
     assert!(requests.iter().all(|r| status(&fe, r) == Status::Ok as u8));
     backend.check_running().unwrap();
 }
+
+#[test]
+fn event_idx_frontends_keep_getting_served() {
+    // The frontend kicks only when the backend asked (RING_EVENT_IDX's avail_event): a backend
+    // that failed to re-arm notifications would leave a request here waiting for good.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let (_backend, socket) = common::start_blk(dir.path(), &image, &["--poll-us", "0"]);
+    let wanted = Features::from_bits(&[vf::VERSION_1, vf::RING_EVENT_IDX]).0;
+    let mut fe = TestFrontend::connect(&socket, 16 << 20, 1, 64, wanted).unwrap();
+    assert!(Features(fe.features).has(vf::RING_EVENT_IDX));
+    let r = request(&mut fe);
+    for i in 0..200u64 {
+        let pattern = vec![i as u8; 4096];
+        fe.mem().write_slice(&pattern, GuestAddress(r.data)).unwrap();
+        post(&mut fe, 0, &r, RequestType::Out, i * 8);
+        fe.wait_used(0, WAIT).unwrap();
+        assert_eq!(status(&fe, &r), Status::Ok as u8);
+        fe.mem().write_slice(&[0u8; 4096], GuestAddress(r.data)).unwrap();
+        post(&mut fe, 0, &r, RequestType::In, i * 8);
+        fe.wait_used(0, WAIT).unwrap();
+        let mut back = vec![0u8; 4096];
+        fe.mem().read_slice(&mut back, GuestAddress(r.data)).unwrap();
+        assert_eq!(back, pattern, "block {i}");
+    }
+}

@@ -258,3 +258,20 @@ fn each_queue_pair_loops_back_on_itself() {
     let log = backend.terminate(WAIT);
     assert!(log.contains("tx 2 packets") && log.contains("rx 2 packets"), "{log}");
 }
+
+#[test]
+fn event_idx_frontends_keep_getting_served() {
+    // The frontend kicks only when the backend asked (RING_EVENT_IDX's avail_event).
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, sockets) = start(dir.path(), &["--loopback"], 1);
+    let mut fe = connect(&sockets[0], &[vf::RING_EVENT_IDX]);
+    assert!(Features(fe.features).has(vf::RING_EVENT_IDX));
+    for i in 0..200u32 {
+        let posted = post_rx(&mut fe, 1, 2048);
+        let frame = ethernet(B, A, 60 + (i as usize % 100), i as u8);
+        send(&mut fe, NetHeaderRepr::default(), &frame);
+        assert_eq!(receive(&mut fe, &posted).1, frame, "frame {i}");
+    }
+    let log = backend.terminate(WAIT);
+    assert!(log.contains("tx 200 packets") && log.contains("rx 200 packets"), "{log}");
+}

@@ -172,3 +172,19 @@ fn bench_guest_drives_the_whole_stack() {
     let bad = pvkit().args(["bench", "guest", "--rounds", "0"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn bench_doorbell_measures_each_mechanism() {
+    if !pvkit_test_support::facility::require_kvm("bench_doorbell") {
+        return;
+    }
+    let out = pvkit().args(["bench", "doorbell", "--rounds", "1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["kick-mmio-notify", "kick-port-doorbell", "request-mmio-notify", "request-port-doorbell"] {
+        let line =
+            stdout.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("{name}:\n{stdout}"));
+        let micros: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(micros > 0.0, "{line}");
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod doorbell;
 pub mod guest;
 mod loadgen;
 pub mod net;
@@ -17,6 +18,9 @@ pub enum Scenario {
     /// The whole stack: the tiny guest on KVM (port doorbells, MMIO notify) and the software
     /// guest driving pvkit's three backends.
     Guest(guest::GuestBenchArgs),
+    /// Inside the tiny guest on KVM: the cost of a kick per doorbell mechanism and of a
+    /// request round trip.
+    Doorbell(doorbell::DoorbellBenchArgs),
     /// Guest-to-host throughput through one vhost-user-console port.
     Console(console::ConsoleBenchArgs),
 }
@@ -40,5 +44,6 @@ pub fn run(scenario: &Scenario) -> Result<(), String> {
         Scenario::Console(args) => console::run(args),
         Scenario::Net(args) => net::run(args),
         Scenario::Guest(args) => guest::run(args),
+        Scenario::Doorbell(args) => doorbell::run(args),
     }
 }

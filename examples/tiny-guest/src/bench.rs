@@ -157,3 +157,49 @@ fn console(mut dev: Console, budget: Budget) {
     let kicks = dev.queues().1.stats().kicks - start_kicks;
     report("console", writes, writes * chunk.len() as u64, kicks, started);
 }
+
+/// Doorbell mode (`pvkit.mode=doorbell`): the cost of one kick for each mechanism, and of a
+/// whole request round trip, on the block device. Prints `PVKIT-DOORBELL name ticks=.. n=..`
+/// lines (divide by `pvkit.tsc_khz` for time). The kicks are spurious for the backend: it
+/// wakes, finds nothing new and sleeps again, which is part of what a kick costs.
+pub fn doorbells(dev: &mut Blk, cmdline: &str) {
+    use pvkit_guest_driver::hypercall::{Doorbell, Shim};
+    use pvkit_guest_driver::transport::{AnyTransport, NotifyTarget, Transport};
+    const KICKS: u64 = 2_000;
+    const REQUESTS: u64 = 500;
+    let Ok(target) = dev.transport().notify_target(0) else { return };
+    let mut mechanisms = [None, None];
+    mechanisms[0] = Some(("mmio-notify", Shim::Transport(target)));
+    if let (AnyTransport::Mmio(_), NotifyTarget::Mmio32(reg)) = (dev.transport(), target) {
+        let base = reg.as_ptr() as u64 - pvkit_protocol::mmio::Register::QueueNotify.offset();
+        let slot = abi::slot_of(base).map(|(slot, _)| slot);
+        if let Shim::Port(port) = Shim::choose(cmdline, slot, 0, target) {
+            mechanisms[1] = Some(("port-doorbell", Shim::Port(port)));
+        }
+    }
+    for (name, shim) in mechanisms.into_iter().flatten() {
+        let started = rdtsc();
+        for _ in 0..KICKS {
+            shim.ring(0);
+        }
+        println!("PVKIT-DOORBELL kick-{name} ticks={} n={KICKS}", rdtsc() - started);
+    }
+    let Some(buffer) = Dma::<GuestHal>::new(1) else { return };
+    // SAFETY: one DMA page of this function's own, used by one request at a time.
+    let buf = unsafe { core::slice::from_raw_parts_mut(buffer.vaddr().as_ptr(), PAGE_SIZE) };
+    let start_kicks = dev.queue().stats().kicks;
+    let started = rdtsc();
+    let mut done = 0;
+    for i in 0..REQUESTS {
+        if dev.read_blocks(i % 64 * 8, buf).is_err() {
+            break;
+        }
+        done += 1;
+    }
+    let kicks = dev.queue().stats().kicks - start_kicks;
+    println!(
+        "PVKIT-DOORBELL request-{} ticks={} n={done} kicks={kicks}",
+        dev.queue().doorbell().name(),
+        rdtsc() - started
+    );
+}

@@ -163,11 +163,7 @@ fn feature_list(device: &str, features: u64) -> String {
 
 /// Prints the summary; true when every check passed.
 pub fn summary(report: &RunReport, serial: &str, console_bytes: u64, guest: &str) -> bool {
-    let tsc_khz: u64 = report
-        .cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(vm::TSC_KHZ_KEY)?.strip_prefix('=')?.parse().ok())
-        .unwrap_or(0);
+    let tsc_khz = report.tsc_khz;
     println!("pvkit demo: {guest} with three out-of-process vhost-user backends");
     if guest.contains("KVM") && pvkit_vmm_glue::kvm_is_pvm() {
         println!("  (this KVM is PVM-based: the guest polls, and its instructions are emulated, so rates are low)");

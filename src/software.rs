@@ -15,9 +15,10 @@ pub fn demo(sockets: &[PathBuf; 3], console_bytes: &std::sync::atomic::AtomicU64
     let passed = pvkit_vmm_glue::guest_report::GuestResult::parse(&report.log).is_some_and(|r| r.all_passed());
     let run_report = RunReport {
         outcome: Outcome::Exited(if passed { 0 } else { 1 }),
-        cmdline: format!("{}={}", pvkit_vmm_glue::vm::TSC_KHZ_KEY, software_guest::SOFTWARE_TICK_KHZ),
+        cmdline: String::new(),
         devices: report.devices.iter().map(|(name, features)| (name.clone(), *features, 0)).collect(),
         elapsed: started.elapsed(),
+        tsc_khz: software_guest::SOFTWARE_TICK_KHZ,
     };
     std::thread::sleep(std::time::Duration::from_millis(100));
     let received = console_bytes.load(std::sync::atomic::Ordering::Relaxed);

@@ -25,6 +25,16 @@ struct Backends {
     console_port: PathBuf,
 }
 
+impl Backends {
+    /// `pvkit run` with the three devices attached, then `args`.
+    fn run_command(&self, args: &[&str]) -> Command {
+        let mut cmd = pvkit();
+        cmd.arg("run").args(args);
+        cmd.arg("--blk").arg(&self.blk).arg("--net").arg(&self.net).arg("--console").arg(&self.console);
+        cmd
+    }
+}
+
 fn start_backends(dir: &Path) -> Backends {
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
@@ -65,18 +75,7 @@ fn run_until_accepted(device: &[&str], socket: &Path) -> Output {
 
 fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {
     let peer = console_peer_unix(backends.console_port.clone());
-    let out = pvkit()
-        .arg("run")
-        .arg("--blk")
-        .arg(&backends.blk)
-        .arg("--net")
-        .arg(&backends.net)
-        .arg("--console")
-        .arg(&backends.console)
-        .args(["--timeout", "30"])
-        .args(extra)
-        .output()
-        .unwrap();
+    let out = backends.run_command(&["--timeout", "30"]).args(extra).output().unwrap();
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !peer.join().unwrap_or(false) {
         let backends_log: String = backends.processes.drain(..).map(|p| p.terminate(WAIT)).collect();
@@ -137,13 +136,8 @@ fn software_guest_passes_the_same_self_test_without_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = start_backends(dir.path());
     let peer = console_peer_unix(backends.console_port.clone());
-    let out = pvkit()
-        .args(["run", "--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200", "--blk"])
-        .arg(&backends.blk)
-        .arg("--net")
-        .arg(&backends.net)
-        .arg("--console")
-        .arg(&backends.console)
+    let out = backends
+        .run_command(&["--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200"])
         .output()
         .unwrap();
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -183,17 +177,7 @@ fn garbage_in_one_transport_breaks_that_device_only() {
     }
     let dir = tempfile::tempdir().unwrap();
     let backends = start_backends(dir.path());
-    let out = pvkit()
-        .arg("run")
-        .arg("--blk")
-        .arg(&backends.blk)
-        .arg("--net")
-        .arg(&backends.net)
-        .arg("--console")
-        .arg(&backends.console)
-        .args(["--timeout", "30", "--cmdline", "pvkit.mode=garbage"])
-        .output()
-        .unwrap();
+    let out = backends.run_command(&["--timeout", "30", "--cmdline", "pvkit.mode=garbage"]).output().unwrap();
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // The VMM kept running, the abused console reports DEVICE_NEEDS_RESET, blk and net work.
     assert_eq!(out.status.code(), Some(0), "{log}");

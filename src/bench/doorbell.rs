@@ -39,11 +39,10 @@ fn one_run(doorbells: bool) -> Result<Vec<(String, f64, f64)>, String> {
         };
         let report = vm::run(config).map_err(|e| e.to_string())?;
         drop(backends);
-        let khz: f64 = report
-            .cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(vm::TSC_KHZ_KEY)?.strip_prefix('=')?.parse().ok())
-            .ok_or("the VMM did not announce the TSC rate")?;
+        if report.tsc_khz == 0 {
+            return Err("KVM did not report the TSC rate".into());
+        }
+        let khz = report.tsc_khz as f64;
         let log = String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
         let mut lines = Vec::new();
         for line in log.lines().filter_map(|l| l.trim_end().strip_prefix("PVKIT-DOORBELL ")) {

@@ -83,11 +83,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64), String> {
                 let report = vm::run(config).map_err(|e| e.to_string())?;
                 let log =
                     String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-                let khz = report
-                    .cmdline
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(vm::TSC_KHZ_KEY)?.strip_prefix('=')?.parse().ok())
-                    .unwrap_or(0);
+                let khz = report.tsc_khz;
                 (log, khz)
             }
         };

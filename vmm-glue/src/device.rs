@@ -56,7 +56,9 @@ impl VirtioDevice {
         let default_queues = default_queue_count(virtio_id);
         let link = BackendLink::connect(&socket, ram, default_queues)?;
         let queues = link.num_queues();
-        let new_eventfd = || EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let new_eventfds = || -> Result<Vec<EventFd>, FrontendError> {
+            (0..queues).map(|_| EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Eventfd)).collect()
+        };
         let state =
             MmioTransportState::new(virtio_id, link.guest_features(), &vec![MAX_QUEUE_SIZE; queues], ram.size());
         Ok(VirtioDevice {
@@ -65,8 +67,8 @@ impl VirtioDevice {
             socket,
             state,
             link: Some(link),
-            kicks: (0..queues).map(|_| new_eventfd()).collect(),
-            calls: (0..queues).map(|_| new_eventfd()).collect(),
+            kicks: new_eventfds()?,
+            calls: new_eventfds()?,
             default_queues,
             violations: 0,
         })

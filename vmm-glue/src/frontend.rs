@@ -15,6 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 /// Errors from the frontend.
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
+    /// An eventfd for a queue's kicks or calls could not be made.
+    #[error("cannot create an eventfd for a queue: {0}")]
+    Eventfd(std::io::Error),
     /// A vhost-user request failed.
     #[error("vhost-user {request} to {socket}: {source}")]
     Request {

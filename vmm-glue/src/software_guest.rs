@@ -274,7 +274,13 @@ fn run_with(
             VirtioDevice::connect(spec.virtio_id, index as u32, spec.socket.clone(), ram).map_err(|source| {
                 SoftwareGuestError::Device { index, socket: spec.socket.display().to_string(), source }
             })?;
-        let kicks = device.kicks.iter().map(|k| k.try_clone().expect("eventfd clone")).collect();
+        let kicks = device.kicks.iter().map(|k| k.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| {
+            SoftwareGuestError::Device {
+                index,
+                socket: spec.socket.display().to_string(),
+                source: crate::frontend::FrontendError::Eventfd(e),
+            }
+        })?;
         let device = Arc::new(Mutex::new(device));
         devices.push(device.clone());
         let transport = SoftTransport {

@@ -99,6 +99,8 @@ pub struct RunReport {
     pub devices: Vec<(String, u64, u64)>,
     /// Wall time.
     pub elapsed: Duration,
+    /// The TSC rate announced to the guest (kHz; 0 when KVM could not say).
+    pub tsc_khz: u64,
 }
 
 /// The command-line key that tells the guest its TSC rate in kHz.
@@ -275,8 +277,9 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         vcpu_fds.push(vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
     }
     // The guest has no other clock it can trust: tell it the TSC's rate.
-    if let Some(khz) = vcpu_fds.first().and_then(|v| v.get_tsc_khz().ok()) {
-        cmdline.push_str(&format!(" {TSC_KHZ_KEY}={khz}"));
+    let tsc_khz = vcpu_fds.first().and_then(|v| v.get_tsc_khz().ok()).map_or(0, u64::from);
+    if tsc_khz > 0 {
+        cmdline.push_str(&format!(" {TSC_KHZ_KEY}={tsc_khz}"));
     }
     let loaded = loader::load(&ram, &config.kernel, &cmdline)?;
 
@@ -369,5 +372,5 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
             (d.name.clone(), d.state.negotiated_features(), d.violations)
         })
         .collect();
-    Ok(RunReport { outcome, cmdline, devices, elapsed: started.elapsed() })
+    Ok(RunReport { outcome, cmdline, devices, elapsed: started.elapsed(), tsc_khz })
 }

@@ -113,18 +113,9 @@ pvh_start32:
 
     .code64
 long_mode_from_pvh:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
     mov rsp, offset BOOT_STACK + 131072
     mov edi, esi
-    call tiny_main
-3:
-    hlt
-    jmp 3b
+    jmp enter_main
 
     .global _start64
 _start64:
@@ -135,10 +126,12 @@ _start64:
     pop rdi
     lgdt [boot_gdt_ptr]
     push 0x08
-    lea rax, [rip + 4f]
+    lea rax, [rip + enter_main]
     push rax
     retfq
-4:
+
+    /* Both entries: 64-bit code segment loaded, stack set, start info in rdi. */
+enter_main:
     mov ax, 0x10
     mov ds, ax
     mov es, ax

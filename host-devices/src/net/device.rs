@@ -13,7 +13,7 @@ use pvkit_protocol::virtio::{Features, feature as vf};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -67,7 +67,6 @@ struct Shared {
     inboxes: Arc<Vec<Inbox>>,
     pairs: Vec<Mutex<PairState>>,
     stopped: AtomicBool,
-    handlers: Mutex<Vec<Weak<VringEpollHandler<NetDevice>>>>,
 }
 
 /// The net device of one frontend connection; cheap to clone (all state is shared).
@@ -114,7 +113,6 @@ impl NetDevice {
             inboxes,
             pairs: pair_states,
             stopped: AtomicBool::new(false),
-            handlers: Mutex::new(Vec::new()),
         };
         Ok(NetDevice { shared: Arc::new(shared) })
     }
@@ -570,7 +568,6 @@ impl crate::server::ServedDevice for NetDevice {
                 handler.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, self.tap_event())?;
             }
         }
-        *self.shared.handlers.lock().unwrap_or_else(|p| p.into_inner()) = handlers.iter().map(Arc::downgrade).collect();
         Ok(())
     }
 }

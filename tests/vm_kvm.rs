@@ -263,3 +263,75 @@ fn vhost_device_console_attempt(attempt: u16) -> Result<(), String> {
     });
     if answered && passed && out.status.code() == Some(0) { Ok(()) } else { Err(log) }
 }
+
+/// Opens a pty's terminal side in raw mode (no echo, no line editing) at `rows` x `cols`.
+fn open_terminal(path: &Path, rows: u16, cols: u16) -> std::fs::File {
+    use std::os::unix::io::AsRawFd;
+    let terminal = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    set_terminal_size(&terminal, rows, cols);
+    // SAFETY: termios calls on our own open descriptor.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(terminal.as_raw_fd(), &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(terminal.as_raw_fd(), libc::TCSANOW, &t);
+    }
+    terminal
+}
+
+fn set_terminal_size(terminal: &std::fs::File, rows: u16, cols: u16) {
+    use std::os::unix::io::AsRawFd;
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
+    assert_eq!(unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+}
+
+/// The console backend sends a configuration-change message when its terminal is resized; the
+/// VMM raises CONFIG in the device's interrupt status and starts a new configuration
+/// generation, and the guest reads the new size.
+#[test]
+fn a_resized_console_raises_a_configuration_interrupt_in_the_guest() {
+    if !facility::require_kvm("vm_kvm_console_resize") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, serial) = (dir.path().join("console.sock"), dir.path().join("serial.log"));
+    let mut cmd = pvkit();
+    cmd.args(["backend", "console", "--port", "pty", "--socket-path"]).arg(&socket);
+    let mut backend = ChildGuard::spawn("vhost-user-console", &mut cmd).unwrap();
+    let line = backend.stderr_line_with(" is pty ").unwrap();
+    let pty = PathBuf::from(line.trim().rsplit(" is pty ").next().unwrap());
+    let terminal = open_terminal(&pty, 25, 80);
+    backend.wait_for_socket(&socket, WAIT).unwrap();
+    let peer = {
+        let terminal = terminal.try_clone().unwrap();
+        std::thread::spawn(move || pvkit_test_support::tiny_guest::answer_console_ping(terminal))
+    };
+    let mut run = pvkit();
+    run.arg("run").arg("--console").arg(&socket).args(["--timeout", "60"]);
+    run.arg("--serial").arg(&serial).args(["--cmdline", "pvkit.mode=resize"]);
+    let vm = std::thread::spawn(move || run.output().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("waiting-for-resize") {
+        assert!(std::time::Instant::now() < deadline, "the guest never reached its resize phase");
+        assert!(!vm.is_finished(), "the VM ended before the resize phase");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    set_terminal_size(&terminal, 40, 132);
+    let out = vm.join().unwrap();
+    let log = format!(
+        "{}\n{}\nbackend:\n{}",
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr),
+        backend.stop()
+    );
+    assert!(peer.join().unwrap_or(false), "the guest's console ping never reached the terminal:\n{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line:\n{log}"));
+    result.assert_passed(
+        &["console_read", "console_config_interrupt", "console_config_generation", "console_size_changed"],
+        &log,
+    );
+    assert!(log.contains("waiting-for-resize cols=80 rows=25 generation=0"), "{log}");
+    assert!(log.contains("PVKIT-RESIZE cols=132 rows=40 generation=1"), "{log}");
+}

@@ -8,6 +8,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod backend_channel;
 pub mod blk;
 pub mod console;
 pub mod net;

@@ -8,7 +8,12 @@
 //! the frontend itself when it wants a reply, and replays the states to the handler right after
 //! SET_FEATURES, when they are valid. Only the control channel goes through the relay; the
 //! rings, kicks and calls never do.
+//!
+//! It also keeps a duplicate of the backend request channel handed over with
+//! SET_BACKEND_REQ_FD, for devices that send requests the library cannot
+//! ([`crate::backend_channel`]).
 
+use crate::backend_channel::BackendChannel;
 use log::{debug, warn};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -31,8 +36,14 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 /// Starts relaying between `frontend` and `handler` in two threads; they end when either side
-/// closes, closing the other.
-pub fn start(name: &str, frontend: UnixStream, handler: UnixStream) -> io::Result<()> {
+/// closes, closing the other. A backend request channel the frontend hands over goes to
+/// `channel` too, when given.
+pub fn start(
+    name: &str,
+    frontend: UnixStream,
+    handler: UnixStream,
+    channel: Option<Arc<BackendChannel>>,
+) -> io::Result<()> {
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let handler_reader = handler.try_clone()?;
     let frontend_for_replies = frontend_writer.clone();
@@ -40,7 +51,7 @@ pub fn start(name: &str, frontend: UnixStream, handler: UnixStream) -> io::Resul
     let handler_closer = handler.try_clone()?;
     let label = name.to_string();
     std::thread::Builder::new().name("relay-requests".into()).spawn(move || {
-        if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies) {
+        if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies, channel.as_deref()) {
             debug!("{label}: relay from the frontend ended: {e}");
         }
         let _ = handler_closer.shutdown(std::net::Shutdown::Both);
@@ -104,8 +115,14 @@ fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Frontend to handler: messages one by one, holding back early SET_VRING_ENABLE.
-fn requests(frontend: &UnixStream, handler: &UnixStream, frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
+fn requests(
+    frontend: &UnixStream,
+    handler: &UnixStream,
+    frontend_writer: &Mutex<UnixStream>,
+    channel: Option<&BackendChannel>,
+) -> io::Result<()> {
     let set_vring_enable = FrontendReq::SET_VRING_ENABLE as u32;
+    let set_backend_req_fd = FrontendReq::SET_BACKEND_REQ_FD as u32;
     let set_features = FrontendReq::SET_FEATURES as u32;
     let mut protocol_features_acked = false;
     let mut held: BTreeMap<u32, u32> = BTreeMap::new();
@@ -132,6 +149,14 @@ fn requests(frontend: &UnixStream, handler: &UnixStream, frontend_writer: &Mutex
                 send_message(&writer, &reply, &[])?;
             }
             continue;
+        }
+        if request == set_backend_req_fd
+            && let (Some(channel), [fd]) = (channel, fds.as_slice())
+        {
+            match fd.try_clone() {
+                Ok(copy) => channel.connect(UnixStream::from(copy)),
+                Err(e) => warn!("cannot keep the backend request channel: {e}"),
+            }
         }
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&payload);

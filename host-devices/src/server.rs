@@ -163,6 +163,12 @@ pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clo
     /// Ends this connection's worker threads.
     fn stop_workers(&self);
 
+    /// Where this connection's backend request channel goes, for a device that sends requests
+    /// of its own (the control channel then goes through [`crate::relay`], which keeps it).
+    fn backend_channel(&self) -> Option<std::sync::Arc<crate::backend_channel::BackendChannel>> {
+        None
+    }
+
     /// Called once the daemon exists, before the frontend is accepted, with the worker
     /// threads' epoll handlers, so the device can watch descriptors of its own.
     fn attach(
@@ -275,7 +281,12 @@ where
 
 /// Accepts the next frontend on `listener` and relays it (see [`crate::relay`]) to a private
 /// listener, returned for the daemon to accept from.
-fn relayed_frontend(name: &str, index: usize, listener: &Listener) -> Result<Listener, ServerError> {
+fn relayed_frontend(
+    name: &str,
+    index: usize,
+    listener: &Listener,
+    channel: Option<std::sync::Arc<crate::backend_channel::BackendChannel>>,
+) -> Result<Listener, ServerError> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
     static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -292,7 +303,7 @@ fn relayed_frontend(name: &str, index: usize, listener: &Listener) -> Result<Lis
         .map_err(relay_error)?;
     let private = UnixListener::bind_addr(&address).map_err(relay_error)?;
     let handler_side = UnixStream::connect_addr(&address).map_err(relay_error)?;
-    crate::relay::start(name, frontend, handler_side).map_err(relay_error)?;
+    crate::relay::start(name, frontend, handler_side, channel).map_err(relay_error)?;
     Ok(Listener::from(private))
 }
 
@@ -317,8 +328,9 @@ where
         device
             .attach(daemon.get_epoll_handlers())
             .map_err(|e| ServerError::Daemon(format!("watching the device's descriptors: {e}")))?;
-        if D::RELAY_CONTROL {
-            let mut private = relayed_frontend(name, index, &listener)?;
+        let channel = device.backend_channel();
+        if D::RELAY_CONTROL || channel.is_some() {
+            let mut private = relayed_frontend(name, index, &listener, channel)?;
             daemon.start(&mut private).map_err(|e| ServerError::Daemon(e.to_string()))?;
         } else {
             daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;

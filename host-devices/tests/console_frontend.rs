@@ -284,6 +284,7 @@ fn pty_port_with_size_and_live_resize() {
     }
 
     let mut fe = TestFrontend::connect(&socket, 8 << 20, usize::from(cq::count(2, true)), 64, features(true)).unwrap();
+    let mut backend_requests = fe.open_backend_requests().unwrap();
     let config = pvkit_protocol::console::ConfigRepr::parse(&fe.get_config(0, 12).unwrap()).unwrap();
     assert_eq!((config.rows, config.cols, config.max_nr_ports), (30, 100, 2));
     let ctrl = post_rx(&mut fe, cq::CONTROL_RX.into(), 32, 64);
@@ -296,10 +297,15 @@ fn pty_port_with_size_and_live_resize() {
     assert_eq!((msg.event, payload.as_slice()), (ControlEvent::Resize, &[30, 0, 100, 0][..]));
     assert_eq!(next_control(&mut fe, &ctrl).0.event, ControlEvent::PortOpen);
 
-    // The terminal is resized: the guest hears of it on the control queue.
+    // The terminal is resized: the guest hears of it on the control queue, and the frontend
+    // gets a configuration-change message on its backend request channel.
     set_size(slave.as_raw_fd(), 40, 120);
     let (msg, payload) = next_control(&mut fe, &ctrl);
     assert_eq!((msg.id, msg.event, payload.as_slice()), (0, ControlEvent::Resize, &[40, 0, 120, 0][..]));
+    assert!(
+        backend_requests.wait_config_change(WAIT).unwrap(),
+        "no CONFIG_CHANGE_MSG on the backend request channel after a resize"
+    );
     let config = pvkit_protocol::console::ConfigRepr::parse(&fe.get_config(0, 12).unwrap()).unwrap();
     assert_eq!((config.rows, config.cols), (40, 120));
 

@@ -79,6 +79,27 @@ impl VirtioDevice {
         self.link.as_ref().map(BackendLink::socket_fd)
     }
 
+    /// The backend request channel, while the backend has one open.
+    pub fn backend_requests_fd(&self) -> Option<i32> {
+        self.link.as_ref().and_then(BackendLink::backend_requests_fd)
+    }
+
+    /// The backend request channel is readable: serve one request. A configuration change
+    /// raises CONFIG in the interrupt status, starts a new configuration generation and
+    /// signals the device's interrupt.
+    pub fn backend_request(&mut self) {
+        let Some(link) = self.link.as_mut() else { return };
+        match link.handle_backend_request() {
+            Ok(true) => {
+                info!("{}: the backend changed the configuration space", self.name);
+                self.state.config_changed();
+                self.signal_config();
+            }
+            Ok(false) => {}
+            Err(e) => warn!("{}: {e}; its requests are no longer heard", self.name),
+        }
+    }
+
     /// Whether the backend is connected.
     pub fn connected(&self) -> bool {
         self.link.is_some()

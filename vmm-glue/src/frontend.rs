@@ -3,6 +3,7 @@
 //! setup on DRIVER_OK, the configuration space, and ring teardown on reset. The data path never
 //! comes here: kicks are ioeventfds and calls irqfds, wired by the VM.
 
+use crate::backend_requests::BackendRequests;
 use crate::memory::GuestRam;
 use crate::mmio::QueueConfig;
 use std::os::unix::io::AsRawFd;
@@ -54,11 +55,13 @@ pub struct BackendLink {
     offered: u64,
     protocol: VhostUserProtocolFeatures,
     num_queues: usize,
+    requests: Option<BackendRequests>,
 }
 
 impl BackendLink {
     /// Connects to the backend at `socket`, negotiates protocol features (MQ, CONFIG,
-    /// REPLY_ACK), and shares guest memory with it. `default_queues` is the queue count for
+    /// REPLY_ACK, BACKEND_REQ), opens the backend request channel when the backend offers
+    /// it, and shares guest memory with it. `default_queues` is the queue count for
     /// a backend that cannot say (no MQ).
     pub fn connect(socket: &Path, ram: &GuestRam, default_queues: usize) -> Result<BackendLink, FrontendError> {
         let name = socket.display().to_string();
@@ -79,7 +82,8 @@ impl BackendLink {
             protocol = available
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ);
             frontend.set_protocol_features(protocol).map_err(req("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -88,6 +92,14 @@ impl BackendLink {
                 num_queues = frontend.get_queue_num().map_err(req("GET_QUEUE_NUM"))? as usize;
             }
         }
+        let requests = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+            let opened = BackendRequests::open(&mut frontend, reply_ack)
+                .map_err(|e| FrontendError::Unsuitable { socket: name.clone(), what: e.to_string() })?;
+            Some(opened)
+        } else {
+            None
+        };
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: ram.size(),
@@ -102,6 +114,7 @@ impl BackendLink {
             offered,
             protocol,
             num_queues: num_queues.clamp(1, 64),
+            requests,
         })
     }
 
@@ -123,6 +136,24 @@ impl BackendLink {
     /// The control socket's descriptor (the VM watches it for the backend going away).
     pub fn socket_fd(&self) -> i32 {
         self.frontend.as_raw_fd()
+    }
+
+    /// The backend request channel's descriptor, while it is open.
+    pub fn backend_requests_fd(&self) -> Option<i32> {
+        self.requests.as_ref().map(BackendRequests::fd)
+    }
+
+    /// Serves one backend request. Returns whether it announced a configuration change. On
+    /// an error the channel is closed (the backend's requests are no longer heard).
+    pub fn handle_backend_request(&mut self) -> Result<bool, FrontendError> {
+        let Some(requests) = self.requests.as_mut() else { return Ok(false) };
+        match requests.handle() {
+            Ok(changes) => Ok(changes > 0),
+            Err(e) => {
+                self.requests = None;
+                Err(FrontendError::Unsuitable { socket: self.socket.display().to_string(), what: e.to_string() })
+            }
+        }
     }
 
     fn req(&self, request: &'static str) -> impl Fn(vhost::Error) -> FrontendError + '_ {

@@ -3,6 +3,7 @@
 //! vrings, kick and call eventfds, built on the `vhost` crate's `Frontend`. It plays the part
 //! of a VMM plus a guest driver, one request at a time or many in flight.
 
+use crate::backend_requests::BackendRequests;
 use pvkit_protocol::ring::{self, RingLayout, desc_flags};
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd};
@@ -94,7 +95,8 @@ impl HostFrontend {
             let want = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::BACKEND_REQ;
             frontend.set_protocol_features(protocol & want).map_err(vu("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every request waits for the backend's answer: ordered, and errors visible.
@@ -179,6 +181,13 @@ impl HostFrontend {
         let (_, data) =
             self.frontend.get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf).map_err(vu("GET_CONFIG"))?;
         Ok(data)
+    }
+
+    /// Opens the backend request channel (SET_BACKEND_REQ_FD), for a backend that offered
+    /// BACKEND_REQ; the caller reads it (configuration changes) with
+    /// [`BackendRequests::wait_config_change`].
+    pub fn open_backend_requests(&mut self) -> Result<BackendRequests, FrontendError> {
+        BackendRequests::open(&mut self.frontend, true).map_err(|e| FrontendError::Setup(e.to_string()))
     }
 
     /// Writes `data` into the device's configuration space at `offset`.

@@ -4,6 +4,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod backend_requests;
 pub mod device;
 pub mod frontend;
 pub mod guest_report;

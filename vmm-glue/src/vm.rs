@@ -167,24 +167,36 @@ impl Bus for VmBus {
     }
 }
 
-/// Watches the backends' control sockets; a hang-up means the backend went away.
+/// Watches each backend's control socket (a hang-up means the backend went away) and its
+/// backend request channel (a configuration change). Event data: device index times two,
+/// plus one for the request channel.
 struct BackendWatch {
     devices: Vec<Arc<Mutex<VirtioDevice>>>,
-    watched: Vec<Option<i32>>,
+    watched: Vec<[Option<i32>; 2]>,
 }
 
 impl BackendWatch {
+    fn new(devices: Vec<Arc<Mutex<VirtioDevice>>>) -> BackendWatch {
+        let watched = vec![[None; 2]; devices.len()];
+        BackendWatch { devices, watched }
+    }
+
     fn sync(&mut self, ops: &mut EventOps) {
         for (i, device) in self.devices.iter().enumerate() {
-            let fd = device.lock().ok().and_then(|d| d.link_fd());
-            if fd != self.watched[i] {
-                if let Some(old) = self.watched[i] {
-                    let _ = ops.remove(Events::with_data_raw(old, i as u32, EventSet::READ_HANG_UP));
+            let fds = device.lock().map_or([None; 2], |d| [d.link_fd(), d.backend_requests_fd()]);
+            for (channel, (fd, watched)) in fds.into_iter().zip(self.watched[i].iter_mut()).enumerate() {
+                if fd == *watched {
+                    continue;
+                }
+                let data = (i * 2 + channel) as u32;
+                let events = if channel == 0 { EventSet::READ_HANG_UP } else { EventSet::IN | EventSet::READ_HANG_UP };
+                if let Some(old) = *watched {
+                    let _ = ops.remove(Events::with_data_raw(old, data, events));
                 }
                 if let Some(new) = fd {
-                    let _ = ops.add(Events::with_data_raw(new, i as u32, EventSet::READ_HANG_UP));
+                    let _ = ops.add(Events::with_data_raw(new, data, events));
                 }
-                self.watched[i] = fd;
+                *watched = fd;
             }
         }
     }
@@ -192,12 +204,20 @@ impl BackendWatch {
 
 impl MutEventSubscriber for BackendWatch {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let index = events.data() as usize;
-        // Only a hang-up counts: replies to the VMM's own requests make the socket readable
-        // too, and are read by whoever asked.
+        let (index, channel) = (events.data() as usize / 2, events.data() % 2);
         let hung_up = events.event_set().intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP);
-        if hung_up && let Some(device) = self.devices.get(index) {
-            device.lock().unwrap_or_else(|p| p.into_inner()).backend_lost();
+        if let Some(device) = self.devices.get(index) {
+            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+            if channel == 0 {
+                // Only a hang-up counts: replies to the VMM's own requests make the socket
+                // readable too, and are read by whoever asked.
+                if hung_up {
+                    device.backend_lost();
+                }
+            } else if events.event_set().contains(EventSet::IN) || hung_up {
+                // A request (or the end of the channel, which reading reports).
+                device.backend_request();
+            }
         }
         self.sync(ops);
     }
@@ -327,8 +347,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                     return;
                 }
             };
-            let watched = vec![None; watch_devices.len()];
-            let mut id = manager.add_subscriber(BackendWatch { devices: watch_devices.clone(), watched });
+            let mut id = manager.add_subscriber(BackendWatch::new(watch_devices.clone()));
             let mut last_try = Instant::now();
             while !events_stop.load(Ordering::SeqCst) {
                 let _ = manager.run_with_timeout(50);
@@ -346,8 +365,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                     if changed {
                         // Watch the new sockets: a fresh subscriber registers them.
                         let _ = manager.remove_subscriber(id);
-                        let watched = vec![None; watch_devices.len()];
-                        id = manager.add_subscriber(BackendWatch { devices: watch_devices.clone(), watched });
+                        id = manager.add_subscriber(BackendWatch::new(watch_devices.clone()));
                     }
                 }
             }

@@ -47,6 +47,11 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
     {
         result.set_external("blk_after_restart", selftest::blk_after_restart(blk));
     }
+    if abi::param(cmdline, abi::key::MODE) == Some("resize")
+        && let Some(console) = drivers.console.as_mut()
+    {
+        selftest::console_resize(console, &mut result);
+    }
     if abi::param(cmdline, abi::key::MODE) == Some("doorbell")
         && let Some(blk) = drivers.blk.as_mut()
     {

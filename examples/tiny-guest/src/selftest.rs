@@ -454,3 +454,23 @@ pub fn blk_after_restart(dev: &mut Blk) -> bool {
     }
     dev.write_blocks(16, out).is_ok() && dev.read_blocks(16, back_buf).is_ok() && out == back_buf
 }
+
+/// Resize mode (`pvkit.mode=resize`): after the self-test, waits (up to a minute) for the
+/// console's configuration interrupt (CONFIG in the interrupt status, which the VMM raises when
+/// the backend sends a configuration-change message), then reads the new size. Prints
+/// `PVKIT-RESIZE cols=C rows=R generation=G` and records whether the interrupt came, the
+/// generation moved on and the size changed.
+pub fn console_resize(dev: &mut Console, checks: &mut Checks) {
+    use pvkit_protocol::mmio::interrupt;
+    dev.transport().ack_interrupt();
+    let (generation, size) = (dev.transport().config_generation(), dev.size());
+    let (cols, rows) = size.unwrap_or((0, 0));
+    println!("PVKIT-PHASE waiting-for-resize cols={cols} rows={rows} generation={generation}");
+    let interrupted = wait(CompletionMode::Poll, 60, || dev.transport().ack_interrupt() & interrupt::CONFIG != 0);
+    let (new_generation, new_size) = (dev.transport().config_generation(), dev.size());
+    let (cols, rows) = new_size.unwrap_or((0, 0));
+    println!("PVKIT-RESIZE cols={cols} rows={rows} generation={new_generation}");
+    checks.set("console_config_interrupt", interrupted);
+    checks.set("console_config_generation", new_generation != generation);
+    checks.set("console_size_changed", new_size.is_some() && new_size != size);
+}

@@ -4,6 +4,7 @@
 
 use super::control::{Control, PortInfo};
 use super::port::HostPort;
+use crate::backend_channel::BackendChannel;
 use log::warn;
 use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
 use pvkit_protocol::virtio::{Features, feature as vf};
@@ -109,6 +110,8 @@ struct Shared {
     stopped: AtomicBool,
     size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
     last_size: Mutex<Option<(u16, u16)>>,
+    /// Where configuration changes (a new terminal size) are announced to the frontend.
+    backend_channel: Arc<BackendChannel>,
 }
 
 /// The console device for one frontend connection; cheap to clone.
@@ -138,6 +141,7 @@ impl ConsoleDevice {
                 stopped: AtomicBool::new(false),
                 size_timer: Mutex::new(None),
                 last_size: Mutex::new(size),
+                backend_channel: Arc::new(BackendChannel::new()),
             }),
         })
     }
@@ -184,7 +188,9 @@ impl ConsoleDevice {
         (self.shared.num_queues + 1 + self.shared.port_count * 3) as u64
     }
 
-    /// Sends RESIZE when the console's terminal changed size since the last look.
+    /// When the console's terminal changed size since the last look: sends RESIZE on the
+    /// control queue (multiport) and tells the frontend the configuration space changed (its
+    /// `cols` and `rows`), which it passes on to the guest as a configuration interrupt.
     fn check_size(&self) {
         if let Some(timer) = self.shared.size_timer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             let _ = timer.wait();
@@ -196,6 +202,11 @@ impl ConsoleDevice {
         {
             *last = size;
             self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).resize(rows, cols);
+            match self.shared.backend_channel.config_changed() {
+                Ok(true) => log::debug!("console: resized to {cols}x{rows}; the frontend was told"),
+                Ok(false) => {}
+                Err(e) => warn!("console: resized to {cols}x{rows}: {e}"),
+            }
         }
     }
 
@@ -523,7 +534,8 @@ impl VhostUserBackend for ConsoleDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        crate::server::protocol_features()
+        // BACKEND_REQ: configuration changes (a resized terminal) reach the frontend.
+        crate::server::protocol_features() | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -611,6 +623,9 @@ impl VhostUserBackend for ConsoleDevice {
 }
 
 impl crate::server::ServedDevice for ConsoleDevice {
+    fn backend_channel(&self) -> Option<Arc<BackendChannel>> {
+        Some(self.shared.backend_channel.clone())
+    }
     fn stop_workers(&self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
         let _ = self.shared.exit.1.notify();

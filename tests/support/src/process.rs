@@ -55,6 +55,39 @@ impl ChildGuard {
         Ok(())
     }
 
+    /// Reads the process's standard error up to the first line that contains `needle` and
+    /// returns that line (what it read is no longer in [`ChildGuard::stop`]'s text); fails if
+    /// the process closes standard error first.
+    pub fn stderr_line_with(&mut self, needle: &str) -> Result<String> {
+        let stderr = self.child.as_mut().and_then(|c| c.stderr.as_mut());
+        let Some(stderr) = stderr else {
+            return Err(HarnessError::Unexpected {
+                what: self.name.clone(),
+                detail: "standard error is not captured".into(),
+            });
+        };
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match stderr.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => {
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    if text.contains(needle) {
+                        return Ok(text);
+                    }
+                    line.clear();
+                }
+                Ok(1) => line.push(byte[0]),
+                _ => {
+                    return Err(HarnessError::Unexpected {
+                        what: self.name.clone(),
+                        detail: format!("standard error ended without a line containing {needle:?}"),
+                    });
+                }
+            }
+        }
+    }
+
     /// Kills the process and returns what it wrote to standard error.
     pub fn stop(mut self) -> String {
         self.kill_and_reap()

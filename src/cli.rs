@@ -26,6 +26,8 @@ enum Command {
     Run(crate::run::RunArgs),
     /// Run a benchmark (contenders interleaved, medians and ratios).
     Bench {
+        #[command(flatten)]
+        output: crate::bench::OutputArgs,
         #[command(subcommand)]
         scenario: crate::bench::Scenario,
     },
@@ -50,8 +52,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
     match cli.command {
         Command::Demo => crate::demo::demo(),
         Command::Run(args) => crate::run::run(args),
-        Command::Bench { scenario } => match crate::bench::run(&scenario) {
-            Ok(()) => ExitCode::SUCCESS,
+        Command::Bench { output, scenario } => match crate::bench::run(&scenario, &output) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
             Err(err) => {
                 eprintln!("pvkit bench: {err}");
                 ExitCode::FAILURE

@@ -24,6 +24,13 @@ pub(crate) struct Backends {
     children: Vec<(BackendKind, Child)>,
 }
 
+impl Backends {
+    /// Each backend's name and process id.
+    pub(crate) fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.children.iter().map(|(kind, child)| (kind.program_name(), child.id())).collect()
+    }
+}
+
 impl Drop for Backends {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {

@@ -63,42 +63,6 @@ fn argv0_selects_the_backend() {
 }
 
 #[test]
-fn bench_blk_compares_pvkit_with_qemu_storage_daemon() {
-    if !pvkit_test_support::facility::require_programs("bench_blk", &["qemu-storage-daemon"]) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let out = pvkit()
-        .args(["bench", "blk", "--rounds", "2", "--seconds", "0.3", "--qd", "1,8", "--patterns", "randread,randwrite"])
-        .args(["--image-mib", "16", "--null", "--image-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for group in ["randread QD 1", "randread QD 8", "randwrite QD 1", "randwrite QD 8"] {
-        assert!(stdout.contains(group), "{group} missing:\n{stdout}");
-    }
-    for contender in [
-        "pvkit vhost-user-blk (io_uring)",
-        "qemu-storage-daemon (io_uring)",
-        "pvkit vhost-user-blk (null)",
-        "qemu-storage-daemon (null-co)",
-    ] {
-        let lines: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with(contender)).collect();
-        assert_eq!(lines.len(), 4, "{contender} in every group:\n{stdout}");
-        for line in lines {
-            let iops: f64 = line[contender.len() + 2..].split_whitespace().next().unwrap().parse().unwrap();
-            assert!(iops > 0.0, "{line}");
-        }
-    }
-    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "the image was removed");
-    let bad = pvkit().args(["bench", "blk", "--qd", "0"]).output().unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("queue depths"));
-}
-
-#[test]
 fn install_script_places_binaries_and_the_vhost_user_descriptor() {
     let prefix = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
@@ -119,72 +83,4 @@ fn install_script_places_binaries_and_the_vhost_user_descriptor() {
     assert!(text.contains(&format!(r#""binary": "{}""#, binary.display())), "{text}");
     let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
     assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "console""#));
-}
-
-#[test]
-fn bench_console_measures_guest_to_host_throughput() {
-    let out = pvkit().args(["bench", "console", "--rounds", "2", "--seconds", "0.3"]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find(|l| l.trim_start().starts_with("pvkit vhost-user-console")).expect("a result line");
-    let mbps: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
-    assert!(mbps > 0.0, "{line}");
-    let bad = pvkit().args(["bench", "console", "--write-size", "0"]).output().unwrap();
-    assert!(!bad.status.success());
-}
-
-#[test]
-fn bench_net_compares_the_sink_with_dpdk_vhost() {
-    if !pvkit_test_support::facility::require_programs("bench_net", &["dpdk-testpmd"]) {
-        return;
-    }
-    let out =
-        pvkit().args(["bench", "net", "--rounds", "1", "--seconds", "1", "--frame-sizes", "64"]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("64-byte frames"), "{stdout}");
-    for contender in ["DPDK net_vhost rxonly", "pvkit --sink (--poll-us 50)", "pvkit --sink --poll-us 0"] {
-        let line = stdout.lines().find(|l| l.trim_start().starts_with(contender)).unwrap_or_else(|| {
-            panic!("{contender} missing:\n{stdout}");
-        });
-        let mpps: f64 =
-            line[line.find(contender).unwrap() + contender.len()..].split_whitespace().next().unwrap().parse().unwrap();
-        assert!(mpps > 0.0, "{line}");
-    }
-    let bad = pvkit().args(["bench", "net", "--frame-sizes", "9000"]).output().unwrap();
-    assert!(!bad.status.success());
-}
-
-#[test]
-fn bench_guest_drives_the_whole_stack() {
-    let out = pvkit().args(["bench", "guest", "--rounds", "1", "--ms", "100"]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for device in ["blk: IOPS", "net: packets/s", "console: MB/s"] {
-        assert!(stdout.contains(device), "{device}:\n{stdout}");
-    }
-    let software: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("software guest")).collect();
-    assert_eq!(software.len(), 3, "{stdout}");
-    for line in software {
-        let median: f64 = line.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
-        assert!(median > 0.0, "{line}");
-    }
-    let bad = pvkit().args(["bench", "guest", "--rounds", "0"]).output().unwrap();
-    assert!(!bad.status.success());
-}
-
-#[test]
-fn bench_doorbell_measures_each_mechanism() {
-    if !pvkit_test_support::facility::require_kvm("bench_doorbell") {
-        return;
-    }
-    let out = pvkit().args(["bench", "doorbell", "--rounds", "1"]).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for name in ["kick-mmio-notify", "kick-port-doorbell", "request-mmio-notify", "request-port-doorbell"] {
-        let line =
-            stdout.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("{name}:\n{stdout}"));
-        let micros: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(micros > 0.0, "{line}");
-    }
 }

@@ -1,95 +1,137 @@
-//! `pvkit bench blk`: pvkit's vhost-user-blk against qemu-storage-daemon on the same image,
-//! driven by libblkio, contenders interleaved (A B A B ...) within every round.
+//! `pvkit bench blk`: pvkit's vhost-user-blk (each engine) against qemu-storage-daemon and any
+//! other backend given as a command line, on the same image, driven by libblkio: 4 KiB random
+//! and 128 KiB sequential reads and writes, a queue-depth sweep and a queue-count sweep,
+//! contenders interleaved (A B A B ...) within every round.
 
-use super::loadgen::{self, LoadResult, Pattern};
-use super::median;
-use super::process::{ProcessUsage, Spawned};
+use super::loadgen::{self, Pattern};
+use super::process::{Spawned, own_usage};
+use super::recorder::Recorder;
+use super::report::ProcessStats;
 use pvkit_host_devices::{BackendKind, backend_command};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 /// Options of the block benchmark.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct BlkBenchArgs {
     /// Seconds each measurement runs.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub seconds: f64,
-    /// Rounds; every round runs every contender once per queue depth and pattern.
+    /// Rounds; every round runs every contender once per case.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Queue depths, comma-separated.
+    /// Queue depths (per queue), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
     pub qd: Vec<usize>,
-    /// Patterns, comma-separated: randread, randwrite.
-    #[arg(long, value_delimiter = ',', default_value = "randread,randwrite")]
+    /// Queue counts, comma-separated (each backend serves that many queues; libblkio drives
+    /// them all from one thread).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub queues: Vec<usize>,
+    /// Patterns, comma-separated: randread, randwrite (4 KiB random), read, write (128 KiB
+    /// sequential).
+    #[arg(long, value_delimiter = ',', default_value = "randread,randwrite,read,write")]
     pub patterns: Vec<String>,
+    /// pvkit engines to measure, comma-separated: io_uring, sync, null.
+    #[arg(long, value_delimiter = ',', default_value = "io_uring,sync")]
+    pub engines: Vec<String>,
+    /// Another backend, as a command line with `{socket}` (and optionally `{image}`,
+    /// `{size}`, `{queues}`) in it; repeatable. Named after its program.
+    #[arg(long, value_name = "'COMMAND {socket}'")]
+    pub peer: Vec<String>,
+    /// Leave qemu-storage-daemon out even when it is installed.
+    #[arg(long)]
+    pub no_qsd: bool,
     /// Image size in MiB (created in --image-dir, filled with data, removed afterwards).
     #[arg(long, default_value_t = 1024)]
     pub image_mib: u64,
     /// Directory of the image (tmpfs keeps the disk out of the measurement).
     #[arg(long, default_value = "/dev/shm")]
     pub image_dir: PathBuf,
-    /// Also compare the null engines (pvkit --engine null vs qemu-storage-daemon null-co).
-    #[arg(long)]
-    pub null: bool,
-    /// Leave qemu-storage-daemon out even when it is installed.
-    #[arg(long)]
-    pub no_peer: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Contender {
-    Pvkit { null: bool },
-    Qsd { null: bool },
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Pvkit(String),
+    Qsd,
+    Peer(String),
+}
+
+#[derive(Debug, Clone)]
+struct Contender {
+    name: String,
+    kind: Kind,
 }
 
 impl Contender {
-    fn name(self) -> &'static str {
-        match self {
-            Contender::Pvkit { null: false } => "pvkit vhost-user-blk (io_uring)",
-            Contender::Pvkit { null: true } => "pvkit vhost-user-blk (null)",
-            Contender::Qsd { null: false } => "qemu-storage-daemon (io_uring)",
-            Contender::Qsd { null: true } => "qemu-storage-daemon (null-co)",
-        }
-    }
-
-    fn command(self, image: &Path, size: u64, socket: &Path) -> Command {
-        match self {
-            Contender::Pvkit { null } => {
+    fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, String> {
+        Ok(match &self.kind {
+            Kind::Pvkit(engine) => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
                 let mut cmd = backend_command(&exe, BackendKind::Blk);
-                cmd.arg("--socket-path").arg(socket);
-                if null {
+                cmd.arg("--socket-path").arg(socket).args(["--num-queues", &queues.to_string()]);
+                if engine == "null" {
                     cmd.args(["--engine", "null", "--size", &size.to_string()]);
                 } else {
-                    cmd.arg("--blk-file").arg(image);
+                    cmd.args(["--engine", engine]).arg("--blk-file").arg(image);
                 }
                 cmd
             }
-            Contender::Qsd { null } => {
-                let blockdev = if null {
-                    format!("driver=null-co,node-name=disk0,size={size}")
-                } else {
-                    format!("driver=file,node-name=disk0,filename={},aio=io_uring", image.display())
-                };
+            Kind::Qsd => {
+                let blockdev = format!("driver=file,node-name=disk0,filename={},aio=io_uring", image.display());
                 let mut cmd = Command::new("qemu-storage-daemon");
                 cmd.args(["--blockdev", &blockdev, "--export"]).arg(format!(
-                    "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                    "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                     socket.display()
                 ));
                 cmd
             }
-        }
+            Kind::Peer(template) => {
+                let line = template
+                    .replace("{socket}", &socket.display().to_string())
+                    .replace("{image}", &image.display().to_string())
+                    .replace("{size}", &size.to_string())
+                    .replace("{queues}", &queues.to_string());
+                let words = shell_words(&line)?;
+                let (program, args) = words.split_first().ok_or("--peer: empty command")?;
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+        })
     }
 }
 
-struct Sample {
-    contender: Contender,
-    pattern: Pattern,
-    qd: usize,
-    load: LoadResult,
-    usage: ProcessUsage,
+/// Splits a command line into words: whitespace separates, single and double quotes group.
+fn shell_words(line: &str) -> Result<Vec<String>, String> {
+    let (mut words, mut word, mut quote, mut in_word) = (Vec::new(), String::new(), None, false);
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err(format!("--peer: unbalanced quote in {line:?}"));
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
 }
 
 fn fill_image(path: &Path, bytes: u64) -> std::io::Result<()> {
@@ -102,137 +144,135 @@ fn fill_image(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.flush()
 }
 
-/// Runs the benchmark and prints its table; returns an error message on failure.
-pub fn run(args: &BlkBenchArgs) -> Result<(), String> {
-    let patterns = args
-        .patterns
-        .iter()
-        .map(|p| match p.as_str() {
-            "randread" => Ok(Pattern::RandRead),
-            "randwrite" => Ok(Pattern::RandWrite),
-            other => Err(format!("unknown pattern '{other}' (randread, randwrite)")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, String> {
+    let mut list = Vec::new();
+    for engine in &args.engines {
+        if !["io_uring", "sync", "null"].contains(&engine.as_str()) {
+            return Err(format!("unknown engine '{engine}' (io_uring, sync, null)"));
+        }
+        list.push(Contender { name: format!("pvkit vhost-user-blk ({engine})"), kind: Kind::Pvkit(engine.clone()) });
+    }
+    if !args.no_qsd {
+        if super::find_program("qemu-storage-daemon").is_some() {
+            list.push(Contender { name: "qemu-storage-daemon (io_uring)".into(), kind: Kind::Qsd });
+        } else {
+            eprintln!("note: qemu-storage-daemon is not installed; it is left out");
+        }
+    }
+    for template in &args.peer {
+        if !template.contains("{socket}") {
+            return Err(format!("--peer {template:?} has no {{socket}} in it"));
+        }
+        let program = shell_words(template)?.first().cloned().ok_or("--peer: empty command")?;
+        let name = Path::new(&program).file_name().map_or(program.clone(), |n| n.to_string_lossy().into_owned());
+        list.push(Contender { name: format!("{name} (--peer)"), kind: Kind::Peer(template.clone()) });
+    }
+    if list.is_empty() {
+        return Err("nothing to measure: no engines and no peers".into());
+    }
+    Ok(list)
+}
+
+/// Runs the benchmark into `rec`.
+pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+    let patterns = args.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
     if args.qd.iter().any(|&qd| qd == 0 || qd > 1024) {
         return Err("queue depths must be between 1 and 1024".into());
     }
-    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
-        return Err("--rounds and --seconds must be positive".into());
+    if args.queues.iter().any(|&q| q == 0 || q > 16) {
+        return Err("queue counts must be between 1 and 16".into());
     }
-    let have_qsd = !args.no_peer && super::find_program("qemu-storage-daemon").is_some();
-    let mut contenders = vec![Contender::Pvkit { null: false }];
-    if have_qsd {
-        contenders.push(Contender::Qsd { null: false });
-    } else if !args.no_peer {
-        eprintln!("note: qemu-storage-daemon is not installed; measuring pvkit alone");
+    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 || args.image_mib == 0 {
+        return Err("--rounds, --seconds and --image-mib must be positive".into());
     }
-    if args.null {
-        contenders.push(Contender::Pvkit { null: true });
-        if have_qsd {
-            contenders.push(Contender::Qsd { null: true });
-        }
-    }
-    let work = tempfile_dir(&args.image_dir)?;
-    let image = work.join("bench.img");
-    let size = args.image_mib << 20;
-    eprintln!("preparing a {} MiB image in {}", args.image_mib, work.display());
-    fill_image(&image, size).map_err(|e| format!("cannot write {}: {e}", image.display()))?;
-    let duration = Duration::from_secs_f64(args.seconds);
-    let total = args.rounds * args.qd.len() * patterns.len() * contenders.len();
-    let mut samples = Vec::new();
-    let result = (|| {
-        for round in 0..args.rounds {
-            for &pattern in &patterns {
-                for &qd in &args.qd {
-                    for &contender in &contenders {
-                        eprintln!(
-                            "[{}/{total}] round {} {} qd {qd}: {}",
-                            samples.len() + 1,
-                            round + 1,
-                            pattern.name(),
-                            contender.name()
-                        );
-                        let socket = work.join("blk.sock");
-                        let mut cmd = contender.command(&image, size, &socket);
-                        let log = work.join("backend.log");
-                        let child = Spawned::start(contender.name(), &mut cmd, &socket, &log)?;
-                        let before = child.usage()?;
-                        let load = loadgen::run(&socket, pattern, qd, duration).map_err(|e| {
-                            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-                            let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
-                            let tail: Vec<&str> = tail.into_iter().rev().collect();
-                            format!(
-                                "{} {} qd {qd}: {e}\nbackend log:\n{}",
-                                contender.name(),
-                                pattern.name(),
-                                tail.join("\n")
-                            )
-                        })?;
-                        let usage = child.usage()?.since(&before);
-                        child.stop();
-                        samples.push(Sample { contender, pattern, qd, load, usage });
-                    }
-                }
-            }
-        }
-        Ok::<(), String>(())
-    })();
-    let _ = std::fs::remove_dir_all(&work);
-    result?;
-    print_table(args, &contenders, &patterns, &samples);
-    Ok(())
-}
-
-fn tempfile_dir(base: &Path) -> Result<PathBuf, String> {
-    let dir = base.join(format!("pvkit-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    Ok(dir)
-}
-
-fn print_table(args: &BlkBenchArgs, contenders: &[Contender], patterns: &[Pattern], samples: &[Sample]) {
-    println!(
-        "pvkit bench blk: 4 KiB random I/O, 1 queue, libblkio virtio-blk-vhost-user as the frontend, {} MiB image in {}, {} round(s) of {} s, interleaved",
+    let contenders = contenders(args)?;
+    let steps = args.rounds * patterns.len() * args.qd.len() * args.queues.len() * contenders.len();
+    rec.begin("blk", format!("{args:?}"), steps);
+    rec.note(format!(
+        "pvkit bench blk: libblkio virtio-blk-vhost-user as the frontend, {} MiB image in {}, {} round(s) of {} s, contenders interleaved",
         args.image_mib,
         args.image_dir.display(),
         args.rounds,
         args.seconds
-    );
-    for &pattern in patterns {
-        for &qd in &args.qd {
-            println!("\n{} QD {qd}", pattern.name());
-            println!(
-                "  {:<34} {:>10} {:>21} {:>9} {:>7} {:>6} {:>9}",
-                "backend", "IOPS", "(min - max)", "lat p50", "ratio", "CPU", "peak RSS"
-            );
-            let mut first = None;
-            for &contender in contenders {
-                let group: Vec<&Sample> =
-                    samples.iter().filter(|s| s.contender == contender && s.pattern == pattern && s.qd == qd).collect();
-                if group.is_empty() {
-                    continue;
+    ));
+    let work = args.image_dir.join(format!("pvkit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let image = work.join("bench.img");
+    let size = args.image_mib << 20;
+    let result = fill_image(&image, size)
+        .map_err(|e| format!("cannot write {}: {e}", image.display()))
+        .and_then(|()| measure(args, rec, &patterns, &contenders, &work, &image, size));
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    rec.ran(format!("{} contender(s)", contenders.len()));
+    Ok(())
+}
+
+fn measure(
+    args: &BlkBenchArgs,
+    rec: &mut Recorder,
+    patterns: &[Pattern],
+    contenders: &[Contender],
+    work: &Path,
+    image: &Path,
+    size: u64,
+) -> Result<(), String> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    for round in 0..args.rounds {
+        for &pattern in patterns {
+            let kib = pattern.block_size() / 1024;
+            for &queues in &args.queues {
+                for &qd in &args.qd {
+                    let group = format!("{} {kib} KiB, {queues} queue(s)", pattern.name());
+                    let case = format!("{} {kib} KiB QD {qd}, {queues} queue(s)", pattern.name());
+                    for contender in contenders {
+                        rec.step(format!("round {} {case}: {}", round + 1, contender.name));
+                        let socket = work.join("blk.sock");
+                        let log = work.join("backend.log");
+                        let mut cmd = contender.command(image, size, &socket, queues)?;
+                        let child = Spawned::start(&contender.name, &mut cmd, &socket, &log)?;
+                        let (before, own_before) = (child.usage()?, own_usage()?);
+                        let load = loadgen::run(&socket, pattern, qd, queues, duration).map_err(|e| {
+                            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+                            let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+                            let tail: Vec<&str> = tail.into_iter().rev().collect();
+                            format!("{} {case}: {e}\nbackend log:\n{}", contender.name, tail.join("\n"))
+                        })?;
+                        let (usage, own) = (child.usage()?.since(&before), own_usage()?.since(&own_before));
+                        child.stop();
+                        let mut sample = rec.sample(&case, &contender.name, round);
+                        sample.group = group.clone();
+                        sample.x = Some(qd as f64);
+                        sample.x_label = "queue depth".into();
+                        let mbps = load.bytes_per_second / 1e6;
+                        if kib == 4 {
+                            (sample.metric, sample.value) = ("IOPS".into(), load.iops);
+                            sample.extra.insert("MB/s".into(), mbps);
+                        } else {
+                            (sample.metric, sample.value) = ("MB/s".into(), mbps);
+                            sample.extra.insert("IOPS".into(), load.iops);
+                        }
+                        sample.extra.insert("lat_p50_us".into(), load.p50.as_secs_f64() * 1e6);
+                        sample.extra.insert("lat_p99_us".into(), load.p99.as_secs_f64() * 1e6);
+                        sample.processes =
+                            vec![ProcessStats::new("backend", &usage), ProcessStats::new("libblkio frontend", &own)];
+                        rec.push(sample);
+                    }
                 }
-                let mut iops: Vec<f64> = group.iter().map(|s| s.load.iops).collect();
-                let med = median(&mut iops);
-                let (min, max) = (iops[0], iops[iops.len() - 1]);
-                let mut lat: Vec<f64> = group.iter().map(|s| s.load.median_latency.as_secs_f64() * 1e6).collect();
-                let mut cpu: Vec<f64> = group.iter().map(|s| s.usage.cpu_fraction() * 100.0).collect();
-                let rss = group.iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
-                let base = *first.get_or_insert(med);
-                println!(
-                    "  {:<34} {:>10.0} {:>10.0} - {:>8.0} {:>6.0} µs {:>7.2} {:>5.0}% {:>6} MiB",
-                    contender.name(),
-                    med,
-                    min,
-                    max,
-                    median(&mut lat),
-                    if base > 0.0 { med / base } else { 0.0 },
-                    median(&mut cpu),
-                    rss / 1024
-                );
             }
         }
     }
-    println!(
-        "\nratio: median IOPS relative to the first backend listed; CPU: the backend process's CPU time over wall time"
-    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_command_lines_split_like_a_shell() {
+        assert_eq!(shell_words("a 'b c' \"d\"  e").unwrap(), ["a", "b c", "d", "e"]);
+        assert_eq!(shell_words("x ''").unwrap(), ["x", ""]);
+        assert!(shell_words("a 'b").is_err());
+    }
 }

@@ -1,43 +1,70 @@
 //! `pvkit bench doorbell`: inside the tiny guest on KVM, the cost of one kick for each doorbell
-//! mechanism (MMIO QueueNotify, pvkit's port doorbell) and of a whole block request round
-//! trip through each, against pvkit's `vhost-user-blk`. Rounds interleave the two VM
-//! configurations (doorbell ports announced or not).
+//! mechanism (MMIO QueueNotify, pvkit's port doorbell), of a whole block request round trip,
+//! and of requests at queue depths 1, 4 and 16 with the kicks each needs, against pvkit's
+//! `vhost-user-blk`, with RING_EVENT_IDX on and off. Rounds interleave the four VM
+//! configurations (doorbell ports announced or not, event-idx on or off).
 
-use super::median;
+use super::process::{own_usage, usage_of};
+use super::recorder::Recorder;
+use super::report::ProcessStats;
 use crate::demo::{Capture, start_backends};
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Options of the doorbell benchmark.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct DoorbellBenchArgs {
     /// Rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 }
 
+/// One VM configuration.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    doorbells: bool,
+    event_idx: bool,
+}
+
+impl Setup {
+    fn name(self) -> String {
+        format!(
+            "{}, event-idx {}",
+            if self.doorbells { "port doorbell" } else { "MMIO QueueNotify" },
+            if self.event_idx { "on" } else { "off" }
+        )
+    }
+}
+
+type Lines = Vec<(String, f64, f64)>;
+
 /// One VM run: the guest's `PVKIT-DOORBELL` lines as (name, microseconds per operation,
-/// kicks per operation).
-fn one_run(doorbells: bool) -> Result<Vec<(String, f64, f64)>, String> {
+/// kicks per operation), and the processes' usage (the block backend, the VMM).
+fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
     let dir = std::env::temp_dir().join(format!("pvkit-bench-doorbell-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let result = (|| {
         let (backends, sockets, _) = start_backends(&dir, false)?;
+        let blk_pid = backends.pids().first().map(|(_, pid)| *pid).unwrap_or(0);
+        let (blk_before, vmm_before) = (usage_of(blk_pid, "vhost-user-blk")?, own_usage()?);
         let capture = Capture::default();
         let config = VmConfig {
             kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
-            cmdline: "pvkit.mode=doorbell".into(),
+            cmdline: format!("pvkit.mode=doorbell pvkit.event_idx={}", if setup.event_idx { "on" } else { "off" }),
             memory: 256 << 20,
             vcpus: 1,
             devices: vec![DeviceSpec { virtio_id: 2, socket: sockets[0].clone() }],
             serial: Box::new(capture.clone()),
             timeout: Duration::from_secs(60),
             reconnect: None,
-            doorbells,
+            doorbells: setup.doorbells,
             completion: None,
         };
         let report = vm::run(config).map_err(|e| e.to_string())?;
+        let processes = vec![
+            ProcessStats::new("backend", &usage_of(blk_pid, "vhost-user-blk")?.since(&blk_before)),
+            ProcessStats::new("vmm", &own_usage()?.since(&vmm_before)),
+        ];
         drop(backends);
         if report.tsc_khz == 0 {
             return Err("KVM did not report the TSC rate".into());
@@ -60,53 +87,63 @@ fn one_run(doorbells: bool) -> Result<Vec<(String, f64, f64)>, String> {
         if lines.is_empty() {
             return Err(format!("the guest reported no doorbell measurements:\n{log}"));
         }
-        Ok(lines)
+        Ok((lines, processes))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-/// Runs the benchmark.
-pub fn run(args: &DoorbellBenchArgs) -> Result<(), String> {
+/// Runs the benchmark into `rec`.
+pub fn run(args: &DoorbellBenchArgs, rec: &mut Recorder) -> Result<(), String> {
     if args.rounds == 0 {
         return Err("--rounds must be positive".into());
     }
     if !pvkit_vmm_glue::kvm_usable() {
         return Err("the doorbell benchmark runs the tiny guest on KVM, and /dev/kvm is not usable here".into());
     }
-    let mut samples: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    let total = args.rounds * 2;
+    let setups = [true, false]
+        .into_iter()
+        .flat_map(|doorbells| [true, false].map(|event_idx| Setup { doorbells, event_idx }))
+        .collect::<Vec<_>>();
+    rec.begin("doorbell", format!("{args:?}"), args.rounds * setups.len());
+    rec.note(format!(
+        "pvkit bench doorbell: the tiny guest on KVM, pvkit vhost-user-blk, {} round(s), VM configurations interleaved",
+        args.rounds
+    ));
+    rec.note("kick: one doorbell write; round trip: a 4 KiB read at QD 1, submit to completion; QD N: 4 KiB reads with N in flight, time per request.");
+    if pvkit_vmm_glue::kvm_is_pvm() {
+        rec.note("This KVM is PVM-based: guest instructions are emulated, so these costs include the emulator's.");
+    }
     for round in 0..args.rounds {
-        for (i, doorbells) in [true, false].into_iter().enumerate() {
-            eprintln!(
-                "[{}/{total}] round {}: doorbell ports {}",
-                round * 2 + i + 1,
-                round + 1,
-                if doorbells { "announced" } else { "not announced (MMIO QueueNotify)" }
-            );
-            for (name, micros, kicks) in one_run(doorbells)? {
-                let entry = samples.entry(name).or_default();
-                entry.0.push(micros);
-                entry.1.push(kicks);
+        for &setup in &setups {
+            rec.step(format!("round {}: {}", round + 1, setup.name()));
+            let (lines, processes) = one_run(setup)?;
+            for (name, micros, kicks) in lines {
+                let (case, group, x) = if let Some(mechanism) = name.strip_prefix("kick-") {
+                    // Both mechanisms are measured when the ports are announced; each kick
+                    // case belongs to its own mechanism, whatever the configuration.
+                    (format!("one kick: {mechanism}"), "one kick".to_string(), None)
+                } else if name.starts_with("request-") {
+                    ("round trip at QD 1".to_string(), "round trip".to_string(), None)
+                } else if let Some(depth) = name.strip_prefix("qd").and_then(|r| r.split('-').next()) {
+                    let depth: f64 = depth.parse().map_err(|_| format!("odd doorbell line {name}"))?;
+                    (format!("requests at QD {depth}"), "time per request by queue depth".to_string(), Some(depth))
+                } else {
+                    continue;
+                };
+                let mut sample = rec.sample(case, setup.name(), round);
+                sample.group = group;
+                sample.x = x;
+                sample.x_label = if x.is_some() { "queue depth".into() } else { "operation".into() };
+                (sample.metric, sample.value, sample.higher_is_better) = ("µs".into(), micros, false);
+                if !name.starts_with("kick-") {
+                    sample.extra.insert("kicks_per_op".into(), kicks);
+                }
+                sample.processes.clone_from(&processes);
+                rec.push(sample);
             }
         }
     }
-    println!("pvkit bench doorbell: the tiny guest on KVM, pvkit vhost-user-blk, {} round(s)", args.rounds);
-    println!("  {:<28} {:>14} {:>23} {:>10}", "operation", "µs (median)", "(min - max)", "kicks/op");
-    for (name, (mut micros, mut kicks)) in samples {
-        let med = median(&mut micros);
-        println!(
-            "  {:<28} {:>14.2} {:>10.2} - {:>10.2} {:>10.2}",
-            name,
-            med,
-            micros[0],
-            micros[micros.len() - 1],
-            median(&mut kicks)
-        );
-    }
-    println!("\nkick-*: one doorbell write; request-*: a 4 KiB read at queue depth 1, submit to completion.");
-    if pvkit_vmm_glue::kvm_is_pvm() {
-        println!("This KVM is PVM-based: guest instructions are emulated, so these costs include the emulator's.");
-    }
+    rec.ran(format!("{} VM configurations", setups.len()));
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! on KVM with pvkit's doorbell ports, the same with MMIO QueueNotify, and the software guest
 //! (the same drivers in a host thread). Contenders interleaved, round after round.
 
-use super::median;
+use super::process::{ProcessUsage, own_usage, usage_of};
+use super::recorder::Recorder;
+use super::report::ProcessStats;
 use crate::demo::{Capture, console_host, start_backends};
 use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
 use pvkit_vmm_glue::software_guest::{self, SOFTWARE_TICK_KHZ};
@@ -13,11 +15,11 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// Options of the guest benchmark.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct GuestBenchArgs {
-    /// Milliseconds each device is driven per run.
-    #[arg(long, default_value_t = 1000)]
-    pub ms: u64,
+    /// Seconds each device is driven per run.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
     /// Rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -40,13 +42,6 @@ impl Contender {
     }
 }
 
-struct Sample {
-    contender: Contender,
-    device: String,
-    rate: f64,
-    kicks_per_op: f64,
-}
-
 fn devices(sockets: &[std::path::PathBuf; 3]) -> Vec<DeviceSpec> {
     [(2, &sockets[0]), (1, &sockets[1]), (3, &sockets[2])]
         .into_iter()
@@ -54,13 +49,22 @@ fn devices(sockets: &[std::path::PathBuf; 3]) -> Vec<DeviceSpec> {
         .collect()
 }
 
-/// One run: (serial log, TSC kHz the bench lines count in).
-fn one_run(contender: Contender, ms: u64) -> Result<(String, u64), String> {
+/// One run: the serial log, the TSC rate its bench lines count in (kHz), and each process's
+/// usage (the three backends, and this process as the VMM or software guest).
+fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessStats>), String> {
     let dir = std::env::temp_dir().join(format!("pvkit-bench-guest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let result = (|| {
         let (backends, sockets, port) = start_backends(&dir, false)?;
         console_host(port, Arc::new(AtomicU64::new(0)));
+        let usage_now = || -> Result<Vec<(String, ProcessUsage)>, String> {
+            let mut all = vec![("vmm".to_string(), own_usage()?)];
+            for (name, pid) in backends.pids() {
+                all.push((name.to_string(), usage_of(pid, name)?));
+            }
+            Ok(all)
+        };
+        let before = usage_now()?;
         let out = match contender {
             Contender::Software => {
                 let report = software_guest::run(&devices(&sockets), 256 << 20, Some(ms)).map_err(|e| e.to_string())?;
@@ -87,18 +91,25 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64), String> {
                 (log, khz)
             }
         };
+        let after = usage_now()?;
+        let processes = after
+            .iter()
+            .zip(&before)
+            .map(|((role, now), (_, then))| ProcessStats::new(role, &now.since(then)))
+            .collect();
         drop(backends);
-        Ok(out)
+        Ok((out.0, out.1, processes))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-/// Runs the benchmark.
-pub fn run(args: &GuestBenchArgs) -> Result<(), String> {
-    if args.rounds == 0 || args.ms == 0 {
-        return Err("--rounds and --ms must be positive".into());
+/// Runs the benchmark into `rec`.
+pub fn run(args: &GuestBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds < 0.01 || args.seconds > 600.0 {
+        return Err("--rounds must be positive and --seconds between 0.01 and 600".into());
     }
+    let ms = (args.seconds * 1000.0).round() as u64;
     let mut contenders = Vec::new();
     if pvkit_vmm_glue::kvm_usable() {
         contenders.extend([Contender::KvmPorts, Contender::KvmMmio]);
@@ -106,63 +117,45 @@ pub fn run(args: &GuestBenchArgs) -> Result<(), String> {
         eprintln!("pvkit bench guest: /dev/kvm is not usable here; only the software guest runs");
     }
     contenders.push(Contender::Software);
-    let total = args.rounds * contenders.len();
-    let mut samples = Vec::new();
-    let mut done = 0;
+    rec.begin("guest", format!("{args:?}"), args.rounds * contenders.len());
+    rec.note(format!(
+        "pvkit bench guest: guest driver -> doorbell -> pvkit backend -> used ring polled by the guest; {} round(s) of {ms} ms per device, interleaved",
+        args.rounds
+    ));
+    if pvkit_vmm_glue::kvm_is_pvm() {
+        rec.note(
+            "This KVM is PVM-based: the tiny guest's instructions are emulated, so its rates measure the emulator.",
+        );
+    }
     for round in 0..args.rounds {
         for &contender in &contenders {
-            done += 1;
-            eprintln!("[{done}/{total}] round {}: {}", round + 1, contender.name());
-            let (log, khz) = one_run(contender, args.ms)?;
+            rec.step(format!("round {}: {}", round + 1, contender.name()));
+            let (log, khz, processes) = one_run(contender, ms)?;
             if !GuestResult::parse(&log).is_some_and(|r| r.all_passed()) {
                 return Err(format!("{}: the guest's self-test failed:\n{log}", contender.name()));
             }
-            for line in BenchLine::parse_all(&log) {
+            let lines = BenchLine::parse_all(&log);
+            for (device, case, metric, scale) in [
+                ("blk", "blk: 4 KiB random reads, 16 in flight", "IOPS", 1.0),
+                ("net", "net: 64-byte frames, loopback", "packets/s", 1.0),
+                ("console", "console: 512-byte writes", "MB/s", 1e-6),
+            ] {
+                let Some(line) = lines.iter().find(|l| l.name == device) else {
+                    return Err(format!("{}: the guest printed no {device} benchmark line:\n{log}", contender.name()));
+                };
                 let seconds = line.seconds(khz).max(1e-9);
-                let rate = if line.name == "console" { line.bytes as f64 / seconds } else { line.ops as f64 / seconds };
+                let count = if device == "console" { line.bytes } else { line.ops };
+                let mut sample = rec.sample(case, contender.name(), round);
+                sample.group = "whole stack".into();
+                sample.x_label = "device".into();
+                (sample.metric, sample.value) = (metric.into(), count as f64 / seconds * scale);
                 let kicks_per_op = if line.ops > 0 { line.kicks as f64 / line.ops as f64 } else { 0.0 };
-                samples.push(Sample { contender, device: line.name.clone(), rate, kicks_per_op });
+                sample.extra.insert("kicks_per_op".into(), kicks_per_op);
+                sample.processes.clone_from(&processes);
+                rec.push(sample);
             }
         }
     }
-    println!(
-        "pvkit bench guest: guest driver -> doorbell -> pvkit backend -> used ring polled by the guest; {} round(s) of {} ms per device, interleaved",
-        args.rounds, args.ms
-    );
-    for (device, unit, scale) in [
-        ("blk", "IOPS (4 KiB random reads, 16 in flight)", 1.0),
-        ("net", "packets/s (64 bytes, loopback)", 1.0),
-        ("console", "MB/s (512-byte writes)", 1e-6),
-    ] {
-        println!("\n{device}: {unit}");
-        println!("  {:<38} {:>12} {:>25} {:>8} {:>10}", "guest", "median", "(min - max)", "ratio", "kicks/op");
-        let mut first = None;
-        for &contender in &contenders {
-            let group: Vec<&Sample> =
-                samples.iter().filter(|s| s.contender == contender && s.device == device).collect();
-            if group.is_empty() {
-                continue;
-            }
-            let mut rates: Vec<f64> = group.iter().map(|s| s.rate * scale).collect();
-            let med = median(&mut rates);
-            let (min, max) = (rates[0], rates[rates.len() - 1]);
-            let mut kicks: Vec<f64> = group.iter().map(|s| s.kicks_per_op).collect();
-            let base = *first.get_or_insert(med);
-            println!(
-                "  {:<38} {:>12.1} {:>12.1} - {:>10.1} {:>8.3} {:>10.3}",
-                contender.name(),
-                med,
-                min,
-                max,
-                if base > 0.0 { med / base } else { 0.0 },
-                median(&mut kicks)
-            );
-        }
-    }
-    if pvkit_vmm_glue::kvm_is_pvm() {
-        println!(
-            "\nThis KVM is PVM-based: the tiny guest's instructions are emulated, so its rates measure the emulator."
-        );
-    }
+    rec.ran(format!("{} guest(s)", contenders.len()));
     Ok(())
 }

@@ -1,28 +1,53 @@
-//! `pvkit bench`: paravirtual I/O benchmarks that compare contenders side by side in one run.
+//! `pvkit bench`: paravirtual I/O benchmarks that compare contenders side by side in one run,
+//! with raw samples in JSON (`--json`), plots (`--svg`) and a regression check (`compare`).
 
+pub mod all;
 pub mod blk;
+pub mod compare;
 pub mod console;
 pub mod doorbell;
 pub mod guest;
 mod loadgen;
 pub mod net;
+pub mod plot;
 mod process;
+pub mod recorder;
+pub mod report;
+
+use std::path::PathBuf;
+
+/// Where results go besides the table on standard output.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OutputArgs {
+    /// Write every raw sample, the machine, versions and options to FILE as JSON.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write plots (SVG) into DIR, created if missing.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub svg: Option<PathBuf>,
+}
 
 /// Benchmark scenarios.
 #[derive(clap::Subcommand, Debug)]
 pub enum Scenario {
-    /// 4 KiB random reads and writes through libblkio: pvkit vhost-user-blk vs qemu-storage-daemon.
+    /// Block I/O through libblkio: pvkit vhost-user-blk (each engine) vs qemu-storage-daemon and
+    /// --peer backends; 4 KiB random and 128 KiB sequential, queue-depth and queue-count sweeps.
     Blk(blk::BlkBenchArgs),
     /// Frames per second into vhost-user-net --sink vs DPDK's net_vhost, DPDK testpmd generating.
     Net(net::NetBenchArgs),
     /// The whole stack: the tiny guest on KVM (port doorbells, MMIO notify) and the software
     /// guest driving pvkit's three backends.
     Guest(guest::GuestBenchArgs),
-    /// Inside the tiny guest on KVM: the cost of a kick per doorbell mechanism and of a
-    /// request round trip.
+    /// Inside the tiny guest on KVM: a kick per doorbell mechanism, a request round trip, and
+    /// requests per queue depth, with event-idx on and off.
     Doorbell(doorbell::DoorbellBenchArgs),
-    /// Guest-to-host throughput through one vhost-user-console port.
+    /// Guest-to-host and host-to-guest throughput through one vhost-user-console port.
     Console(console::ConsoleBenchArgs),
+    /// Every scenario this machine can run (what it cannot is skipped, saying why).
+    All(all::AllArgs),
+    /// Per-metric change between two --json reports, with a noise-aware verdict; exits 1 when
+    /// something got worse beyond the noise.
+    Compare(compare::CompareArgs),
 }
 
 /// The median of `values` (sorted in place; the upper middle for an even count, 0 when empty).
@@ -37,13 +62,41 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
-/// Runs a scenario.
-pub fn run(scenario: &Scenario) -> Result<(), String> {
-    match scenario {
-        Scenario::Blk(args) => blk::run(args),
-        Scenario::Console(args) => console::run(args),
-        Scenario::Net(args) => net::run(args),
-        Scenario::Guest(args) => guest::run(args),
-        Scenario::Doorbell(args) => doorbell::run(args),
+/// Runs a scenario; returns whether everything passed (compare: no regression).
+pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, String> {
+    if let Scenario::Compare(args) = scenario {
+        return compare::run(args);
     }
+    // Refuse unwritable output places before spending minutes measuring.
+    if let Some(dir) = &output.svg {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if let Some(file) = &output.json
+        && let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(format!("cannot write {}: {} is not a directory", file.display(), parent.display()));
+    }
+    let mut rec = recorder::Recorder::new();
+    let outcome = match scenario {
+        Scenario::Blk(args) => blk::run(args, &mut rec),
+        Scenario::Console(args) => console::run(args, &mut rec),
+        Scenario::Net(args) => net::run(args, &mut rec),
+        Scenario::Guest(args) => guest::run(args, &mut rec),
+        Scenario::Doorbell(args) => doorbell::run(args, &mut rec),
+        Scenario::All(args) => all::run(args, &mut rec),
+        Scenario::Compare(_) => Ok(()),
+    };
+    let report = rec.finish();
+    // Whatever was measured is written, even when a scenario failed part way.
+    if let Some(file) = &output.json {
+        report.save(file)?;
+        eprintln!("pvkit bench: wrote {} samples to {}", report.samples.len(), file.display());
+    }
+    if let Some(dir) = &output.svg {
+        let written = plot::write_all(&report, dir)?;
+        eprintln!("pvkit bench: wrote {} plot(s) to {}", written.len(), dir.display());
+    }
+    outcome?;
+    Ok(report.scenarios.iter().all(|s| s.status != "failed"))
 }

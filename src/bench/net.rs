@@ -3,7 +3,9 @@
 //! (polling on, and `--poll-us 0`) and DPDK's own `net_vhost` PMD in rxonly mode, interleaved.
 
 use super::median;
-use super::process::{ProcessUsage, Spawned};
+use super::process::{ProcessUsage, Spawned, usage_of};
+use super::recorder::Recorder;
+use super::report::ProcessStats;
 use pvkit_host_devices::{BackendKind, backend_command};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Options of the net benchmark.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct NetBenchArgs {
     /// Seconds each measurement runs (after a one-second warm-up).
     #[arg(long, default_value_t = 3.0)]
@@ -43,13 +45,6 @@ impl Contender {
             Contender::PvkitNoPoll => "pvkit --sink --poll-us 0",
         }
     }
-}
-
-struct Sample {
-    contender: Contender,
-    frame: u16,
-    pps: f64,
-    usage: ProcessUsage,
 }
 
 /// testpmd, with its standard output line-buffered (`stdbuf`) so each periodic reading
@@ -119,8 +114,13 @@ fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, S
 }
 
 /// Runs the generator for the warm-up plus `seconds`; returns its per-second Tx-pps readings
-/// after the warm-up, and the backend's usage over them.
-fn generate(socket: &Path, frame: u16, seconds: f64, child: &Spawned) -> Result<(Vec<f64>, ProcessUsage), String> {
+/// after the warm-up, and the backend's and the generator's usage over them.
+fn generate(
+    socket: &Path,
+    frame: u16,
+    seconds: f64,
+    child: &Spawned,
+) -> Result<(Vec<f64>, ProcessUsage, ProcessUsage), String> {
     let mut cmd = testpmd_base("0@0,1@1", &format!("pvkit-bench-gen-{}", std::process::id()));
     cmd.args(["--vdev", &format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display()), "--"]);
     cmd.args(["--forward-mode=txonly", &format!("--txpkts={frame}"), "--stats-period", "1"]);
@@ -156,6 +156,7 @@ fn generate(socket: &Path, frame: u16, seconds: f64, child: &Spawned) -> Result<
         }
     }
     let before = child.usage()?;
+    let generator_before = usage_of(generator.id(), "dpdk-testpmd")?;
     let skip = readings.lock().unwrap_or_else(|p| p.into_inner()).len();
     // One reading per second: wait for as many as the measurement asks for.
     let wanted = (seconds.round() as usize).max(1);
@@ -168,6 +169,7 @@ fn generate(socket: &Path, frame: u16, seconds: f64, child: &Spawned) -> Result<
         std::thread::sleep(Duration::from_millis(20));
     }
     let usage = child.usage()?.since(&before);
+    let generator_usage = usage_of(generator.id(), "dpdk-testpmd")?.since(&generator_before);
     // SAFETY: sends a signal to the child we started.
     unsafe { libc::kill(generator.id() as libc::pid_t, libc::SIGINT) };
     let _ = generator.wait();
@@ -177,18 +179,26 @@ fn generate(socket: &Path, frame: u16, seconds: f64, child: &Spawned) -> Result<
     if measured.is_empty() {
         return Err("dpdk-testpmd printed no readings while measuring".into());
     }
-    Ok((measured, usage))
+    Ok((measured, usage, generator_usage))
 }
 
-/// Runs the benchmark.
-pub fn run(args: &NetBenchArgs) -> Result<(), String> {
+/// Why the net benchmark cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
     if super::find_program("dpdk-testpmd").is_none() {
-        return Err("dpdk-testpmd is not installed (scripts/test --prepare installs DPDK and hugepages)".into());
+        return Some("dpdk-testpmd is not installed (scripts/test --prepare installs DPDK and hugepages)".into());
     }
     let pages: u64 =
         std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     if pages < 256 {
-        return Err(format!("{pages} hugepages reserved; DPDK needs 256 or more (scripts/test --prepare)"));
+        return Some(format!("{pages} hugepages reserved; DPDK needs 256 or more (scripts/test --prepare)"));
+    }
+    None
+}
+
+/// Runs the benchmark into `rec`.
+pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+    if let Some(why) = unavailable() {
+        return Err(why);
     }
     if args.rounds == 0 || args.frame_sizes.is_empty() || args.seconds <= 0.0 {
         return Err("--rounds, --frame-sizes and --seconds must be positive".into());
@@ -203,23 +213,33 @@ pub fn run(args: &NetBenchArgs) -> Result<(), String> {
     let work = std::env::temp_dir().join(format!("pvkit-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let total = args.rounds * contenders.len() * args.frame_sizes.len();
-    let mut samples = Vec::new();
+    rec.begin("net", format!("{args:?}"), total);
+    rec.note(format!(
+        "pvkit bench net: DPDK testpmd net_virtio_user txonly as the generator (1 queue, 1024 descriptors), {} round(s) of {} s, interleaved",
+        args.rounds, args.seconds
+    ));
+    rec.note("pvkit's sink reads only each frame's header; DPDK's rxonly copies every frame into an mbuf.");
     let result = (|| {
         for &frame in &args.frame_sizes {
             for round in 0..args.rounds {
                 for &contender in &contenders {
-                    eprintln!(
-                        "[{}/{total}] round {} {frame}-byte frames: {}",
-                        samples.len() + 1,
-                        round + 1,
-                        contender.name()
-                    );
+                    let case = format!("{frame}-byte frames");
+                    rec.step(format!("round {} {case}: {}", round + 1, contender.name()));
                     let socket = work.join("net.sock");
                     let child = backend(contender, &socket, &work.join("backend.log"))?;
                     let outcome = generate(&socket, frame, args.seconds, &child);
                     child.interrupt(Duration::from_secs(5));
-                    let (mut readings, usage) = outcome?;
-                    samples.push(Sample { contender, frame, pps: median(&mut readings), usage });
+                    let (mut readings, usage, generator) = outcome?;
+                    let pps = median(&mut readings);
+                    let mut sample = rec.sample(&case, contender.name(), round);
+                    sample.group = "frames per second".into();
+                    sample.x = Some(f64::from(frame));
+                    sample.x_label = "frame bytes".into();
+                    (sample.metric, sample.value) = ("Mpps".into(), pps / 1e6);
+                    sample.extra.insert("Gbit/s".into(), pps * f64::from(frame) * 8.0 / 1e9);
+                    sample.processes =
+                        vec![ProcessStats::new("backend", &usage), ProcessStats::new("testpmd generator", &generator)];
+                    rec.push(sample);
                 }
             }
         }
@@ -227,47 +247,6 @@ pub fn run(args: &NetBenchArgs) -> Result<(), String> {
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;
-    print_table(args, &contenders, &samples);
+    rec.ran(format!("{} contender(s)", contenders.len()));
     Ok(())
-}
-
-fn print_table(args: &NetBenchArgs, contenders: &[Contender], samples: &[Sample]) {
-    println!(
-        "pvkit bench net: DPDK testpmd net_virtio_user txonly as the generator (1 queue, 1024 descriptors), {} round(s) of {} s, interleaved",
-        args.rounds, args.seconds
-    );
-    for &frame in &args.frame_sizes {
-        println!("\n{frame}-byte frames");
-        println!(
-            "  {:<30} {:>10} {:>23} {:>10} {:>7} {:>6} {:>9}",
-            "backend", "Mpps", "(min - max)", "Gbit/s", "ratio", "CPU", "peak RSS"
-        );
-        let mut first = None;
-        for &contender in contenders {
-            let group: Vec<&Sample> = samples.iter().filter(|s| s.contender == contender && s.frame == frame).collect();
-            if group.is_empty() {
-                continue;
-            }
-            let mut pps: Vec<f64> = group.iter().map(|s| s.pps).collect();
-            let med = median(&mut pps);
-            let (min, max) = (pps[0], pps[pps.len() - 1]);
-            let mut cpu: Vec<f64> = group.iter().map(|s| s.usage.cpu_fraction() * 100.0).collect();
-            let rss = group.iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
-            let base = *first.get_or_insert(med);
-            println!(
-                "  {:<30} {:>10.2} {:>10.2} - {:>10.2} {:>10.2} {:>7.2} {:>5.0}% {:>6} MiB",
-                contender.name(),
-                med / 1e6,
-                min / 1e6,
-                max / 1e6,
-                med * f64::from(frame) * 8.0 / 1e9,
-                if base > 0.0 { med / base } else { 0.0 },
-                median(&mut cpu),
-                rss / 1024
-            );
-        }
-    }
-    println!(
-        "\nratio: median frames/s relative to the first backend listed; Gbit/s counts frame bytes; CPU: the backend process's CPU time over wall time"
-    );
 }

@@ -26,11 +26,6 @@ impl ProcessUsage {
         };
         ProcessUsage { cpu: self.cpu.saturating_sub(earlier.cpu), wall, peak_rss_kib: self.peak_rss_kib, at: self.at }
     }
-
-    /// CPU time over wall time (1.0 = one core busy).
-    pub fn cpu_fraction(&self) -> f64 {
-        if self.wall.is_zero() { 0.0 } else { self.cpu.as_secs_f64() / self.wall.as_secs_f64() }
-    }
 }
 
 /// A backend process, killed on drop.
@@ -67,28 +62,39 @@ impl Spawned {
 
     /// The process's CPU time and peak RSS now.
     pub fn usage(&self) -> Result<ProcessUsage, String> {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("{}: {e}", self.name))?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-        // SAFETY: sysconf only reads a configuration value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let peak_rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        Ok(ProcessUsage {
-            cpu: Duration::from_secs_f64(ticks as f64 / hz as f64),
-            wall: Duration::ZERO,
-            peak_rss_kib,
-            at: Some(Instant::now()),
-        })
+        usage_of(self.child.id(), &self.name)
     }
+}
 
+/// The CPU time (all threads) and peak RSS of process `pid` (`name` for messages) now.
+pub fn usage_of(pid: u32, name: &str) -> Result<ProcessUsage, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("{name}: {e}"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak_rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok(ProcessUsage {
+        cpu: Duration::from_secs_f64(ticks as f64 / hz as f64),
+        wall: Duration::ZERO,
+        peak_rss_kib,
+        at: Some(Instant::now()),
+    })
+}
+
+/// This process's usage now (the load generators and VMMs that run inside pvkit).
+pub fn own_usage() -> Result<ProcessUsage, String> {
+    usage_of(std::process::id(), "pvkit")
+}
+
+impl Spawned {
     /// Asks the process to finish with SIGINT (DPDK releases its hugepages then), waiting up
     /// to `timeout` before killing it.
     pub fn interrupt(mut self, timeout: Duration) {

@@ -181,7 +181,16 @@ fn vector_for(found: &Found, index: u8) -> u8 {
 fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) -> Option<Blk> {
     let vector = vector_for(&found, 0);
     let (slot, pin) = (found.slot, found.irq);
-    let mut dev = match VirtIOBlk::<GuestHal, AnyTransport, 64>::new(found.transport, shim_for(cmdline, slot)) {
+    // `pvkit.event_idx=off`: drive the block device without RING_EVENT_IDX (doorbell bench).
+    let mut allowed = VirtIOBlk::<GuestHal, AnyTransport, 64>::SUPPORTED;
+    if pvkit_protocol::abi::param(cmdline, "pvkit.event_idx") == Some("off") {
+        allowed = allowed.without(pvkit_protocol::virtio::feature::RING_EVENT_IDX);
+    }
+    let mut dev = match VirtIOBlk::<GuestHal, AnyTransport, 64>::with_features(
+        found.transport,
+        allowed,
+        shim_for(cmdline, slot),
+    ) {
         Ok(dev) => dev,
         Err(e) => {
             println!("tiny-guest: blk: {e}");

@@ -156,11 +156,21 @@ impl<H: Hal, T: Transport, const QUEUE: usize> VirtIOBlk<H, T, QUEUE> {
 
     /// Initialises the device; `shim` picks each queue's doorbell from the transport's notify
     /// register (see [`crate::hypercall::Shim::choose`]).
-    pub fn new(mut transport: T, shim: impl Fn(u16, NotifyTarget) -> Shim) -> Result<Self, BlkError> {
+    pub fn new(transport: T, shim: impl Fn(u16, NotifyTarget) -> Shim) -> Result<Self, BlkError> {
+        Self::with_features(transport, Self::SUPPORTED, shim)
+    }
+
+    /// Like [`VirtIOBlk::new`], accepting only the features in `allowed` (intersected with
+    /// [`VirtIOBlk::SUPPORTED`]): to measure or test without RING_EVENT_IDX, say.
+    pub fn with_features(
+        mut transport: T,
+        allowed: Features,
+        shim: impl Fn(u16, NotifyTarget) -> Shim,
+    ) -> Result<Self, BlkError> {
         if transport.device_id() != DeviceId::Block.raw() {
             return Err(BlkError::WrongDevice(transport.device_id()));
         }
-        let features = transport::begin_init(&mut transport, Self::SUPPORTED)?;
+        let features = transport::begin_init(&mut transport, Self::SUPPORTED.intersect(allowed))?;
         let mut config = [0u8; blk::CONFIG_SIZE];
         // Older devices expose a shorter configuration: read what is there.
         let readable = if features.has(bf::WRITE_ZEROES) || features.has(bf::DISCARD) { blk::CONFIG_SIZE } else { 36 };

@@ -40,3 +40,9 @@ pub fn require_kvm(test: &str) -> bool {
     println!("SKIPPED {test}: /dev/kvm is missing or not usable on this machine");
     false
 }
+
+/// Whether `/dev/kvm` is usable (no skip line: for tests that expect a scenario to be
+/// skipped exactly when it is not).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}

@@ -181,6 +181,8 @@ impl Report {
         // testpmd has no --version; DPDK's own version is what matters.
         if super::find_program("dpdk-testpmd").is_some()
             && let Some(v) = version_of("pkg-config", &["--modversion", "libdpdk"])
+                .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+                .or_else(|| version_of("dpkg-query", &["-W", "-f=${Version}", "dpdk"]))
         {
             versions.insert("dpdk".to_string(), v);
         }

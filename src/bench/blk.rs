@@ -33,7 +33,7 @@ pub struct BlkBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "randread,randwrite,read,write")]
     pub patterns: Vec<String>,
     /// pvkit engines to measure, comma-separated: io_uring, sync, null.
-    #[arg(long, value_delimiter = ',', default_value = "io_uring,sync")]
+    #[arg(long, value_delimiter = ',', default_value = "io_uring,sync,null")]
     pub engines: Vec<String>,
     /// Another backend, as a command line with `{socket}` (and optionally `{image}`,
     /// `{size}`, `{queues}`) in it; repeatable. Named after its program.

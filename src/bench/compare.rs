@@ -2,7 +2,7 @@
 //! and a verdict that allows for noise: a change counts only when it is larger than the
 //! threshold and than the spread (max - min over median) either run saw for that metric.
 
-use super::report::{Report, Sample, Spread};
+use super::report::{Report, Sample, Spread, first_seen};
 use std::path::PathBuf;
 
 /// Options of `compare`.
@@ -64,13 +64,7 @@ fn metrics(group: &[&Sample]) -> Vec<(String, bool, Vec<f64>)> {
 /// Every change between `old` and `new`, with `threshold` as a fraction.
 pub fn changes(old: &Report, new: &Report, threshold: f64) -> Vec<Change> {
     let mut out = Vec::new();
-    let mut keys: Vec<(String, String, String)> = Vec::new();
-    for s in &new.samples {
-        let key = (s.scenario.clone(), s.case.clone(), s.contender.clone());
-        if !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
+    let keys = first_seen(new.samples.iter().map(|s| (s.scenario.clone(), s.case.clone(), s.contender.clone())));
     for (scenario, case, contender) in keys {
         let (old_group, new_group) = (old.group(&scenario, &case, &contender), new.group(&scenario, &case, &contender));
         let old_metrics = metrics(&old_group);

@@ -3,7 +3,7 @@
 //! group's axis (queue depth, frame size, operation); and, where latencies were recorded, their
 //! 50th and 99th percentiles.
 
-use super::report::{Report, Sample, Spread};
+use super::report::{Report, Sample, Spread, first_seen};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -41,13 +41,7 @@ struct Series {
 
 /// The groups of a scenario, in order of appearance.
 fn groups(report: &Report, scenario: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for s in report.samples.iter().filter(|s| s.scenario == scenario) {
-        if !out.contains(&s.group) {
-            out.push(s.group.clone());
-        }
-    }
-    out
+    first_seen(report.samples.iter().filter(|s| s.scenario == scenario).map(|s| s.group.clone()))
 }
 
 /// The cases of a group, in order, with their axis labels.
@@ -70,12 +64,7 @@ fn axis(samples: &[&Sample]) -> Vec<(String, String)> {
 }
 
 fn series_of(samples: &[&Sample], cases: &[(String, String)], value: impl Fn(&Sample) -> Option<f64>) -> Vec<Series> {
-    let mut contenders: Vec<String> = Vec::new();
-    for s in samples {
-        if !contenders.contains(&s.contender) {
-            contenders.push(s.contender.clone());
-        }
-    }
+    let contenders = first_seen(samples.iter().map(|s| s.contender.clone()));
     contenders
         .into_iter()
         .map(|contender| {
@@ -169,12 +158,7 @@ fn draw(
 pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut written = Vec::new();
-    let mut scenarios: Vec<&str> = Vec::new();
-    for s in &report.samples {
-        if !scenarios.contains(&s.scenario.as_str()) {
-            scenarios.push(&s.scenario);
-        }
-    }
+    let scenarios = first_seen(report.samples.iter().map(|s| s.scenario.as_str()));
     for scenario in scenarios {
         for group in groups(report, scenario) {
             let samples: Vec<&Sample> =

@@ -7,6 +7,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The distinct items of `items`, in the order they first appear.
+pub fn first_seen<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
 /// The JSON format's version (`format` in the file).
 pub const FORMAT: u32 = 1;
 
@@ -220,24 +231,12 @@ impl Report {
 
     /// The cases of `scenario`, in the order they were first measured.
     pub fn cases(&self, scenario: &str) -> Vec<String> {
-        let mut cases: Vec<String> = Vec::new();
-        for s in self.samples.iter().filter(|s| s.scenario == scenario) {
-            if !cases.contains(&s.case) {
-                cases.push(s.case.clone());
-            }
-        }
-        cases
+        first_seen(self.samples.iter().filter(|s| s.scenario == scenario).map(|s| s.case.clone()))
     }
 
     /// The contenders of `scenario`, in the order they were first measured.
     pub fn contenders(&self, scenario: &str) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for s in self.samples.iter().filter(|s| s.scenario == scenario) {
-            if !names.contains(&s.contender) {
-                names.push(s.contender.clone());
-            }
-        }
-        names
+        first_seen(self.samples.iter().filter(|s| s.scenario == scenario).map(|s| s.contender.clone()))
     }
 
     /// The samples of one contender in one case.
@@ -299,17 +298,8 @@ pub fn table(report: &Report, scenario: &str) -> String {
     let width = contenders.iter().map(String::len).max().unwrap_or(10).max(10);
     for case in report.cases(scenario) {
         let Some(first) = report.samples.iter().find(|s| s.scenario == scenario && s.case == case) else { continue };
-        let extras: Vec<String> = {
-            let mut keys: Vec<String> = Vec::new();
-            for s in report.samples.iter().filter(|s| s.scenario == scenario && s.case == case) {
-                for k in s.extra.keys() {
-                    if !keys.contains(k) {
-                        keys.push(k.clone());
-                    }
-                }
-            }
-            keys
-        };
+        let in_case = report.samples.iter().filter(|s| s.scenario == scenario && s.case == case);
+        let extras: Vec<String> = first_seen(in_case.flat_map(|s| s.extra.keys().cloned()));
         let _ = writeln!(
             out,
             "\n{case}: {}{}",
@@ -337,14 +327,7 @@ pub fn table(report: &Report, scenario: &str) -> String {
                 let cell = if values.is_empty() { "-".to_string() } else { format_value(Spread::of(values).median) };
                 let _ = write!(out, " {cell:>12}");
             }
-            let mut roles: Vec<&str> = Vec::new();
-            for s in &group {
-                for p in &s.processes {
-                    if !roles.contains(&p.role.as_str()) {
-                        roles.push(&p.role);
-                    }
-                }
-            }
+            let roles = first_seen(group.iter().flat_map(|s| s.processes.iter().map(|p| p.role.as_str())));
             let procs: Vec<String> = roles
                 .iter()
                 .map(|role| {

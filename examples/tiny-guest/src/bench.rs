@@ -58,25 +58,45 @@ fn report(name: &str, ops: u64, bytes: u64, kicks: u64, started: u64) {
 
 fn blk(mut dev: Blk, budget: Budget) {
     let blocks = dev.info().capacity / 8;
-    let Some(buffers) = Dma::<GuestHal>::new(BLK_DEPTH) else { return };
     if blocks == 0 {
         return;
     }
-    let mut free: [usize; BLK_DEPTH] = core::array::from_fn(|i| i);
-    let mut free_len = BLK_DEPTH;
-    let mut slot_of = [0usize; 64];
-    let (mut done, mut rng) = (0u64, 0x2545_f491_4f6c_dd1du64);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let next_sector = move |_| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % blocks) * 8
+    };
     let start_kicks = dev.queue().stats().kicks;
     println!("PVKIT-BENCH-BEGIN blk");
     let started = rdtsc();
+    let Some(done) = reads_in_flight(&mut dev, BLK_DEPTH, next_sector, |_| rdtsc() - started < budget.ticks) else {
+        return;
+    };
+    let kicks = dev.queue().stats().kicks - start_kicks;
+    report("blk", done, done * PAGE_SIZE as u64, kicks, started);
+}
+
+/// Keeps up to `depth` (at most [`BLK_DEPTH`]) 4 KiB reads in flight, the n-th at sector
+/// `next_sector(n)`, while `more(submitted)` says so, kicking once per batch (the queue decides
+/// whether the device wants it); returns how many completed, or `None` on a driver error.
+fn reads_in_flight(
+    dev: &mut Blk,
+    depth: usize,
+    mut next_sector: impl FnMut(u64) -> u64,
+    mut more: impl FnMut(u64) -> bool,
+) -> Option<u64> {
+    let depth = depth.clamp(1, BLK_DEPTH);
+    let buffers = Dma::<GuestHal>::new(depth)?;
+    let mut free: [usize; BLK_DEPTH] = core::array::from_fn(|i| i);
+    let mut free_len = depth;
+    let mut slot_of = [0usize; 64];
+    let (mut submitted, mut done) = (0u64, 0u64);
     let mut submitting = true;
-    while submitting || free_len < BLK_DEPTH {
-        submitting = rdtsc() - started < budget.ticks;
+    while submitting || free_len < depth {
+        submitting = more(submitted);
         while submitting && free_len > 0 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let sector = (rng % blocks) * 8;
             free_len -= 1;
             let slot = free[free_len];
             // SAFETY: each 4 KiB page of `buffers` belongs to one request at a time (a slot is
@@ -84,13 +104,15 @@ fn blk(mut dev: Blk, budget: Budget) {
             let buf =
                 unsafe { core::slice::from_raw_parts_mut(buffers.vaddr().as_ptr().add(slot * PAGE_SIZE), PAGE_SIZE) };
             // SAFETY: as above.
-            match unsafe { dev.submit(BlkRequest::Read { sector, buf }) } {
+            match unsafe { dev.submit(BlkRequest::Read { sector: next_sector(submitted), buf }) } {
                 Ok(token) => slot_of[usize::from(token) % 64] = slot,
                 Err(_) => {
                     free_len += 1;
                     break;
                 }
             }
+            submitted += 1;
+            submitting = more(submitted);
         }
         dev.kick();
         loop {
@@ -103,13 +125,12 @@ fn blk(mut dev: Blk, budget: Budget) {
                 Ok(None) => break,
                 Err(e) => {
                     println!("tiny-guest: blk bench: {e}");
-                    return;
+                    return None;
                 }
             }
         }
     }
-    let kicks = dev.queue().stats().kicks - start_kicks;
-    report("blk", done, done * PAGE_SIZE as u64, kicks, started);
+    Some(done)
 }
 
 fn net(mut dev: Net, budget: Budget) {
@@ -207,51 +228,12 @@ pub fn doorbells(dev: &mut Blk, cmdline: &str) {
     }
 }
 
-/// Keeps `depth` 4 KiB reads in flight until `requests` completed, kicking once per batch
-/// (the queue decides whether the device wants it); prints `PVKIT-DOORBELL qdN-... ticks=..
-/// n=.. kicks=..`.
+/// Keeps `depth` 4 KiB reads in flight until `requests` were submitted and completed; prints
+/// `PVKIT-DOORBELL qdN-... ticks=.. n=.. kicks=..`.
 fn at_depth(dev: &mut Blk, depth: usize, requests: u64) {
-    let Some(buffers) = Dma::<GuestHal>::new(depth) else { return };
-    let mut free: [usize; BLK_DEPTH] = core::array::from_fn(|i| i);
-    let mut free_len = depth.min(BLK_DEPTH);
-    let mut slot_of = [0usize; 64];
-    let (mut submitted, mut done) = (0u64, 0u64);
     let start_kicks = dev.queue().stats().kicks;
     let started = rdtsc();
-    while done < requests {
-        while submitted < requests && free_len > 0 {
-            free_len -= 1;
-            let slot = free[free_len];
-            // SAFETY: each page of `buffers` belongs to one request at a time (a slot is
-            // reused only after its completion), and the pages outlive the loop.
-            let buf =
-                unsafe { core::slice::from_raw_parts_mut(buffers.vaddr().as_ptr().add(slot * PAGE_SIZE), PAGE_SIZE) };
-            // SAFETY: as above.
-            match unsafe { dev.submit(BlkRequest::Read { sector: submitted % 64 * 8, buf }) } {
-                Ok(token) => slot_of[usize::from(token) % 64] = slot,
-                Err(_) => {
-                    free_len += 1;
-                    break;
-                }
-            }
-            submitted += 1;
-        }
-        dev.kick();
-        loop {
-            match dev.poll() {
-                Ok(Some(completion)) => {
-                    free[free_len] = slot_of[usize::from(completion.token) % 64];
-                    free_len += 1;
-                    done += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    println!("tiny-guest: doorbell bench: {e}");
-                    return;
-                }
-            }
-        }
-    }
+    let Some(done) = reads_in_flight(dev, depth, |n| n % 64 * 8, |submitted| submitted < requests) else { return };
     let kicks = dev.queue().stats().kicks - start_kicks;
     println!(
         "PVKIT-DOORBELL qd{depth}-{} ticks={} n={done} kicks={kicks}",

@@ -186,18 +186,16 @@ fn blk(checks: &mut Checks, cmdline: &str, mode: CompletionMode, found: Found) -
     if pvkit_protocol::abi::param(cmdline, "pvkit.event_idx") == Some("off") {
         allowed = allowed.without(pvkit_protocol::virtio::feature::RING_EVENT_IDX);
     }
-    let mut dev = match VirtIOBlk::<GuestHal, AnyTransport, 64>::with_features(
-        found.transport,
-        allowed,
-        shim_for(cmdline, slot),
-    ) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("tiny-guest: blk: {e}");
-            checks.set("blk_init", false);
-            return None;
-        }
-    };
+    let mut dev =
+        match VirtIOBlk::<GuestHal, AnyTransport, 64>::with_features(found.transport, allowed, shim_for(cmdline, slot))
+        {
+            Ok(dev) => dev,
+            Err(e) => {
+                println!("tiny-guest: blk: {e}");
+                checks.set("blk_init", false);
+                return None;
+            }
+        };
     checks.doorbell("blk", dev.queue().doorbell());
     let info = dev.info();
     println!("tiny-guest: blk: {} sectors, features {:#x}", info.capacity, info.features.0);

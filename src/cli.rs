@@ -54,10 +54,11 @@ pub fn main(args: Vec<String>) -> ExitCode {
         Command::Run(args) => crate::run::run(args),
         Command::Bench { output, scenario } => match crate::bench::run(&scenario, &output) {
             Ok(true) => ExitCode::SUCCESS,
+            // A scenario of `all` failed, or `compare` found something worse.
             Ok(false) => ExitCode::FAILURE,
             Err(err) => {
                 eprintln!("pvkit bench: {err}");
-                ExitCode::FAILURE
+                ExitCode::from(2)
             }
         },
         Command::Backend { kind, args } => {

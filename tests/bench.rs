@@ -248,7 +248,7 @@ fn bench_guest_and_compare_catch_a_regression() {
     // Not a report: a clear error.
     std::fs::write(&new, "{}").unwrap();
     let bad = pvkit().args(["bench", "compare"]).arg(&old).arg(&new).output().unwrap();
-    assert!(!bad.status.success());
+    assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a pvkit bench report"));
     let bad = pvkit().args(["bench", "guest", "--rounds", "0"]).output().unwrap();
     assert!(!bad.status.success());

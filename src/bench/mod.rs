@@ -46,7 +46,7 @@ pub enum Scenario {
     /// Every scenario this machine can run (what it cannot is skipped, saying why).
     All(all::AllArgs),
     /// Per-metric change between two --json reports, with a noise-aware verdict; exits 1 when
-    /// something got worse beyond the noise.
+    /// something got worse beyond the noise (2 on errors, as every bench command).
     Compare(compare::CompareArgs),
 }
 

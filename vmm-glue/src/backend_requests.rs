@@ -50,12 +50,22 @@ impl BackendRequests {
     /// Makes the channel and hands its other end to the backend (SET_BACKEND_REQ_FD). The
     /// caller must have negotiated BACKEND_REQ; `reply_ack` says whether REPLY_ACK was too.
     pub fn open(frontend: &mut Frontend, reply_ack: bool) -> Result<BackendRequests, BackendRequestError> {
+        let requests = BackendRequests::new(reply_ack)?;
+        frontend.set_backend_request_fd(&requests.backend_end()).map_err(BackendRequestError::Handover)?;
+        Ok(requests)
+    }
+
+    /// The channel, not yet handed over.
+    fn new(reply_ack: bool) -> Result<BackendRequests, BackendRequestError> {
         let changes = Arc::new(ConfigChanges::default());
         let mut handler = FrontendReqHandler::new(changes.clone()).map_err(BackendRequestError::Socket)?;
         handler.set_reply_ack_flag(reply_ack);
-        let backend_end = handler.get_tx_raw_fd();
-        frontend.set_backend_request_fd(&backend_end).map_err(BackendRequestError::Handover)?;
         Ok(BackendRequests { handler, changes })
+    }
+
+    /// The backend's end of the channel (what SET_BACKEND_REQ_FD carries).
+    fn backend_end(&self) -> RawFd {
+        self.handler.get_tx_raw_fd()
     }
 
     /// The descriptor to watch: readable when a request is waiting, hung up when the backend
@@ -102,5 +112,64 @@ impl BackendRequests {
                 return Ok(true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// A second handle on the backend's end of `requests`.
+    fn backend_side(requests: &BackendRequests) -> UnixStream {
+        // SAFETY: dup gives a new descriptor of our own for a socket `requests` keeps open.
+        let fd = unsafe { libc::dup(requests.backend_end()) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just made and is owned by nothing else.
+        unsafe { std::os::unix::io::FromRawFd::from_raw_fd(fd) }
+    }
+
+    fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
+        [request, flags, size].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn config_changes_are_counted_and_other_requests_refused() {
+        let mut requests = BackendRequests::new(true).unwrap();
+        let mut backend = backend_side(&requests);
+        backend.write_all(&header(2, 1, 0)).unwrap();
+        assert!(requests.wait_config_change(Duration::from_secs(5)).unwrap());
+        // A request this frontend does not serve (SHARED_OBJECT_ADD, a 16-byte UUID), asking
+        // for a reply: refused with an error code, and the channel stays in step.
+        let mut message = header(6, 1 | 8, 16);
+        message.extend_from_slice(&[7u8; 16]);
+        backend.write_all(&message).unwrap();
+        assert_eq!(requests.handle().unwrap(), 0);
+        let mut reply = [0u8; 20];
+        backend.read_exact(&mut reply).unwrap();
+        assert_eq!(u32::from_le_bytes(reply[..4].try_into().unwrap()), 6);
+        assert_ne!(u64::from_le_bytes(reply[12..].try_into().unwrap()), 0, "the reply reports the refusal");
+        backend.write_all(&header(2, 1, 0)).unwrap();
+        assert_eq!(requests.handle().unwrap(), 1);
+        // No change within the wait: false, not an error.
+        assert!(!requests.wait_config_change(Duration::from_millis(20)).unwrap());
+    }
+
+    #[test]
+    fn garbage_and_a_closed_channel_are_errors_not_panics() {
+        // An unknown request code.
+        let mut requests = BackendRequests::new(false).unwrap();
+        backend_side(&requests).write_all(&header(999, 1, 0)).unwrap();
+        assert!(requests.handle().is_err());
+        // A size past any message.
+        let mut requests = BackendRequests::new(false).unwrap();
+        backend_side(&requests).write_all(&header(2, 1, 0x7fff_ffff)).unwrap();
+        assert!(requests.handle().is_err());
+        // The backend went away.
+        let mut requests = BackendRequests::new(false).unwrap();
+        backend_side(&requests).shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(requests.handle().is_err());
+        assert!(requests.wait_config_change(Duration::from_millis(50)).is_err());
     }
 }

@@ -286,7 +286,57 @@ fn segment_raw(mem: &GuestMemoryMmap, seg: SegmentRepr) {
 
 #[test]
 fn io_uring_batches_many_reads_and_writes() {
-    let f = fixture_with(false, |path, ro| Engine::Uring(super::uring::UringEngine::open(path, ro, false, 1).unwrap()));
+    use super::uring::InlinePolicy;
+    for policy in [
+        InlinePolicy::NEVER,
+        InlinePolicy::ALWAYS,
+        InlinePolicy { reads: false, writes: true },
+        InlinePolicy { reads: true, writes: false },
+    ] {
+        io_uring_round_trip(policy);
+    }
+}
+
+#[test]
+fn io_uring_probes_which_directions_go_inline() {
+    use super::uring::{InlinePolicy, UringEngine};
+    let file = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    file.as_file().set_len(DISK).unwrap();
+    let path = file.path().to_str().unwrap();
+    let probe = |ro: bool| UringEngine::open(path, ro, false, 1).unwrap().inline();
+    // Read-only: no write probe, so writes never go inline.
+    assert!(!probe(true).writes);
+    // With O_DIRECT io_uring is asynchronous: nothing goes inline.
+    assert_eq!(
+        InlinePolicy::probe(std::os::unix::io::AsRawFd::as_raw_fd(file.as_file()), path, false, true),
+        InlinePolicy::NEVER
+    );
+    // tmpfs can do neither direction without blocking.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() && tempfile::NamedTempFile::new_in(shm).is_ok() {
+        let file = tempfile::NamedTempFile::new_in(shm).unwrap();
+        file.as_file().set_len(DISK).unwrap();
+        let policy = UringEngine::open(file.path().to_str().unwrap(), false, false, 1).unwrap().inline();
+        let statfs = statfs_type(file.path());
+        if statfs == Some(0x0102_1994) {
+            assert_eq!(policy, InlinePolicy::ALWAYS, "tmpfs");
+        }
+    }
+}
+
+/// The filesystem magic number of the filesystem holding `path`.
+fn statfs_type(path: &std::path::Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct for a valid C string path.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0).then_some(buf.f_type as i64)
+}
+
+fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
+    let f = fixture_with(false, |path, ro| {
+        Engine::Uring(super::uring::UringEngine::open(path, ro, false, 1).unwrap().with_inline(policy))
+    });
     let parse_one = |f: &Fixture, t: RequestType, i: u64, flags: u16| {
         // Each request has its own header, data and status area.
         let (hdr, data, status) = (HEADER + i * 16, DATA + i * 8192, STATUS + i);
@@ -324,7 +374,10 @@ fn io_uring_batches_many_reads_and_writes() {
     let disk = std::fs::read(&f.path).unwrap();
     for i in 0..count {
         let at = ((i * 16 + 3) * 512) as usize;
-        assert!(disk[at..at + 8192].iter().all(|&b| b == (i as u8).wrapping_mul(37) | 1), "write {i} on disk");
+        assert!(
+            disk[at..at + 8192].iter().all(|&b| b == (i as u8).wrapping_mul(37) | 1),
+            "{policy:?}: write {i} on disk"
+        );
     }
     f.mem.write_slice(&vec![0u8; (count * 8192) as usize], GuestAddress(DATA)).unwrap();
     let reads: Vec<_> = (0..count).map(|i| parse_one(&f, RequestType::In, i, WRITE)).collect();
@@ -332,7 +385,7 @@ fn io_uring_batches_many_reads_and_writes() {
     for i in 0..count {
         let mut back = vec![0u8; 8192];
         f.mem.read_slice(&mut back, GuestAddress(DATA + i * 8192)).unwrap();
-        assert!(back.iter().all(|&b| b == (i as u8).wrapping_mul(37) | 1), "read {i} back");
+        assert!(back.iter().all(|&b| b == (i as u8).wrapping_mul(37) | 1), "{policy:?}: read {i} back");
         assert_eq!(f.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), Status::Ok as u8);
     }
 }

@@ -264,28 +264,6 @@ fn vhost_device_console_attempt(attempt: u16) -> Result<(), String> {
     if answered && passed && out.status.code() == Some(0) { Ok(()) } else { Err(log) }
 }
 
-/// Opens a pty's terminal side in raw mode (no echo, no line editing) at `rows` x `cols`.
-fn open_terminal(path: &Path, rows: u16, cols: u16) -> std::fs::File {
-    use std::os::unix::io::AsRawFd;
-    let terminal = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    set_terminal_size(&terminal, rows, cols);
-    // SAFETY: termios calls on our own open descriptor.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        libc::tcgetattr(terminal.as_raw_fd(), &mut t);
-        libc::cfmakeraw(&mut t);
-        libc::tcsetattr(terminal.as_raw_fd(), libc::TCSANOW, &t);
-    }
-    terminal
-}
-
-fn set_terminal_size(terminal: &std::fs::File, rows: u16, cols: u16) {
-    use std::os::unix::io::AsRawFd;
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
-    assert_eq!(unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
-}
-
 /// The console backend sends a configuration-change message when its terminal is resized; the
 /// VMM raises CONFIG in the device's interrupt status and starts a new configuration
 /// generation, and the guest reads the new size.
@@ -301,7 +279,7 @@ fn a_resized_console_raises_a_configuration_interrupt_in_the_guest() {
     let mut backend = ChildGuard::spawn("vhost-user-console", &mut cmd).unwrap();
     let line = backend.stderr_line_with(" is pty ").unwrap();
     let pty = PathBuf::from(line.trim().rsplit(" is pty ").next().unwrap());
-    let terminal = open_terminal(&pty, 25, 80);
+    let terminal = pvkit_test_support::terminal::open_raw(&pty, 25, 80).unwrap();
     backend.wait_for_socket(&socket, WAIT).unwrap();
     let peer = {
         let terminal = terminal.try_clone().unwrap();
@@ -317,7 +295,7 @@ fn a_resized_console_raises_a_configuration_interrupt_in_the_guest() {
         assert!(!vm.is_finished(), "the VM ended before the resize phase");
         std::thread::sleep(Duration::from_millis(20));
     }
-    set_terminal_size(&terminal, 40, 132);
+    pvkit_test_support::terminal::resize(&terminal, 40, 132).unwrap();
     let out = vm.join().unwrap();
     let log = format!(
         "{}\n{}\nbackend:\n{}",

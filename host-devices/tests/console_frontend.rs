@@ -229,16 +229,9 @@ fn nothing_is_lost_through_a_slow_reader() {
     backend.check_running().unwrap();
 }
 
-fn set_size(fd: i32, rows: u16, cols: u16) {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
-    assert_eq!(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }, 0);
-}
-
 #[test]
 fn pty_port_with_size_and_live_resize() {
     use std::io::BufRead;
-    use std::os::unix::io::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("second.log");
     let socket = dir.path().join("console.sock");
@@ -268,15 +261,7 @@ fn pty_port_with_size_and_live_resize() {
         }
     };
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    let mut slave = std::fs::OpenOptions::new().read(true).write(true).open(&pty).unwrap();
-    // SAFETY: termios calls on our own open descriptor.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        libc::tcgetattr(slave.as_raw_fd(), &mut t);
-        libc::cfmakeraw(&mut t);
-        libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
-    }
-    set_size(slave.as_raw_fd(), 30, 100);
+    let mut slave = pvkit_test_support::terminal::open_raw(&pty, 30, 100).unwrap();
     let deadline = Instant::now() + WAIT;
     while !socket.exists() {
         assert!(Instant::now() < deadline);
@@ -299,7 +284,7 @@ fn pty_port_with_size_and_live_resize() {
 
     // The terminal is resized: the guest hears of it on the control queue, and the frontend
     // gets a configuration-change message on its backend request channel.
-    set_size(slave.as_raw_fd(), 40, 120);
+    pvkit_test_support::terminal::resize(&slave, 40, 120).unwrap();
     let (msg, payload) = next_control(&mut fe, &ctrl);
     assert_eq!((msg.id, msg.event, payload.as_slice()), (0, ControlEvent::Resize, &[40, 0, 120, 0][..]));
     assert!(

@@ -100,6 +100,23 @@ impl VirtioDevice {
         }
     }
 
+    /// Serves every backend request already waiting, without blocking (for callers without
+    /// an event loop, such as the software guest, before they read the interrupt status or
+    /// the config generation). Returns how many were served.
+    pub fn poll_backend_requests(&mut self) -> usize {
+        let mut served = 0;
+        while let Some(fd) = self.backend_requests_fd() {
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 || pfd.revents == 0 {
+                break;
+            }
+            self.backend_request();
+            served += 1;
+        }
+        served
+    }
+
     /// Whether the backend is connected.
     pub fn connected(&self) -> bool {
         self.link.is_some()

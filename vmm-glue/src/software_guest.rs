@@ -115,7 +115,13 @@ pub struct SoftTransport {
 impl SoftTransport {
     fn read(&self, reg: Register) -> u32 {
         let mut data = [0u8; 4];
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).mmio_read(reg.offset(), &mut data);
+        let mut device = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        // No event loop here: take the backend's configuration changes before the registers
+        // that report them.
+        if matches!(reg, Register::InterruptStatus | Register::ConfigGeneration) {
+            device.poll_backend_requests();
+        }
+        device.mmio_read(reg.offset(), &mut data);
         u32::from_le_bytes(data)
     }
 

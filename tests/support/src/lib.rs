@@ -14,6 +14,7 @@ pub mod initramfs;
 pub mod linux_guest;
 pub mod peers;
 pub mod process;
+pub mod terminal;
 pub mod tiny_guest;
 /// The vhost-user frontend with its own driver, from `pvkit-vmm-glue`, under the name the
 /// tests use.

@@ -45,9 +45,10 @@ pub struct Change {
     pub verdict: Verdict,
 }
 
-/// Whether more is better for a metric named `name` (`headline` says for the headline).
-fn higher_is_better(name: &str, headline: Option<bool>) -> bool {
-    headline.unwrap_or(!(name.starts_with("lat_") || name == "kicks_per_op" || name == "µs"))
+/// Whether more is better for an extra reading named `name` (a headline metric carries its
+/// own direction): latencies and kicks per operation are better lower.
+fn extra_higher_is_better(name: &str) -> bool {
+    !(name.starts_with("lat_") || name == "kicks_per_op")
 }
 
 /// The metrics of a group of samples: headline first, then the extras.
@@ -56,7 +57,7 @@ fn metrics(group: &[&Sample]) -> Vec<(String, bool, Vec<f64>)> {
     let mut out = vec![(first.metric.clone(), first.higher_is_better, group.iter().map(|s| s.value).collect())];
     for key in first.extra.keys() {
         let values: Vec<f64> = group.iter().filter_map(|s| s.extra.get(key).copied()).collect();
-        out.push((key.clone(), higher_is_better(key, None), values));
+        out.push((key.clone(), extra_higher_is_better(key), values));
     }
     out
 }

@@ -126,8 +126,10 @@ fn draw(
         .disable_x_mesh()
         .draw()
         .map_err(|e| fail(&e))?;
+    // Paired series (a thin one after each) share a colour.
+    let per_colour = if series.iter().any(|s| s.thin) { 2 } else { 1 };
     for (i, s) in series.iter().enumerate() {
-        let index = i / if series.iter().any(|s| s.thin) { 2 } else { 1 };
+        let index = i / per_colour;
         let (r, g, b) = PALETTE[index % PALETTE.len()];
         let color = RGBColor(r, g, b).to_rgba();
         let width = if s.thin { 1 } else { 2 };
@@ -173,22 +175,18 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
             draw(&path, &title, &first.x_label, &y_desc, &labels, &series_of(&samples, &cases, |s| Some(s.value)))?;
             written.push(path);
             if samples.iter().any(|s| s.extra.contains_key("lat_p50_us")) {
-                let mut series = Vec::new();
-                for (key, name) in [("lat_p50_us", "p50"), ("lat_p99_us", "p99")] {
-                    for mut s in series_of(&samples, &cases, |s| s.extra.get(key).copied()) {
-                        s.name = format!("{} {name}", s.name);
-                        s.thin = name == "p99";
-                        series.push(s);
-                    }
-                }
-                // Interleave p50 and p99 of each contender so they share a colour.
-                let half = series.len() / 2;
-                let mut paired = Vec::new();
-                let mut rest = series.split_off(half);
-                for (a, b) in series.drain(..).zip(rest.drain(..)) {
-                    paired.push(a);
-                    paired.push(b);
-                }
+                // Each contender's p50 then its p99 (thin), so the two share a colour.
+                let p50 = series_of(&samples, &cases, |s| s.extra.get("lat_p50_us").copied());
+                let p99 = series_of(&samples, &cases, |s| s.extra.get("lat_p99_us").copied());
+                let paired: Vec<Series> = p50
+                    .into_iter()
+                    .zip(p99)
+                    .flat_map(|(mut p50, mut p99)| {
+                        p50.name = format!("{} p50", p50.name);
+                        (p99.name, p99.thin) = (format!("{} p99", p99.name), true);
+                        [p50, p99]
+                    })
+                    .collect();
                 let path = dir.join(format!("{}-{}-latency.svg", slug(scenario), slug(&group)));
                 let title = format!("pvkit bench {scenario}: {group}, latency percentiles");
                 draw(&path, &title, &first.x_label, "latency, µs (lower is better)", &labels, &paired)?;

@@ -93,23 +93,31 @@ impl BackendRequests {
     pub fn wait_config_change(&mut self, timeout: Duration) -> Result<bool, BackendRequestError> {
         let deadline = Instant::now() + timeout;
         loop {
+            if !self.ready(deadline.saturating_duration_since(Instant::now()))? {
+                return Ok(false);
+            }
+            if self.handle()? > 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` (zero: just looks) for the channel to be readable: a request is
+    /// waiting, or the backend closed its end (which [`BackendRequests::handle`] reports).
+    pub fn ready(&self, timeout: Duration) -> Result<bool, BackendRequestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
             let ms = left.as_millis().min(i32::MAX as u128) as i32;
             // SAFETY: `pfd` is one valid pollfd for the duration of the call.
             let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if ready < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
+            if ready >= 0 {
+                return Ok(ready > 0);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(BackendRequestError::Wait(e));
-            }
-            if ready == 0 {
-                return Ok(false);
-            }
-            if self.handle()? > 0 {
-                return Ok(true);
             }
         }
     }

@@ -143,6 +143,11 @@ impl BackendLink {
         self.requests.as_ref().map(BackendRequests::fd)
     }
 
+    /// Whether a backend request is waiting (or the channel closed), without blocking.
+    pub fn backend_request_waiting(&self) -> bool {
+        self.requests.as_ref().is_some_and(|r| r.ready(std::time::Duration::ZERO).unwrap_or(false))
+    }
+
     /// Serves one backend request. Returns whether it announced a configuration change. On
     /// an error the channel is closed (the backend's requests are no longer heard).
     pub fn handle_backend_request(&mut self) -> Result<bool, FrontendError> {

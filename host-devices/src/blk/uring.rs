@@ -127,12 +127,17 @@ impl UringEngine {
         self.inline
     }
 
-    fn submit_chunk<B: BitmapSlice>(&self, ring: &mut IoUring, ops: &[&RwOp<'_, B>], results: &mut [io::Result<()>]) {
+    /// Runs the operations of `ops` that go through the ring (not [`InlinePolicy`]'s), each
+    /// result into `results` at its position; the others' results are left alone.
+    fn submit_chunk<B: BitmapSlice>(&self, ring: &mut IoUring, ops: &[RwOp<'_, B>], results: &mut [io::Result<()>]) {
         let fd = types::Fd(self.sync.as_raw_fd());
         // The iovec arrays must stay where they are until every completion is reaped below.
         let iovecs: Vec<Vec<libc::iovec>> = ops
             .iter()
             .map(|op| {
+                if self.inline.applies(op.write) {
+                    return Vec::new();
+                }
                 op.bufs
                     .iter()
                     .map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() })
@@ -141,6 +146,9 @@ impl UringEngine {
             .collect();
         let mut submitted = 0usize;
         for (i, (op, iov)) in ops.iter().zip(&iovecs).enumerate() {
+            if self.inline.applies(op.write) {
+                continue;
+            }
             let Ok(count) = u32::try_from(iov.len()) else {
                 results[i] = Err(io::Error::from(io::ErrorKind::InvalidInput));
                 continue;
@@ -232,29 +240,22 @@ impl BlockEngine for UringEngine {
         let Some(ring) = self.rings.get(queue) else {
             return ops.iter().map(|op| op.run_sync(self)).collect();
         };
-        let (inline, queued): (Vec<usize>, Vec<usize>) =
-            (0..ops.len()).partition(|&i| self.inline.applies(ops[i].write));
         let mut results: Vec<io::Result<()>> = ops.iter().map(|_| Ok(())).collect();
-        if !queued.is_empty() {
-            let refs: Vec<&RwOp<'_, B>> = queued.iter().map(|&i| &ops[i]).collect();
-            let mut out: Vec<io::Result<()>> = refs.iter().map(|_| Ok(())).collect();
+        if ops.iter().any(|op| !self.inline.applies(op.write)) {
             let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
-            for (chunk, out) in refs.chunks(RING_ENTRIES as usize).zip(out.chunks_mut(RING_ENTRIES as usize)) {
+            for (chunk, out) in ops.chunks(RING_ENTRIES as usize).zip(results.chunks_mut(RING_ENTRIES as usize)) {
                 self.submit_chunk(&mut ring, chunk, out);
             }
-            drop(ring);
-            for (&i, result) in queued.iter().zip(out) {
-                if !ops[i].write && result.is_ok() {
-                    for buf in &ops[i].bufs {
-                        buf.bitmap().mark_dirty(0, buf.len());
-                    }
-                }
-                results[i] = result;
-            }
         }
-        // The sync engine marks what it reads dirty itself.
-        for i in inline {
-            results[i] = ops[i].run_sync(&self.sync);
+        for (op, result) in ops.iter().zip(results.iter_mut()) {
+            if self.inline.applies(op.write) {
+                // The sync engine marks what it reads dirty itself.
+                *result = op.run_sync(&self.sync);
+            } else if !op.write && result.is_ok() {
+                for buf in &op.bufs {
+                    buf.bitmap().mark_dirty(0, buf.len());
+                }
+            }
         }
         results
     }

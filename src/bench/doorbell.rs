@@ -45,8 +45,13 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let result = (|| {
         let (backends, sockets, _) = start_backends(&dir, false)?;
-        let blk_pid = backends.pids().first().map(|(_, pid)| *pid).unwrap_or(0);
-        let (blk_before, vmm_before) = (usage_of(blk_pid, "vhost-user-blk")?, own_usage()?);
+        let blk_name = pvkit_host_devices::BackendKind::Blk.program_name();
+        let blk_pid = backends
+            .pids()
+            .into_iter()
+            .find_map(|(name, pid)| (name == blk_name).then_some(pid))
+            .ok_or("the block backend did not start")?;
+        let (blk_before, vmm_before) = (usage_of(blk_pid, blk_name)?, own_usage()?);
         let capture = Capture::default();
         let config = VmConfig {
             kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
@@ -62,7 +67,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
         };
         let report = vm::run(config).map_err(|e| e.to_string())?;
         let processes = vec![
-            ProcessStats::new("backend", &usage_of(blk_pid, "vhost-user-blk")?.since(&blk_before)),
+            ProcessStats::new("backend", &usage_of(blk_pid, blk_name)?.since(&blk_before)),
             ProcessStats::new("vmm", &own_usage()?.since(&vmm_before)),
         ];
         drop(backends);

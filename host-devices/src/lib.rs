@@ -12,6 +12,7 @@ pub mod backend_channel;
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod queue;
 pub mod relay;
 pub mod server;
 

@@ -28,12 +28,33 @@ pub enum ServerError {
         /// Why.
         source: vhost::vhost_user::Error,
     },
-    /// The vhost-user daemon failed.
+    /// The vhost-user library's daemon could not be created or started.
     #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    Daemon(vhost_user_backend::Error),
+    /// Accepting a frontend failed.
+    #[error("accepting a frontend: {0}")]
+    Accept(vhost::vhost_user::Error),
+    /// The control relay could not be set up.
+    #[error("setting up the control relay: {0}")]
+    Relay(std::io::Error),
+    /// The device for a new connection could not be made.
+    #[error("creating the device: {0}")]
+    Device(std::io::Error),
+    /// The device's descriptors could not be watched.
+    #[error("watching the device's descriptors: {0}")]
+    Attach(std::io::Error),
+    /// A listener thread panicked.
+    #[error("a listener thread panicked")]
+    ListenerPanicked,
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+}
+
+impl From<vhost_user_backend::Error> for ServerError {
+    fn from(error: vhost_user_backend::Error) -> ServerError {
+        ServerError::Daemon(error)
+    }
 }
 
 /// The listening options every backend takes.
@@ -156,15 +177,17 @@ impl fmt::Display for ListenOn {
 
 /// A device a backend serves, one per frontend connection.
 pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static {
-    /// Whether the control channel goes through [`crate::relay`] (for frontends that enable
-    /// rings before acknowledging protocol features, as QEMU's virtio-net does).
-    const RELAY_CONTROL: bool = false;
+    /// The device's queue-worker core.
+    fn core(&self) -> &crate::queue::DeviceCore;
 
-    /// Ends this connection's worker threads.
-    fn stop_workers(&self);
+    /// Ends this connection's worker threads (after a disconnect), returning once none is
+    /// inside a pass. A device with more to undo (leaving a switch) adds it here.
+    fn stop_workers(&self) {
+        self.core().stop();
+    }
 
     /// Where this connection's backend request channel goes, for a device that sends requests
-    /// of its own (the control channel then goes through [`crate::relay`], which keeps it).
+    /// of its own (the relay keeps it, see [`crate::relay`]).
     fn backend_channel(&self) -> Option<std::sync::Arc<crate::backend_channel::BackendChannel>> {
         None
     }
@@ -273,7 +296,7 @@ where
             })
             .collect();
         for thread in threads {
-            thread.join().map_err(|_| ServerError::Daemon("a listener thread panicked".into()))??;
+            thread.join().map_err(|_| ServerError::ListenerPanicked)??;
         }
         Ok(())
     })
@@ -294,10 +317,10 @@ fn relayed_frontend(
         match listener.accept() {
             Ok(Some(stream)) => break stream,
             Ok(None) => continue,
-            Err(e) => return Err(ServerError::Daemon(format!("accepting a frontend: {e}"))),
+            Err(e) => return Err(ServerError::Accept(e)),
         }
     };
-    let relay_error = |e: std::io::Error| ServerError::Daemon(format!("setting up the control relay: {e}"));
+    let relay_error = ServerError::Relay;
     let serial = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let address = SocketAddr::from_abstract_name(format!("pvkit-relay-{}-{index}-{serial}", std::process::id()))
         .map_err(relay_error)?;
@@ -311,7 +334,7 @@ fn relayed_frontend(
 fn accept_loop<D, M, S>(
     name: &str,
     index: usize,
-    mut listener: Listener,
+    listener: Listener,
     summary: &S,
     make_device: &M,
 ) -> Result<(), ServerError>
@@ -321,26 +344,24 @@ where
     S: Fn() -> String,
 {
     loop {
-        let device = make_device(index).map_err(|e| ServerError::Daemon(format!("creating the device: {e}")))?;
+        let device = make_device(index).map_err(ServerError::Device)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(name.to_string(), device.clone(), memory)
-            .map_err(|e| ServerError::Daemon(e.to_string()))?;
-        device
-            .attach(daemon.get_epoll_handlers())
-            .map_err(|e| ServerError::Daemon(format!("watching the device's descriptors: {e}")))?;
-        let channel = device.backend_channel();
-        if D::RELAY_CONTROL || channel.is_some() {
-            let mut private = relayed_frontend(name, index, &listener, channel)?;
-            daemon.start(&mut private).map_err(|e| ServerError::Daemon(e.to_string()))?;
-        } else {
-            daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
-        }
+        let mut daemon = VhostUserDaemon::new(name.to_string(), device.clone(), memory)?;
+        device.attach(daemon.get_epoll_handlers()).map_err(ServerError::Attach)?;
+        // Every frontend goes through the relay: it checks memory tables before the library
+        // maps them, holds QEMU's early SET_VRING_ENABLE, and keeps the backend request channel.
+        let mut private = relayed_frontend(name, index, &listener, device.backend_channel())?;
+        daemon.start(&mut private)?;
         info!("{name}: frontend connected");
         match daemon.wait() {
             Ok(()) => info!("{name}: frontend disconnected; listening again"),
             Err(e) => warn!("{name}: connection ended: {e}; listening again"),
         }
         device.stop_workers();
+        // Dropping the daemon joins its worker threads; only then may the descriptors the
+        // library left open be closed.
+        drop(daemon);
+        device.core().release_library_fds();
         info!("{name}: {}", summary());
     }
 }

@@ -5,20 +5,21 @@
 use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
-use log::warn;
 use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::io;
+use crate::queue::services::{Completion, Work};
+use crate::queue::worker::PassContext;
+use crate::queue::{
+    DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, UsedBatch, Verdict, WorkerQueue, ring,
+};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::time::Instant;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
-
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Largest number of data segments in one request (`seg_max`).
 pub const SEG_MAX: u32 = 254;
@@ -45,45 +46,13 @@ pub struct BlkOptions {
 }
 
 struct Shared {
+    core: DeviceCore,
     engine: Arc<Engine>,
     options: BlkOptions,
     limits: Limits,
     config: ConfigRepr,
     writeback: AtomicBool,
-    memory: RwLock<Option<Memory>>,
-    exits: Vec<(EventConsumer, EventNotifier)>,
     stats: Arc<Stats>,
-    gates: Arc<QueueGates>,
-    /// Set when the frontend is gone: this connection's workers must not touch the rings any
-    /// more (a new frontend may reuse the same shared memory for its own).
-    stopped: AtomicBool,
-}
-
-/// One lock per queue, held by the queue's worker while it processes a batch. Nothing else
-/// takes them except [`QueueGates::close`] at exit, so queues never contend with each other.
-pub struct QueueGates {
-    gates: Vec<std::sync::Mutex<()>>,
-}
-
-impl QueueGates {
-    /// Gates for `queues` queues.
-    pub fn new(queues: u16) -> QueueGates {
-        QueueGates { gates: (0..queues).map(|_| std::sync::Mutex::new(())).collect() }
-    }
-
-    /// Waits until no queue worker is inside a pass.
-    pub fn wait_idle(&self) {
-        for gate in &self.gates {
-            drop(gate.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-    }
-
-    /// Waits for every in-flight batch to finish and keeps new ones from starting, for good.
-    pub fn close(&self) {
-        for gate in &self.gates {
-            std::mem::forget(gate.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-    }
 }
 
 /// The block device; cheap to clone (all state is shared).
@@ -94,13 +63,8 @@ pub struct BlkDevice {
 
 impl BlkDevice {
     /// A device (for one frontend connection) serving `engine` with `options`, counting into
-    /// `stats`; `gates` has one lock per queue (see [`QueueGates`]).
-    pub fn new(
-        engine: Arc<Engine>,
-        options: BlkOptions,
-        stats: Arc<Stats>,
-        gates: Arc<QueueGates>,
-    ) -> io::Result<BlkDevice> {
+    /// `stats`; `gates` has one gate per queue, shared by every connection.
+    pub fn new(engine: Arc<Engine>, options: BlkOptions, stats: Arc<Stats>, gates: Arc<Gates>) -> io::Result<BlkDevice> {
         let capacity_sectors = engine.size() / blk::SECTOR_SIZE;
         let block_exp = options.logical_block_size.trailing_zeros().saturating_sub(blk::SECTOR_SHIFT);
         let config = ConfigRepr {
@@ -128,21 +92,10 @@ impl BlkDevice {
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
         };
-        let exits = (0..options.num_queues)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
-        let shared = Shared {
-            engine,
-            options,
-            limits,
-            config,
-            writeback: AtomicBool::new(true),
-            memory: RwLock::new(None),
-            exits,
-            stats,
-            gates,
-            stopped: AtomicBool::new(false),
-        };
+        let queues = usize::from(options.num_queues);
+        let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?;
+        let shared =
+            Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
 
@@ -169,18 +122,9 @@ impl BlkDevice {
         f
     }
 
-    /// Ends the worker threads (after a disconnect or at exit) and waits until none of them is
-    /// still inside a pass over its ring.
-    pub fn stop_workers(&self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        for (_, notifier) in &self.shared.exits {
-            let _ = notifier.notify();
-        }
-        self.shared.gates.wait_idle();
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.shared.stopped.load(Ordering::SeqCst)
+    /// The queue-worker core of this connection.
+    pub fn core(&self) -> &DeviceCore {
+        &self.shared.core
     }
 
     fn config_bytes(&self) -> [u8; blk::CONFIG_SIZE] {
@@ -192,68 +136,42 @@ impl BlkDevice {
         bytes
     }
 
-    /// Processes every available request on `vring` (queue `queue`) as one batch; returns how
-    /// many there were and whether the driver must be notified.
+    /// Processes every available request on `vring` (queue `queue`) as one batch and
+    /// publishes their used entries together; returns how many there were.
     ///
     /// The requests' buffers are looked up in a memory map loaded *after* the requests were
     /// seen: a frontend adds a region (ADD_MEM_REG, acknowledged) before it posts requests that
     /// use it, so a map loaded later always holds it, while one loaded before the pop may not.
-    fn process_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> io::Result<(usize, bool)> {
+    fn process_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> Result<usize, PassError> {
         let ring_mem = memory.memory();
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
         let mut chains = Vec::new();
-        while let Some(chain) = vq.pop_descriptor_chain(&*ring_mem) {
-            chains.push(chain);
-        }
+        let popped = loop {
+            match ring::pop(vq, &*ring_mem) {
+                Ok(Some(chain)) => chains.push(chain),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
         if chains.is_empty() {
-            return Ok((0, false));
+            return popped.map(|()| 0).map_err(PassError::ring(queue));
         }
+        let started = Instant::now();
         let data_mem = memory.memory();
+        let mut used = UsedBatch::default();
         let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
         let batch = chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
         let count = heads.len();
-        for (head, used_len) in heads.into_iter().zip(self.complete_batch(&data_mem, queue, batch)) {
-            if let Err(e) = vq.add_used(&*ring_mem, head, used_len) {
-                warn!("cannot add descriptor {head} to the used ring: {e}");
-            }
+        for (head, used_len) in heads.into_iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
+            used.push(head, used_len);
         }
-        Ok((count, vq.needs_notification(&*ring_mem).map_err(io::Error::other)?))
-    }
-
-    /// Serves the queue until it is empty with notifications re-enabled. With `--poll-us`,
-    /// keeps looking (notifications off) for that long after the last request before going
-    /// back to sleep on the kick eventfd; a queue that gets no kicks costs nothing.
-    ///
-    /// The memory map is loaded afresh on every pass: the frontend may add regions
-    /// (ADD_MEM_REG) while the queue is being polled.
-    fn serve_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> io::Result<()> {
-        let poll = std::time::Duration::from_micros(self.shared.options.poll_us);
-        loop {
-            vring.disable_notification().map_err(io::Error::other)?;
-            let mut last_work = std::time::Instant::now();
-            loop {
-                if self.is_stopped() {
-                    return Ok(());
-                }
-                let (count, notify) = self.process_queue(vring, queue, memory)?;
-                if notify {
-                    vring.signal_used_queue()?;
-                }
-                if count > 0 {
-                    last_work = std::time::Instant::now();
-                } else if poll.is_zero() || last_work.elapsed() >= poll {
-                    break;
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-            // Re-enabling reports whether the driver added requests meanwhile; if so, go on,
-            // so no request is left behind without a kick.
-            if !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
+        let services = self.shared.core.services();
+        if used.publish(vq, &*ring_mem, services).map_err(io::Error::other)? {
+            drop(state);
+            vring.signal_used_queue()?;
         }
+        popped.map(|()| count).map_err(PassError::ring(queue))
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.
@@ -264,12 +182,25 @@ impl BlkDevice {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let parsed = request::parse(chain, mem, &self.shared.limits);
-        self.complete_batch(mem, 0, vec![parsed]).pop().unwrap_or(0)
+        self.complete_batch(mem, 0, vec![parsed], Instant::now()).pop().unwrap_or(0)
     }
 
     /// Runs a batch: its reads and writes together through the engine, everything else one by
     /// one; writes each status byte and returns each chain's used length, in order.
-    pub(crate) fn complete_batch(&self, mem: &GuestMemoryMmap, queue: usize, batch: Vec<request::Parsed>) -> Vec<u32> {
+    pub(crate) fn complete_batch(
+        &self,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+        batch: Vec<request::Parsed>,
+        started: Instant,
+    ) -> Vec<u32> {
+        let services = self.shared.core.services();
+        let mut batch = batch;
+        if services.is_active() {
+            for parsed in &mut batch {
+                admit(services, queue, parsed);
+            }
+        }
         let mut ops = Vec::new();
         let mut op_of = vec![None; batch.len()];
         let mut unsliceable: Vec<Option<io::Result<()>>> = batch.iter().map(|_| None).collect();
@@ -312,15 +243,23 @@ impl BlkDevice {
                             .unwrap_or_else(|| Err(io::Error::other("lost result")))
                     })
                     .or_else(|| unsliceable[i].take());
-                self.finish(mem, parsed, rw)
+                self.finish(mem, queue, parsed, rw, started)
             })
             .collect()
     }
 
     /// Completes one request: runs it unless it is a read or write, which already ran in the
     /// batch (`rw`), writes the status, counts it, and returns the used length.
-    fn finish(&self, mem: &GuestMemoryMmap, parsed: request::Parsed, rw: Option<io::Result<()>>) -> u32 {
+    fn finish(
+        &self,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+        parsed: request::Parsed,
+        rw: Option<io::Result<()>>,
+        started: Instant,
+    ) -> u32 {
         let stats = &self.shared.stats;
+        let services = self.shared.core.services();
         let Some(status_addr) = parsed.status else {
             if let Err(e) = parsed.result {
                 stats.record_error(&e);
@@ -337,6 +276,9 @@ impl BlkDevice {
                     }),
                     None => self.execute(mem, &req),
                 };
+                if services.is_active() {
+                    report_completion(services, queue, &req, &outcome, started);
+                }
                 match outcome {
                     Ok(written) => {
                         stats.record_ok(req.request_type, bytes);
@@ -356,6 +298,7 @@ impl BlkDevice {
         if !request::write_status(mem, status_addr, status) {
             return 0;
         }
+        services.guest_written(status_addr, 1);
         u32::try_from(data_written + 1).unwrap_or(u32::MAX)
     }
 
@@ -401,6 +344,39 @@ impl BlkDevice {
     }
 }
 
+/// Asks the services whether a parsed request may be served; a refused one fails.
+fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed) {
+    let Ok(req) = &parsed.result else { return };
+    let work = Work { queue, kind: req.request_type.name(), bytes: req.data.iter().map(|s| s.len).sum() };
+    if services.admit(&work) == Verdict::Fail {
+        parsed.result = Err(RequestError::FailedByService);
+    }
+}
+
+/// Tells the services a request completed, and which guest memory it wrote (the data of a
+/// read or GET_ID; the status byte is reported by the caller).
+fn report_completion(
+    services: &dyn QueueServices,
+    queue: usize,
+    req: &Request,
+    outcome: &io::Result<u64>,
+    started: Instant,
+) {
+    if let Ok(written) = outcome {
+        let mut left = *written;
+        for seg in &req.data {
+            if left == 0 {
+                break;
+            }
+            let len = seg.len.min(left);
+            services.guest_written(seg.addr, len);
+            left -= len;
+        }
+    }
+    let work = Work { queue, kind: req.request_type.name(), bytes: req.data.iter().map(|s| s.len).sum() };
+    services.completed(&Completion { work, started, ok: outcome.is_ok() });
+}
+
 fn slices<'a>(mem: &'a GuestMemoryMmap, data: &[Segment]) -> io::Result<Vec<vm_memory::VolatileSlice<'a, ()>>> {
     let mut out = Vec::with_capacity(data.len());
     for seg in data {
@@ -431,11 +407,6 @@ impl VhostUserBackend for BlkDevice {
         crate::server::protocol_features()
     }
 
-    fn set_event_idx(&self, _enabled: bool) {
-        // The library applies RING_EVENT_IDX to each vring (virtio-queue's `set_event_idx`),
-        // and the notification calls in `serve_queue` follow it.
-    }
-
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         crate::server::config_slice(&self.config_bytes(), offset, size)
     }
@@ -452,18 +423,10 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        *self.shared.memory.write().map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
-    }
+    crate::served_by_core!(shared.core);
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.shared.options.num_queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.shared.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
     fn handle_event(
@@ -473,34 +436,37 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[VringRwLock],
         thread: usize,
     ) -> io::Result<()> {
-        // An error returned from here would end this worker's event loop for good (the
-        // library stops on it): log it and keep serving instead.
-        let result = (|| -> io::Result<()> {
+        self.shared.core.log_errors(device_event, || {
             if evset != EventSet::IN {
                 return Err(io::Error::other(format!("unexpected event set {evset:?}")));
             }
             let Some(vring) = vrings.get(device_event as usize) else {
                 return Err(io::Error::other(format!("event for unknown queue {device_event}")));
             };
-            let Some(atomic) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
-                return Err(io::Error::other("queue event before the memory table"));
-            };
-            let _gate = self.shared.gates.gates.get(thread).map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
-            if self.is_stopped() {
-                return Ok(());
-            }
-            self.serve_queue(vring, thread, &atomic)?;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            warn!("vhost-user-blk: event {device_event}: {e}");
+            let queues = [WorkerQueue { index: thread, vring }];
+            self.shared.core.serve(thread, &queues, &mut QueuePass { device: self, vring, queue: thread })
+        })
+    }
+}
+
+/// One request queue's pass: every available request as one batch.
+struct QueuePass<'a> {
+    device: &'a BlkDevice,
+    vring: &'a VringRwLock,
+    queue: usize,
+}
+
+impl QueueService for QueuePass<'_> {
+    fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
+        if !ctx.serviceable(self.queue, self.vring) {
+            return Ok(0);
         }
-        Ok(())
+        self.device.process_queue(self.vring, self.queue, ctx.memory)
     }
 }
 
 impl crate::server::ServedDevice for BlkDevice {
-    fn stop_workers(&self) {
-        BlkDevice::stop_workers(self);
+    fn core(&self) -> &DeviceCore {
+        &self.shared.core
     }
 }

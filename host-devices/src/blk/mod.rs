@@ -152,7 +152,7 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
     );
     // The disk stays open across frontend connections; each connection gets a fresh device.
     let engine = Arc::new(engine);
-    let gates = Arc::new(device::QueueGates::new(args.num_queues));
+    let gates = Arc::new(crate::queue::Gates::new(args.num_queues.into()));
     let summary = {
         let stats = stats.clone();
         move || stats.summary()

@@ -8,6 +8,8 @@
 use pvkit_protocol::blk::{self, RequestHeaderRepr, RequestType, SECTOR_SIZE, SEGMENT_SIZE, SegmentRepr};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
+use crate::queue::chain::{ChainBuffers, ChainError, read_stream, split_stream, stream_len};
+pub use crate::queue::chain::Segment;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Why a request was refused. Each kind is counted and logged once.
@@ -63,6 +65,9 @@ pub enum RequestError {
     /// Guest memory that the buffers point at does not exist.
     #[error("buffer at {0:#x} is outside guest memory")]
     BadAddress(u64),
+    /// A service (fault injection) failed the request on purpose.
+    #[error("failed by an attached service")]
+    FailedByService,
 }
 
 impl RequestError {
@@ -90,55 +95,9 @@ impl RequestError {
             RequestError::OverLimit { .. } => "over-limit",
             RequestError::Unsupported(_) => "unsupported",
             RequestError::BadAddress(_) => "bad-address",
+            RequestError::FailedByService => "failed-by-service",
         }
     }
-}
-
-/// A contiguous piece of guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    /// Guest-physical address.
-    pub addr: GuestAddress,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// Splits the first `n` bytes off a stream of segments.
-fn split_stream(stream: &[Segment], n: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let (mut head, mut tail, mut left) = (Vec::new(), Vec::new(), n);
-    for seg in stream {
-        if left >= seg.len {
-            head.push(*seg);
-            left -= seg.len;
-        } else if left > 0 {
-            head.push(Segment { addr: seg.addr, len: left });
-            // `parse` rejected segments that wrap, and left < seg.len.
-            tail.push(Segment { addr: seg.addr.unchecked_add(left), len: seg.len - left });
-            left = 0;
-        } else {
-            tail.push(*seg);
-        }
-    }
-    (head, tail)
-}
-
-fn stream_len(stream: &[Segment]) -> u64 {
-    stream.iter().map(|s| s.len).sum()
-}
-
-/// Reads `buf.len()` bytes from the start of a segment stream.
-fn read_stream<M: GuestMemoryBackend>(mem: &M, stream: &[Segment], buf: &mut [u8]) -> Result<(), RequestError> {
-    let mut done = 0usize;
-    for seg in stream {
-        if done == buf.len() {
-            break;
-        }
-        let n = (buf.len() - done).min(seg.len as usize);
-        mem.read_slice(&mut buf[done..done + n], seg.addr)
-            .map_err(|_| RequestError::BadAddress(seg.addr.raw_value()))?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// What a checked request asks for.
@@ -201,39 +160,39 @@ pub struct Parsed {
     pub result: Result<Request, RequestError>,
 }
 
+/// Most bytes one request's chain may describe (far above `seg_max` x `size_max`).
+pub const MAX_CHAIN_BYTES: u64 = 1 << 32;
+
+impl From<ChainError> for RequestError {
+    fn from(error: ChainError) -> RequestError {
+        match error {
+            ChainError::Malformed => RequestError::BadChain,
+            ChainError::ReadableAfterWritable => RequestError::ReadableAfterWritable,
+            ChainError::AddressWraps(addr) | ChainError::BadAddress(addr) => RequestError::BadAddress(addr),
+            ChainError::TooLong { cap } => RequestError::OverLimit { what: "chain bytes", value: cap + 1, limit: cap },
+        }
+    }
+}
+
 /// Walks `chain` (whose memory is `mem`) and checks the request it holds against `limits`.
 pub fn parse<M, G>(chain: DescriptorChain<M>, mem: &G, limits: &Limits) -> Parsed
 where
     M: Deref<Target = G>,
     G: GuestMemoryBackend,
 {
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
-    let mut order_error = false;
-    let mut count = 0usize;
-    for desc in chain {
-        count += 1;
-        let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
-        if seg.addr.checked_add(seg.len).is_none() {
-            // Splitting streams below relies on no segment wrapping the address space.
-            return Parsed { status: None, result: Err(RequestError::BadAddress(seg.addr.raw_value())) };
-        }
-        if desc.is_write_only() {
-            writable.push(seg);
-        } else if writable.is_empty() {
-            readable.push(seg);
-        } else {
-            order_error = true;
-        }
+    match ChainBuffers::collect(chain, MAX_CHAIN_BYTES) {
+        Ok(buffers) => parse_buffers(&buffers, mem, limits),
+        Err(e) => Parsed { status: None, result: Err(e.into()) },
     }
-    if count == 0 {
-        return Parsed { status: None, result: Err(RequestError::BadChain) };
-    }
-    let writable_len = stream_len(&writable);
+}
+
+/// Checks the request in an already walked chain.
+pub fn parse_buffers<G: GuestMemoryBackend>(buffers: &ChainBuffers, mem: &G, limits: &Limits) -> Parsed {
+    let writable_len = buffers.writable_len();
     if writable_len == 0 {
         return Parsed { status: None, result: Err(RequestError::NoStatusByte) };
     }
-    let (out_data, status_stream) = split_stream(&writable, writable_len - 1);
+    let (out_data, status_stream) = split_stream(&buffers.writable, writable_len - 1);
     let status = status_stream.first().map(|s| s.addr);
     let Some(status_addr) = status else {
         return Parsed { status: None, result: Err(RequestError::NoStatusByte) };
@@ -241,10 +200,10 @@ where
     if !mem.check_range(status_addr, 1) {
         return Parsed { status: None, result: Err(RequestError::BadAddress(status_addr.raw_value())) };
     }
-    let result = if order_error {
+    let result = if buffers.misordered {
         Err(RequestError::ReadableAfterWritable)
     } else {
-        check(mem, &readable, out_data, status_addr, limits)
+        check(mem, &buffers.readable, out_data, status_addr, limits)
     };
     Parsed { status, result }
 }
@@ -270,7 +229,7 @@ fn check<M: GuestMemoryBackend>(
     }
     let mut header_bytes = [0u8; blk::REQUEST_HEADER_SIZE];
     let (header_stream, readable_data) = split_stream(readable, header_bytes.len() as u64);
-    read_stream(mem, &header_stream, &mut header_bytes)?;
+    read_stream(mem, &header_stream, &mut header_bytes).map_err(RequestError::from)?;
     let header =
         RequestHeaderRepr::parse_bytes(&header_bytes).map_err(|_| RequestError::HeaderTooShort(readable_len))?;
     let in_len = stream_len(&writable_data);
@@ -360,7 +319,7 @@ fn parse_segments<M: GuestMemoryBackend>(
     for _ in 0..count {
         let mut raw = [0u8; SEGMENT_SIZE];
         let (this, next) = split_stream(&rest, SEGMENT_SIZE as u64);
-        read_stream(mem, &this, &mut raw)?;
+        read_stream(mem, &this, &mut raw).map_err(RequestError::from)?;
         rest = next;
         let seg = SegmentRepr::parse(&raw).map_err(RequestError::BadSegment)?;
         if is_discard && seg.unmap {

@@ -27,8 +27,11 @@ pub struct Control {
     port_ready: Vec<bool>,
     guest_open: Vec<bool>,
     size: Option<(u16, u16)>,
-    /// Messages waiting for the guest's control receive queue, each complete.
+    /// Messages waiting for the guest's control receive queue, each complete; no message
+    /// twice, and at most [`Control::outbox_limit`] of them.
     pub outbox: VecDeque<Vec<u8>>,
+    /// Messages not queued because the outbox was full.
+    pub dropped: u64,
 }
 
 fn message(id: u32, event: ControlEvent, value: u16, payload: &[u8]) -> Vec<u8> {
@@ -51,6 +54,28 @@ impl Control {
         }
     }
 
+    /// Most messages waiting at once: every message a port can have outstanding (DEVICE_ADD,
+    /// PORT_NAME, PORT_OPEN, one spare) plus the console's.
+    pub fn outbox_limit(&self) -> usize {
+        4 * self.ports as usize + 4
+    }
+
+    /// Queues `msg` for the guest unless the same message already waits (a guest repeating
+    /// PORT_READY, a host side flapping) or the outbox is full (counted, logged once).
+    fn send(&mut self, msg: Vec<u8>) {
+        if self.outbox.contains(&msg) {
+            return;
+        }
+        if self.outbox.len() >= self.outbox_limit() {
+            if self.dropped == 0 {
+                warn!("console: the guest posts no control buffers; control messages are dropped (counted)");
+            }
+            self.dropped += 1;
+            return;
+        }
+        self.outbox.push_back(msg);
+    }
+
     /// Whether the guest has the port open.
     pub fn guest_open(&self, port: u32) -> bool {
         self.guest_open.get(port as usize).copied().unwrap_or(false)
@@ -65,7 +90,7 @@ impl Control {
                 if msg.value == 1 && !self.driver_ready {
                     self.driver_ready = true;
                     for port in 0..self.ports {
-                        self.outbox.push_back(message(port, ControlEvent::DeviceAdd, 1, &[]));
+                        self.send(message(port, ControlEvent::DeviceAdd, 1, &[]));
                     }
                 } else if msg.value != 1 {
                     warn!("console: the guest driver failed to initialise (DEVICE_READY 0)");
@@ -79,7 +104,7 @@ impl Control {
                 }
                 self.port_ready[p] = true;
                 if p == 0 {
-                    self.outbox.push_back(message(0, ControlEvent::ConsolePort, 1, &[]));
+                    self.send(message(0, ControlEvent::ConsolePort, 1, &[]));
                     if let Some((rows, cols)) = self.size {
                         self.push_resize(rows, cols);
                     }
@@ -88,10 +113,10 @@ impl Control {
                 if let Some(name) = port.name {
                     let mut payload = name.into_bytes();
                     payload.push(0);
-                    self.outbox.push_back(message(msg.id, ControlEvent::PortName, 1, &payload));
+                    self.send(message(msg.id, ControlEvent::PortName, 1, &payload));
                 }
                 if port.host_open {
-                    self.outbox.push_back(message(msg.id, ControlEvent::PortOpen, 1, &[]));
+                    self.send(message(msg.id, ControlEvent::PortOpen, 1, &[]));
                 }
             }
             ControlEvent::PortOpen => self.guest_open[msg.id as usize] = msg.value == 1,
@@ -113,7 +138,12 @@ impl Control {
     /// The host side of `port` connected or disconnected.
     pub fn host_open_changed(&mut self, port: u32, open: bool) {
         if self.port_ready.get(port as usize).copied().unwrap_or(false) {
-            self.outbox.push_back(message(port, ControlEvent::PortOpen, u16::from(open), &[]));
+            // Only the latest state matters: an older PORT_OPEN for the port that still waits
+            // would be news the guest no longer needs.
+            let key = message(port, ControlEvent::PortOpen, 0, &[]);
+            let id_and_event = ..CONTROL_SIZE - 2;
+            self.outbox.retain(|m| m.get(id_and_event.clone()) != key.get(id_and_event.clone()));
+            self.send(message(port, ControlEvent::PortOpen, u16::from(open), &[]));
         }
     }
 
@@ -128,7 +158,7 @@ impl Control {
     fn push_resize(&mut self, rows: u16, cols: u16) {
         let mut payload = [0u8; RESIZE_PAYLOAD_SIZE];
         let _ = ResizeRepr { rows, cols }.emit(&mut payload);
-        self.outbox.push_back(message(0, ControlEvent::Resize, 0, &payload));
+        self.send(message(0, ControlEvent::Resize, 0, &payload));
     }
 }
 
@@ -209,5 +239,25 @@ mod tests {
         c.on_guest_message(&guest(0, ControlEvent::DeviceReady, 1), info).unwrap();
         c.on_guest_message(&guest(0, ControlEvent::DeviceReady, 1), info).unwrap();
         assert_eq!(c.outbox.len(), 2);
+    }
+
+    #[test]
+    fn repeated_messages_wait_once_and_the_outbox_is_bounded() {
+        let mut c = Control::new(2, Some((25, 80)));
+        let info = |_| PortInfo { name: Some("p".into()), host_open: true };
+        c.on_guest_message(&guest(0, ControlEvent::DeviceReady, 1), info).unwrap();
+        for _ in 0..10_000 {
+            c.on_guest_message(&guest(1, ControlEvent::PortReady, 1), info).unwrap();
+            c.on_guest_message(&guest(0, ControlEvent::PortReady, 1), info).unwrap();
+            c.host_open_changed(1, false);
+            c.host_open_changed(1, true);
+        }
+        assert!(c.outbox.len() <= c.outbox_limit(), "{} messages wait", c.outbox.len());
+        c.host_open_changed(1, false);
+        let opens: Vec<_> = c.outbox.iter().filter(|m| m[..6] == message(1, ControlEvent::PortOpen, 0, &[])[..6]).collect();
+        assert_eq!(opens.len(), 1, "one PORT_OPEN for port 1 waits");
+        assert_eq!(opens[0][6..8], [0, 0], "and it is the latest state");
+        let mut seen = std::collections::HashSet::new();
+        assert!(c.outbox.iter().all(|m| seen.insert(m.clone())), "a message waits twice");
     }
 }

@@ -9,21 +9,31 @@ use log::warn;
 use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use super::port::PENDING_LIMIT;
+use crate::queue::quiesce::lock;
+use crate::queue::worker::PassContext;
+use crate::queue::{
+    ChainBuffers, ChainError, DeviceCore, Gates, Memory, PassError, QueueService, Rearm, UsedBatch, WorkerQueue, ring,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
-
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Largest control message accepted from the guest.
 const MAX_CONTROL_MESSAGE: usize = 4096;
 /// Largest piece of host input delivered into one receive buffer.
 const MAX_RX_CHUNK: usize = 64 * 1024;
+/// Most bytes one transmit chain may hold (Linux's driver sends at most 32 KiB a chain): its
+/// descriptors may all point at the same guest memory, so the chain is not bounded by the
+/// guest's memory. A longer chain is refused (counted), never copied.
+const MAX_TX_CHAIN: u64 = PENDING_LIMIT as u64;
+/// Most bytes one receive chain may offer (nothing is allocated for more than
+/// [`MAX_RX_CHUNK`]).
+const MAX_RX_CHAIN: u64 = 1 << 32;
 
 /// The ports' host sides, shared by every frontend connection of the process.
 pub struct ConsoleHost {
@@ -99,15 +109,15 @@ enum Event {
 const SIZE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 struct Shared {
+    core: DeviceCore,
     host: Arc<ConsoleHost>,
     port_count: usize,
     num_queues: usize,
-    memory: RwLock<Option<Memory>>,
     control: Mutex<Control>,
     handler: Mutex<Option<Weak<VringEpollHandler<ConsoleDevice>>>>,
     watching: Mutex<Vec<[bool; 3]>>,
-    exit: (EventConsumer, EventNotifier),
-    stopped: AtomicBool,
+    /// Chains refused on this connection.
+    refused: AtomicU64,
     size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
     last_size: Mutex<Option<(u16, u16)>>,
     /// Where configuration changes (a new terminal size) are announced to the frontend.
@@ -121,8 +131,8 @@ pub struct ConsoleDevice {
 }
 
 impl ConsoleDevice {
-    /// A device over `host`'s ports.
-    pub fn new(host: Arc<ConsoleHost>) -> io::Result<ConsoleDevice> {
+    /// A device over `host`'s ports; `gates` (one worker) is shared by every connection.
+    pub fn new(host: Arc<ConsoleHost>, gates: Arc<Gates>) -> io::Result<ConsoleDevice> {
         let (port_count, size) = {
             let ports = host.lock();
             (ports.len(), ports.first().and_then(HostPort::size))
@@ -130,15 +140,14 @@ impl ConsoleDevice {
         let num_queues = usize::from(cq::count(port_count as u16, port_count > 1));
         Ok(ConsoleDevice {
             shared: Arc::new(Shared {
+                core: DeviceCore::new("vhost-user-console", num_queues, 1, gates, 0)?,
                 host,
                 port_count,
                 num_queues,
-                memory: RwLock::new(None),
                 control: Mutex::new(Control::new(port_count as u32, size)),
                 handler: Mutex::new(None),
                 watching: Mutex::new(vec![[false; 3]; port_count]),
-                exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
-                stopped: AtomicBool::new(false),
+                refused: AtomicU64::new(0),
                 size_timer: Mutex::new(None),
                 last_size: Mutex::new(size),
                 backend_channel: Arc::new(BackendChannel::new()),
@@ -201,7 +210,7 @@ impl ConsoleDevice {
             && size != *last
         {
             *last = size;
-            self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).resize(rows, cols);
+            self.shared.control.lock().unwrap_or_else(|p| p.into_inner()).resize(rows, cols);
             match self.shared.backend_channel.config_changed() {
                 Ok(true) => log::debug!("console: resized to {cols}x{rows}; the frontend was told"),
                 Ok(false) => {}
@@ -261,33 +270,55 @@ impl ConsoleDevice {
         matches!(self.shared.host.lock().get_mut(p).map(|port| port.accept()), Some(Ok(true)))
     }
 
-    fn memory(&self) -> Option<Memory> {
-        self.shared.memory.read().ok().and_then(|m| m.clone())
-    }
-
-    /// Takes guest output from port `p`'s transmit queue while the port has room, and
-    /// passes it on to the host side.
-    pub(crate) fn pump_tx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    /// Takes guest output from port `p`'s transmit queue while the port has room for the next
+    /// chain, and passes it on to the host side. Returns how many chains were taken and
+    /// whether the port is full (its queue is parked until the host side drains).
+    pub(crate) fn pump_tx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> Result<(usize, bool), PassError> {
+        let queue = usize::from(cq::port_tx(p as u16));
         let mut ports = self.shared.host.lock();
-        let Some(port) = ports.get_mut(p) else { return Ok(()) };
+        let Some(port) = ports.get_mut(p) else { return Ok((0, false)) };
         let mut closed = port.flush();
-        let mut used = false;
+        let services = self.shared.core.services();
+        let (full, taken);
+        let (mut used, mut rewound, mut popped) = (UsedBatch::default(), false, Ok(()));
         {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
             while port.has_room() {
-                let Some(chain) = vq.pop_descriptor_chain(&*mem) else { break };
+                let chain = match ring::pop(vq, &*mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        popped = Err(e);
+                        break;
+                    }
+                };
                 let head = chain.head_index();
-                match read_chain(chain, &mem, usize::MAX) {
-                    Ok(bytes) => port.pending.extend(bytes),
-                    Err(why) => warn!("console port {p}: transmit chain dropped: {why}"),
+                match transmit_buffers(chain) {
+                    // Backpressure: the chain waits in the ring until the port has room for it.
+                    Ok(buffers) if !port.has_room_for(buffers.readable_len()) => {
+                        vq.go_to_previous_position();
+                        rewound = true;
+                        break;
+                    }
+                    Ok(buffers) => {
+                        let mut bytes = Vec::with_capacity(buffers.readable_len() as usize);
+                        match buffers.read_all(&*mem, &mut bytes) {
+                            Ok(()) => port.pending.extend(bytes),
+                            Err(why) => self.refused(&format_args!("port {p}: transmit chain dropped: {why}")),
+                        }
+                    }
+                    Err(why) => self.refused(&format_args!("port {p}: transmit chain dropped: {why}")),
                 }
-                vq.add_used(&*mem, head, 0).map_err(io::Error::other)?;
-                used = true;
+                used.push(head, 0);
                 closed |= port.flush();
             }
-            if used && vq.needs_notification(&*mem).map_err(io::Error::other)? {
+            // Full: chains wait that the port cannot take until its host side drains (which
+            // wakes the worker: output writable, or a client connecting).
+            full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
+            taken = used.len();
+            if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
                 drop(state);
                 vring.signal_used_queue()?;
             }
@@ -298,38 +329,45 @@ impl ConsoleDevice {
         if closed {
             self.host_side_closed(p);
         }
-        Ok(())
+        popped.map_err(PassError::ring(queue))?;
+        Ok((taken, full))
     }
 
     /// Delivers host input for port `p` into the receive buffers the guest posted; stops
     /// watching the input while the guest has none, so input waits on the host side.
-    pub(crate) fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    pub(crate) fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> Result<usize, PassError> {
+        let queue = usize::from(cq::port_rx(p as u16));
         let mut ports = self.shared.host.lock();
-        let Some(port) = ports.get_mut(p) else { return Ok(()) };
-        let mut closed = false;
-        let mut used = false;
-        let mut has_buffers = false;
+        let Some(port) = ports.get_mut(p) else { return Ok(0) };
+        let services = self.shared.core.services();
+        let (mut used, mut closed, mut has_buffers, mut popped) = (UsedBatch::default(), false, false, Ok(()));
+        let mut moved = 0;
         {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
             while port.input_fd().is_some() {
-                let Some(chain) = vq.pop_descriptor_chain(&*mem) else { break };
+                let chain = match ring::pop(vq, &*mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        popped = Err(e);
+                        break;
+                    }
+                };
                 let head = chain.head_index();
-                let buffers = writable_buffers(chain);
-                let room: usize = buffers.iter().map(|b| b.1).sum::<usize>().min(MAX_RX_CHUNK);
-                if room == 0 {
-                    warn!("console port {p}: receive chain without writable buffers dropped");
-                    vq.add_used(&*mem, head, 0).map_err(io::Error::other)?;
-                    used = true;
+                let buffers = ChainBuffers::collect(chain, MAX_RX_CHAIN).ok().filter(|b| b.writable_len() > 0);
+                let Some(buffers) = buffers else {
+                    self.refused(&format_args!("port {p}: receive chain without writable buffers dropped"));
+                    used.push(head, 0);
                     continue;
-                }
-                let mut data = vec![0u8; room];
+                };
+                let mut data = vec![0u8; (buffers.writable_len() as usize).min(MAX_RX_CHUNK)];
                 match port.read(&mut data) {
                     Ok(Some(n)) => {
-                        let written = write_buffers(&mem, &buffers, &data[..n]);
-                        vq.add_used(&*mem, head, written as u32).map_err(io::Error::other)?;
-                        used = true;
+                        let written = buffers.write(&*mem, &data[..n], services);
+                        used.push(head, written as u32);
+                        moved += 1;
                     }
                     Ok(None) => {
                         vq.go_to_previous_position();
@@ -343,10 +381,12 @@ impl ConsoleDevice {
                     }
                 }
             }
-            if used && vq.needs_notification(&*mem).map_err(io::Error::other)? {
+            let returned = used.len();
+            if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
                 drop(state);
                 vring.signal_used_queue()?;
             }
+            moved = moved.max(returned);
         }
         let fd = port.input_fd();
         drop(ports);
@@ -354,167 +394,176 @@ impl ConsoleDevice {
         if closed {
             self.host_side_closed(p);
         }
-        Ok(())
+        popped.map_err(PassError::ring(queue))?;
+        Ok(moved)
+    }
+
+    /// Logs a refused chain (the first of each connection; the rest are counted).
+    fn refused(&self, what: &dyn std::fmt::Display) {
+        if self.shared.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!("console: {what} (further refused chains are only counted)");
+        }
+    }
+
+    /// Chains refused on this connection (bad direction, too long, outside guest memory).
+    pub fn refused_chains(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
     }
 
     fn host_side_closed(&self, p: usize) {
-        self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).host_open_changed(p as u32, false);
+        self.shared.control.lock().unwrap_or_else(|p| p.into_inner()).host_open_changed(p as u32, false);
         self.watch(p, 1, None, false);
         self.watch(p, 2, None, false);
     }
 
-    pub(crate) fn pump_control_tx(&self, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
+    pub(crate) fn pump_control_tx(&self, vring: &VringRwLock, memory: &Memory) -> Result<usize, PassError> {
         let mem = memory.memory();
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
-        let mut used = false;
-        while let Some(chain) = vq.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            match read_chain(chain, &mem, MAX_CONTROL_MESSAGE) {
-                Ok(bytes) => {
-                    let (infos, size): (Vec<PortInfo>, _) = {
-                        let ports = self.shared.host.lock();
-                        let infos = ports
-                            .iter()
-                            .map(|p| PortInfo { name: p.spec.name.clone(), host_open: p.is_open() })
-                            .collect();
-                        (infos, ports.first().and_then(HostPort::size))
-                    };
-                    // The size the guest is told at PORT_READY is the size now.
-                    *self.shared.last_size.lock().unwrap_or_else(|p| p.into_inner()) = size;
-                    let mut control = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
-                    control.note_size(size);
-                    if let Err(e) =
-                        control.on_guest_message(&bytes, |p| infos.get(p as usize).cloned().unwrap_or_default())
-                    {
-                        warn!("console: control message ignored: {e}");
-                    }
-                }
-                Err(why) => warn!("console: control chain dropped: {why}"),
-            }
-            vq.add_used(&*mem, head, 0).map_err(io::Error::other)?;
-            used = true;
-        }
-        if used && vq.needs_notification(&*mem).map_err(io::Error::other)? {
-            drop(state);
-            vring.signal_used_queue()?;
-        }
-        Ok(())
-    }
-
-    fn pump_control_rx(&self, vring: &VringRwLock, memory: &Memory) -> io::Result<()> {
-        let mut control = self.shared.control.lock().unwrap_or_else(|e| e.into_inner());
-        if control.outbox.is_empty() {
-            return Ok(());
-        }
-        let mem = memory.memory();
-        let mut state = vring.get_mut();
-        let vq = state.get_queue_mut();
-        let mut used = false;
-        while !control.outbox.is_empty() {
-            let Some(chain) = vq.pop_descriptor_chain(&*mem) else { break };
-            let head = chain.head_index();
-            let buffers = writable_buffers(chain);
-            let Some(msg) = control.outbox.pop_front() else { break };
-            let room: usize = buffers.iter().map(|b| b.1).sum();
-            let written = if room >= msg.len() {
-                write_buffers(&mem, &buffers, &msg)
-            } else {
-                warn!("console: control buffer of {room} bytes too small for a {}-byte message", msg.len());
-                0
+        let mut used = UsedBatch::default();
+        let popped = loop {
+            let chain = match ring::pop(vq, &*mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
-            vq.add_used(&*mem, head, written as u32).map_err(io::Error::other)?;
-            used = true;
-        }
-        if used && vq.needs_notification(&*mem).map_err(io::Error::other)? {
+            used.push(chain.head_index(), 0);
+            let mut bytes = Vec::new();
+            match transmit_buffers(chain).and_then(|b| {
+                if b.readable_len() > MAX_CONTROL_MESSAGE as u64 {
+                    return Err(ChainError::TooLong { cap: MAX_CONTROL_MESSAGE as u64 });
+                }
+                b.read_all(&*mem, &mut bytes)
+            }) {
+                Ok(()) => self.on_control_message(&bytes),
+                Err(why) => self.refused(&format_args!("control chain dropped: {why}")),
+            }
+        };
+        let count = used.len();
+        if used.publish(vq, &*mem, self.shared.core.services()).map_err(io::Error::other)? {
             drop(state);
             vring.signal_used_queue()?;
         }
-        Ok(())
+        popped.map_err(PassError::ring(usize::from(cq::CONTROL_TX)))?;
+        Ok(count)
     }
 
-    /// Serves every queue and port once more: used after anything that may unblock work.
-    /// Serves every queue, then asks the driver for a kick on the next buffer of each
-    /// (RING_EVENT_IDX's `avail_event`, or clearing NO_NOTIFY), and serves again if output
-    /// arrived meanwhile: a driver that published it before the request for a kick was visible
-    /// will not kick, so stopping here would leave it waiting for good.
-    fn pump_all(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {
-        loop {
-            self.pump_once(vrings, memory)?;
-            let mut more = false;
-            for (q, vring) in vrings.iter().enumerate().filter(|(_, v)| v.get_ref().get_queue().ready()) {
-                let pending = vring.enable_notification().map_err(io::Error::other)?;
-                // Receive queues keep free buffers on purpose; only new output counts.
-                if matches!(self.role(q), Some(QueueRole::Tx(_) | QueueRole::ControlTx)) {
-                    more |= pending;
-                }
-            }
-            if !more {
-                return Ok(());
-            }
+    fn on_control_message(&self, bytes: &[u8]) {
+        let (infos, size): (Vec<PortInfo>, _) = {
+            let ports = self.shared.host.lock();
+            let infos = ports.iter().map(|p| PortInfo { name: p.spec.name.clone(), host_open: p.is_open() }).collect();
+            (infos, ports.first().and_then(HostPort::size))
+        };
+        // The size the guest is told at PORT_READY is the size now.
+        *lock(&self.shared.last_size) = size;
+        let mut control = lock(&self.shared.control);
+        control.note_size(size);
+        if let Err(e) = control.on_guest_message(bytes, |p| infos.get(p as usize).cloned().unwrap_or_default()) {
+            self.refused(&format_args!("control message ignored: {e}"));
         }
     }
 
-    fn pump_once(&self, vrings: &[VringRwLock], memory: &Memory) -> io::Result<()> {
-        for (q, vring) in vrings.iter().enumerate() {
-            if !vring.get_ref().get_queue().ready() {
-                continue;
-            }
-            match self.role(q) {
-                Some(QueueRole::Tx(p)) => self.pump_tx(p, vring, memory)?,
-                Some(QueueRole::Rx(p)) => self.pump_rx(p, vring, memory)?,
-                Some(QueueRole::ControlTx) => self.pump_control_tx(vring, memory)?,
-                Some(QueueRole::ControlRx) => self.pump_control_rx(vring, memory)?,
-                None => {}
-            }
+    fn pump_control_rx(&self, vring: &VringRwLock, memory: &Memory) -> Result<usize, PassError> {
+        let mut control = lock(&self.shared.control);
+        if control.outbox.is_empty() {
+            return Ok(0);
+        }
+        let mem = memory.memory();
+        let mut state = vring.get_mut();
+        let vq = state.get_queue_mut();
+        let services = self.shared.core.services();
+        let mut used = UsedBatch::default();
+        let mut popped = Ok(());
+        while !control.outbox.is_empty() {
+            let chain = match ring::pop(vq, &*mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    popped = Err(e);
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let Some(msg) = control.outbox.pop_front() else { break };
+            let written = match ChainBuffers::collect(chain, MAX_RX_CHAIN) {
+                Ok(buffers) if buffers.writable_len() >= msg.len() as u64 => buffers.write(&*mem, &msg, services),
+                Ok(buffers) => {
+                    let room = buffers.writable_len();
+                    self.refused(&format_args!("control buffer of {room} bytes too small for a {}-byte message", msg.len()));
+                    0
+                }
+                Err(why) => {
+                    self.refused(&format_args!("control receive chain dropped: {why}"));
+                    0
+                }
+            };
+            used.push(head, written as u32);
+        }
+        let count = used.len();
+        if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
+            drop(state);
+            vring.signal_used_queue()?;
+        }
+        popped.map_err(PassError::ring(usize::from(cq::CONTROL_RX)))?;
+        Ok(count)
+    }
+}
+
+/// One pass over every queue of the console's one worker.
+struct ConsolePass<'a> {
+    device: &'a ConsoleDevice,
+    vrings: &'a [VringRwLock],
+    /// Ports whose host side cannot take their next chain: their transmit queues are parked.
+    full: Vec<bool>,
+}
+
+impl QueueService for ConsolePass<'_> {
+    fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
+        let device = self.device;
+        let mut work = 0;
+        for (q, vring) in self.vrings.iter().enumerate().filter(|(q, v)| ctx.serviceable(*q, v)) {
+            work += match device.role(q) {
+                Some(QueueRole::Tx(p)) => {
+                    let (moved, full) = device.pump_tx(p, vring, ctx.memory)?;
+                    if let Some(slot) = self.full.get_mut(p) {
+                        *slot = full;
+                    }
+                    moved
+                }
+                Some(QueueRole::Rx(p)) => device.pump_rx(p, vring, ctx.memory)?,
+                Some(QueueRole::ControlTx) => device.pump_control_tx(vring, ctx.memory)?,
+                Some(QueueRole::ControlRx) => device.pump_control_rx(vring, ctx.memory)?,
+                None => 0,
+            };
         }
         // Control messages produced above go out now.
-        if let Some(ctrl) = vrings.get(usize::from(cq::CONTROL_RX)).filter(|_| self.multiport())
-            && ctrl.get_ref().get_queue().ready()
+        let control_rx = usize::from(cq::CONTROL_RX);
+        if let Some(ctrl) = self.vrings.get(control_rx).filter(|v| device.multiport() && ctx.serviceable(control_rx, v))
         {
-            self.pump_control_rx(ctrl, memory)?;
+            work += device.pump_control_rx(ctrl, ctx.memory)?;
         }
-        Ok(())
+        Ok(work)
+    }
+
+    /// Receive queues keep free buffers on purpose: their kicks are wanted, but waiting
+    /// buffers are not work; a full port's transmit queue waits for the port to drain.
+    fn rearm(&self, queue: usize) -> Rearm {
+        match self.device.role(queue) {
+            Some(QueueRole::Tx(p)) if self.full.get(p).copied().unwrap_or(false) => Rearm::Parked,
+            Some(QueueRole::Tx(_) | QueueRole::ControlTx) => Rearm::Work,
+            _ => Rearm::KickOnly,
+        }
     }
 }
 
-/// The readable bytes of a chain (at most `limit`); a chain with writable buffers is refused.
-fn read_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    limit: usize,
-) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    for desc in chain {
-        if desc.is_write_only() {
-            return Err("a transmit chain with a device-writable buffer".into());
-        }
-        let len = (desc.len() as usize).min(limit.saturating_sub(out.len()));
-        let start = out.len();
-        out.resize(start + len, 0);
-        mem.read_slice(&mut out[start..], desc.addr()).map_err(|e| format!("buffer at {:#x}: {e}", desc.addr().0))?;
+/// The readable buffers of a transmit chain, refused when it has writable ones or holds more
+/// than one chain may.
+fn transmit_buffers(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<ChainBuffers, ChainError> {
+    let buffers = ChainBuffers::collect(chain, MAX_TX_CHAIN)?;
+    if !buffers.writable.is_empty() || buffers.misordered {
+        return Err(ChainError::ReadableAfterWritable);
     }
-    Ok(out)
-}
-
-fn writable_buffers(chain: DescriptorChain<&GuestMemoryMmap>) -> Vec<(vm_memory::GuestAddress, usize)> {
-    chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect()
-}
-
-/// Writes `data` across `buffers`; returns the bytes written (buffers outside memory stop it).
-fn write_buffers(mem: &GuestMemoryMmap, buffers: &[(vm_memory::GuestAddress, usize)], data: &[u8]) -> usize {
-    let mut done = 0;
-    for (addr, len) in buffers {
-        if done == data.len() {
-            break;
-        }
-        let n = (*len).min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], *addr).is_err() {
-            break;
-        }
-        done += n;
-    }
-    done
+    Ok(buffers)
 }
 
 impl VhostUserBackend for ConsoleDevice {
@@ -536,10 +585,6 @@ impl VhostUserBackend for ConsoleDevice {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // BACKEND_REQ: configuration changes (a resized terminal) reach the frontend.
         crate::server::protocol_features() | VhostUserProtocolFeatures::BACKEND_REQ
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {
-        // Applied per vring by the library; the notification calls above follow it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -570,17 +615,10 @@ impl VhostUserBackend for ConsoleDevice {
         }
     }
 
-    fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        *self.shared.memory.write().map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
-    }
+    crate::served_by_core!(shared.core);
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![(1u64 << self.shared.num_queues) - 1]
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.shared.exit.0.try_clone().ok()?, self.shared.exit.1.try_clone().ok()?))
     }
 
     fn handle_event(
@@ -590,10 +628,8 @@ impl VhostUserBackend for ConsoleDevice {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
-        // An error returned from here would end this worker's event loop for good (the
-        // library stops on it): log it and keep serving instead.
-        let result = (|| -> io::Result<()> {
-            if self.shared.stopped.load(Ordering::SeqCst) {
+        self.shared.core.log_errors(device_event, || {
+            if self.shared.core.is_stopped() {
                 return Ok(());
             }
             // Host-side events (a client connecting to a port) are handled even before the
@@ -603,32 +639,34 @@ impl VhostUserBackend for ConsoleDevice {
                 Some(Event::Listener(p)) => {
                     let accepted = self.shared.host.lock().get_mut(p).map(|port| port.accept()).transpose();
                     if matches!(accepted, Ok(Some(true))) {
-                        self.shared.control.lock().unwrap_or_else(|e| e.into_inner()).host_open_changed(p as u32, true);
+                        lock(&self.shared.control).host_open_changed(p as u32, true);
                     }
                 }
                 Some(Event::SizeCheck) => self.check_size(),
                 Some(Event::Queue(_) | Event::Input(_) | Event::Output(_)) => {}
                 None => return Err(io::Error::other(format!("unknown event {device_event}"))),
             }
-            let Some(memory) = self.memory() else { return Ok(()) };
             // Console traffic is light: serving everything on any event keeps the flow-control
             // logic in one place (a kick on one queue can unblock another port's host side).
-            self.pump_all(vrings, &memory)
-        })();
-        if let Err(e) = result {
-            warn!("console: event {device_event}: {e}");
-        }
-        Ok(())
+            let queues: Vec<WorkerQueue<'_>> =
+                vrings.iter().enumerate().map(|(index, vring)| WorkerQueue { index, vring }).collect();
+            let mut pass = ConsolePass { device: self, vrings, full: vec![false; self.shared.port_count] };
+            self.shared.core.serve(0, &queues, &mut pass)
+        })
     }
 }
 
 impl crate::server::ServedDevice for ConsoleDevice {
+    fn core(&self) -> &DeviceCore {
+        &self.shared.core
+    }
+
     fn backend_channel(&self) -> Option<Arc<BackendChannel>> {
         Some(self.shared.backend_channel.clone())
     }
+
     fn stop_workers(&self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        let _ = self.shared.exit.1.notify();
+        self.shared.core.stop();
         let mut watching = self.shared.watching.lock().unwrap_or_else(|p| p.into_inner());
         for w in watching.iter_mut() {
             *w = [false; 3];

@@ -70,12 +70,16 @@ pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
         let host = host.clone();
         move || host.summary()
     };
+    let gates = Arc::new(crate::queue::Gates::new(1));
     let quiesce = {
-        let host = host.clone();
-        move || host.flush_all()
+        let (host, gates) = (host.clone(), gates.clone());
+        move || {
+            gates.close();
+            host.flush_all();
+        }
     };
     server::serve("vhost-user-console", vec![listen], args.stats_ms, summary, quiesce, |_| {
-        ConsoleDevice::new(host.clone())
+        ConsoleDevice::new(host.clone(), gates.clone())
     })?;
     Ok(())
 }

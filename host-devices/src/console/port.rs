@@ -241,6 +241,12 @@ impl HostPort {
         self.pending.len() < PENDING_LIMIT
     }
 
+    /// Whether `bytes` more fit in what the port holds (always, when it holds nothing, so a
+    /// chain no larger than the limit is never refused for good).
+    pub fn has_room_for(&self, bytes: u64) -> bool {
+        self.pending.is_empty() || self.pending.len() as u64 + bytes <= PENDING_LIMIT as u64
+    }
+
     /// Accepts a waiting client on a listening port. A second client while one is connected
     /// is told so and closed. Returns true when a client became the port's host side.
     pub fn accept(&mut self) -> io::Result<bool> {

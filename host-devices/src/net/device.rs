@@ -4,7 +4,7 @@
 //! queue `i`, or inbox `i`); pairs share no lock on the data path.
 
 use super::frame::complete_checksum;
-use super::rings::{self, FrameFormat, Refused, RxOutcome, UsedBatch};
+use super::rings::{self, FrameFormat, Refused, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
 use log::warn;
@@ -12,17 +12,19 @@ use pvkit_protocol::net::{self, ConfigRepr, GsoType, NetHeaderRepr, feature as n
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use crate::queue::quiesce::lock;
+use crate::queue::services::Work;
+use crate::queue::worker::PassContext;
+use crate::queue::{
+    ChainBuffers, DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, Rearm, UsedBatch, Verdict,
+    WorkerQueue, ring,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
-
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Most transmit chains taken in one pass before the receive side gets its turn.
 const TX_BATCH: usize = 256;
@@ -44,9 +46,11 @@ pub struct NetOptions {
     pub poll_us: u64,
 }
 
-/// One queue pair's worker state (locked by its worker for a pass; nobody else takes it but
-/// `stop_workers`).
+/// One queue pair's worker state (locked by its worker only: the stop protocol is the core's
+/// gates).
 struct PairState {
+    /// The transmit chain being read (kept to reuse its vectors).
+    tx_buffers: ChainBuffers,
     /// A transmitted frame, copied out of the guest.
     tx_frame: Vec<u8>,
     /// A frame read from the tap.
@@ -58,15 +62,13 @@ struct PairState {
 }
 
 struct Shared {
+    core: DeviceCore,
     options: NetOptions,
     side: NetworkSide,
     stats: Arc<NetStats>,
-    memory: RwLock<Option<Memory>>,
     acked: AtomicU64,
-    exits: Vec<(EventConsumer, EventNotifier)>,
     inboxes: Arc<Vec<Inbox>>,
     pairs: Vec<Mutex<PairState>>,
-    stopped: AtomicBool,
 }
 
 /// The net device of one frontend connection; cheap to clone (all state is shared).
@@ -84,11 +86,11 @@ enum Event {
 }
 
 impl NetDevice {
-    /// A device for one frontend connection, sending to and receiving from `side`.
-    pub fn new(options: NetOptions, side: NetworkSide, stats: Arc<NetStats>) -> io::Result<NetDevice> {
+    /// A device for one frontend connection, sending to and receiving from `side`; `gates`
+    /// has one gate per queue pair, shared by every connection.
+    pub fn new(options: NetOptions, side: NetworkSide, stats: Arc<NetStats>, gates: Arc<Gates>) -> io::Result<NetDevice> {
         let pairs = options.pairs.max(1);
-        let exits =
-            (0..pairs).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        let core = DeviceCore::new("vhost-user-net", usize::from(pairs) * 2, pairs.into(), gates, options.poll_us)?;
         let inboxes = Arc::new((0..pairs).map(|_| Inbox::new()).collect::<io::Result<Vec<_>>>()?);
         if let NetworkSide::Switch { hub, port } = &side {
             hub.connect(*port, inboxes.clone());
@@ -96,6 +98,7 @@ impl NetDevice {
         let pair_states = (0..pairs)
             .map(|_| {
                 Mutex::new(PairState {
+                    tx_buffers: ChainBuffers::default(),
                     tx_frame: Vec::with_capacity(2048),
                     tap_buffer: if matches!(side, NetworkSide::Tap(_)) { vec![0; TAP_BUFFER] } else { Vec::new() },
                     loopback: VecDeque::new(),
@@ -103,17 +106,8 @@ impl NetDevice {
                 })
             })
             .collect();
-        let shared = Shared {
-            options,
-            side,
-            stats,
-            memory: RwLock::new(None),
-            acked: AtomicU64::new(0),
-            exits,
-            inboxes,
-            pairs: pair_states,
-            stopped: AtomicBool::new(false),
-        };
+        let shared =
+            Shared { core, options, side, stats, acked: AtomicU64::new(0), inboxes, pairs: pair_states };
         Ok(NetDevice { shared: Arc::new(shared) })
     }
 
@@ -170,23 +164,11 @@ impl NetDevice {
         bytes
     }
 
-    /// Ends this connection's workers and leaves the switch, waiting until no worker is inside
-    /// a pass.
-    pub fn stop_workers(&self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        for (_, notifier) in &self.shared.exits {
-            let _ = notifier.notify();
-        }
+    /// Leaves the switch; the core stops the workers.
+    fn leave_switch(&self) {
         if let NetworkSide::Switch { hub, port } = &self.shared.side {
             hub.disconnect(*port);
         }
-        for pair in &self.shared.pairs {
-            drop(pair.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.shared.stopped.load(Ordering::SeqCst)
     }
 
     fn inbox_event(&self) -> u64 {
@@ -206,64 +188,9 @@ impl NetDevice {
         }
     }
 
-    /// Serves queue pair `pair` until nothing is left to do with notifications re-enabled;
-    /// with `--poll-us`, keeps looking for that long after the last frame first.
-    fn serve_pair(&self, pair: usize, rx: &VringRwLock, tx: &VringRwLock, memory: &Memory) -> io::Result<()> {
-        let poll = Duration::from_micros(self.shared.options.poll_us);
-        let Some(state) = self.shared.pairs.get(pair) else { return Ok(()) };
-        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let _ = tx.disable_notification();
-            let _ = rx.disable_notification();
-            let mut last_work = Instant::now();
-            loop {
-                if self.is_stopped() {
-                    return Ok(());
-                }
-                let work = self.pass(pair, &mut state, rx, tx, memory)?;
-                if work > 0 {
-                    last_work = Instant::now();
-                } else if poll.is_zero() || last_work.elapsed() >= poll {
-                    break;
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-            // Re-enabling reports whether the driver added buffers meanwhile. The receive
-            // queue's kicks are wanted only while frames wait for its buffers.
-            let tx_more = is_live(tx) && tx.enable_notification().map_err(io::Error::other)?;
-            let waiting = state.held.is_some() || !state.loopback.is_empty() || !self.inbox(pair).is_empty();
-            let rx_more = waiting && is_live(rx) && rx.enable_notification().map_err(io::Error::other)?;
-            if !tx_more && !rx_more {
-                return Ok(());
-            }
-        }
-    }
-
     fn inbox(&self, pair: usize) -> &Inbox {
         // `pairs` inboxes exist and `pair` comes from the worker's index, below `pairs`.
         &self.shared.inboxes[pair.min(self.shared.inboxes.len() - 1)]
-    }
-
-    /// One pass over the pair: a batch of transmitted frames, then whatever waits for the
-    /// receive queue. Returns how many frames moved.
-    fn pass(
-        &self,
-        pair: usize,
-        state: &mut PairState,
-        rx: &VringRwLock,
-        tx: &VringRwLock,
-        memory: &Memory,
-    ) -> io::Result<usize> {
-        let format = self.frame_format();
-        let mut work = 0;
-        if is_live(tx) {
-            work += self.transmit(pair, state, tx, memory, &format)?;
-        }
-        if is_live(rx) {
-            work += self.receive(pair, state, rx, memory, &format)?;
-        }
-        Ok(work)
     }
 
     /// Takes up to [`TX_BATCH`] frames from the transmit queue and passes them on.
@@ -274,37 +201,47 @@ impl NetDevice {
         tx: &VringRwLock,
         memory: &Memory,
         format: &FrameFormat,
-    ) -> io::Result<usize> {
+    ) -> Result<usize, PassError> {
         let ring_mem = memory.memory();
         let mut vring = tx.get_mut();
         let mut used = UsedBatch::default();
         let copy = self.shared.side.needs_frame_bytes();
+        let services = self.shared.core.services();
         let (mut packets, mut bytes) = (0u64, 0u64);
+        let mut popped = Ok(());
         while used.len() < TX_BATCH {
-            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(&*ring_mem) else { break };
+            let chain = match ring::pop(vring.get_queue_mut(), &*ring_mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    popped = Err(e);
+                    break;
+                }
+            };
             used.push(chain.head_index(), 0);
             // Buffers are looked up in a map loaded after the chain was seen (see DESIGN.md).
             let data_mem = memory.memory();
-            let buffer = if copy { Some(&mut state.tx_frame) } else { None };
-            match rings::read_tx_chain(chain, &*data_mem, format, buffer) {
-                Ok(frame) => {
+            let PairState { tx_buffers, tx_frame, .. } = state;
+            let buffer = if copy { Some(tx_frame) } else { None };
+            match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
+                Ok(frame) if admitted(services, 2 * pair + 1, "tx", frame.frame_len) => {
                     if self.pass_on(pair, state, frame.header, format) {
                         packets += 1;
                         bytes += frame.frame_len as u64;
                     }
                 }
+                Ok(_) => self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame"),
                 Err(refused) => self.shared.stats.dropped(refused.reason, &refused),
             }
         }
         let count = used.len();
-        if count == 0 {
-            return Ok(0);
+        if count > 0 {
+            self.shared.stats.transmitted(packets, bytes);
+            if used.publish(vring.get_queue_mut(), &*ring_mem, services).map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
         }
-        self.shared.stats.transmitted(packets, bytes);
-        if used.publish(vring.get_queue_mut(), &*ring_mem).map_err(io::Error::other)? {
-            vring.signal_used_queue()?;
-        }
-        Ok(count)
+        popped.map(|()| count).map_err(PassError::ring(2 * pair + 1))
     }
 
     /// Sends the frame in `state.tx_frame` (header `header`) to the network side; returns
@@ -355,12 +292,14 @@ impl NetDevice {
         rx: &VringRwLock,
         memory: &Memory,
         format: &FrameFormat,
-    ) -> io::Result<usize> {
+    ) -> Result<usize, PassError> {
         let ring_mem = memory.memory();
         let mut vring = rx.get_mut();
         let mut used = UsedBatch::default();
         let (mut packets, mut bytes) = (0u64, 0u64);
         let inbox = self.inbox(pair);
+        let services = self.shared.core.services();
+        let mut popped = Ok(());
         loop {
             let next = state.held.take().or_else(|| state.loopback.pop_front()).or_else(|| inbox.pop());
             let frame = match next {
@@ -375,9 +314,22 @@ impl NetDevice {
                 self.shared.stats.dropped(refused.reason, &refused);
                 continue;
             }
+            if !admitted(services, 2 * pair, "rx", frame.data.len()) {
+                self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
+                continue;
+            }
             let data_mem = memory.memory();
+            let queue = vring.get_queue_mut();
             let outcome =
-                rings::write_rx_frame(vring.get_queue_mut(), &*data_mem, format, &frame.header, &frame.data, &mut used);
+                rings::write_rx_frame(queue, &*data_mem, format, (&frame.header, &frame.data), &mut used, services);
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    state.held = Some(frame);
+                    popped = Err(e);
+                    break;
+                }
+            };
             match outcome {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
@@ -397,10 +349,10 @@ impl NetDevice {
             self.shared.stats.received(packets, bytes);
         }
         let entries = used.len();
-        if used.publish(vring.get_queue_mut(), &*ring_mem).map_err(io::Error::other)? {
+        if used.publish(vring.get_queue_mut(), &*ring_mem, services).map_err(io::Error::other)? {
             vring.signal_used_queue()?;
         }
-        Ok(entries)
+        popped.map(|()| entries).map_err(PassError::ring(2 * pair))
     }
 
     /// Reads one frame from the tap queue of `pair`, if this is a tap device and one waits.
@@ -458,20 +410,49 @@ impl NetDevice {
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Err(io::Error::other(format!("worker {thread} has {} queues, not 2", vrings.len())));
         };
-        let Some(memory) = self.shared.memory.read().ok().and_then(|m| m.clone()) else {
-            return Ok(());
-        };
-        if self.is_stopped() {
-            return Ok(());
-        }
-        self.serve_pair(thread, rx, tx, &memory)
+        let Some(state) = self.shared.pairs.get(thread) else { return Ok(()) };
+        let mut state = lock(state);
+        let queues = [WorkerQueue { index: 2 * thread, vring: rx }, WorkerQueue { index: 2 * thread + 1, vring: tx }];
+        let mut pass = PairPass { device: self, pair: thread, state: &mut state, rx, tx };
+        self.shared.core.serve(thread, &queues, &mut pass)
     }
 }
 
-/// Whether a queue may be touched: set up and enabled by the frontend.
-fn is_live(vring: &VringRwLock) -> bool {
-    let state = vring.get_ref();
-    state.is_enabled() && state.get_queue().ready()
+/// One queue pair's pass: a batch of transmitted frames, then whatever waits for the receive
+/// queue.
+struct PairPass<'a> {
+    device: &'a NetDevice,
+    pair: usize,
+    state: &'a mut PairState,
+    rx: &'a VringRwLock,
+    tx: &'a VringRwLock,
+}
+
+impl QueueService for PairPass<'_> {
+    fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
+        let format = self.device.frame_format();
+        let (rx_queue, tx_queue) = (2 * self.pair, 2 * self.pair + 1);
+        let mut work = 0;
+        if ctx.serviceable(tx_queue, self.tx) {
+            work += self.device.transmit(self.pair, self.state, self.tx, ctx.memory, &format)?;
+        }
+        if ctx.serviceable(rx_queue, self.rx) {
+            work += self.device.receive(self.pair, self.state, self.rx, ctx.memory, &format)?;
+        }
+        Ok(work)
+    }
+
+    /// The receive queue's kicks are wanted only while frames wait for its buffers.
+    fn rearm(&self, queue: usize) -> Rearm {
+        let waiting =
+            self.state.held.is_some() || !self.state.loopback.is_empty() || !self.device.inbox(self.pair).is_empty();
+        if queue % 2 == 1 || waiting { Rearm::Work } else { Rearm::Parked }
+    }
+}
+
+/// Whether the services let a frame of `len` bytes on queue `queue` through.
+fn admitted(services: &dyn QueueServices, queue: usize, kind: &'static str, len: usize) -> bool {
+    !services.is_active() || services.admit(&Work { queue, kind, bytes: len as u64 }) == Verdict::Serve
 }
 
 impl VhostUserBackend for NetDevice {
@@ -505,10 +486,6 @@ impl VhostUserBackend for NetDevice {
         crate::server::protocol_features()
     }
 
-    fn set_event_idx(&self, _enabled: bool) {
-        // virtio-queue applies RING_EVENT_IDX to each vring; `UsedBatch::publish` follows it.
-    }
-
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         crate::server::config_slice(&self.config_bytes(), offset, size)
     }
@@ -519,18 +496,10 @@ impl VhostUserBackend for NetDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        *self.shared.memory.write().map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
-    }
+    crate::served_by_core!(shared.core);
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.shared.options.pairs.max(1)).map(|pair| 0b11u64 << (2 * pair)).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.shared.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
     fn handle_event(
@@ -540,20 +509,18 @@ impl VhostUserBackend for NetDevice {
         vrings: &[VringRwLock],
         thread: usize,
     ) -> io::Result<()> {
-        // An error returned from here would end this worker's event loop for good: log it
-        // and keep serving instead.
-        if let Err(e) = self.handle(device_event, vrings, thread) {
-            warn!("vhost-user-net: queue pair {thread}, event {device_event}: {e}");
-        }
-        Ok(())
+        self.shared.core.log_errors(device_event, || self.handle(device_event, vrings, thread))
     }
 }
 
 impl crate::server::ServedDevice for NetDevice {
-    const RELAY_CONTROL: bool = true;
+    fn core(&self) -> &DeviceCore {
+        &self.shared.core
+    }
 
     fn stop_workers(&self) {
-        NetDevice::stop_workers(self);
+        self.shared.core.stop();
+        self.leave_switch();
     }
 
     fn attach(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) -> io::Result<()> {

@@ -16,6 +16,7 @@ use device::{NetDevice, NetOptions};
 use side::{NetworkSide, SwitchHub};
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
+use crate::queue::Gates;
 use std::sync::Arc;
 
 /// Errors from starting the net backend.
@@ -174,12 +175,18 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
         let stats = stats.clone();
         move || stats.summary()
     };
+    // One set of gates per listening socket (a switch port's workers never wait on another's).
+    let gates: Vec<Arc<Gates>> = listens.iter().map(|_| Arc::new(Gates::new(options.pairs.max(1).into()))).collect();
+    let quiesce = {
+        let gates = gates.clone();
+        move || gates.iter().for_each(|g| g.close())
+    };
     server::serve(
         "vhost-user-net",
         listens,
         args.stats_ms,
         summary,
-        || {},
+        quiesce,
         |port| {
             let mut options = options.clone();
             let side = match (&hub, &side) {
@@ -189,7 +196,8 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
                 }
                 (None, side) => side.clone(),
             };
-            NetDevice::new(options, side, stats.clone())
+            let gates = gates.get(port).cloned().unwrap_or_else(|| Arc::new(Gates::new(options.pairs.into())));
+            NetDevice::new(options, side, stats.clone(), gates)
         },
     )?;
     Ok(())

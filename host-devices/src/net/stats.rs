@@ -23,11 +23,13 @@ pub enum DropReason {
     TapWrite,
     /// A switch frame with no destination (too short for Ethernet addresses, or no other port).
     NoDestination,
+    /// An attached service (fault injection) failed the frame on purpose.
+    FailedByService,
 }
 
 impl DropReason {
     /// Every reason, in the order the summary prints them.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::ShortChain,
         DropReason::BadHeader,
         DropReason::TooLong,
@@ -36,6 +38,7 @@ impl DropReason {
         DropReason::OffloadRefused,
         DropReason::TapWrite,
         DropReason::NoDestination,
+        DropReason::FailedByService,
     ];
 
     /// A short name for logs and the summary.
@@ -49,6 +52,7 @@ impl DropReason {
             DropReason::OffloadRefused => "offload-refused",
             DropReason::TapWrite => "tap-write",
             DropReason::NoDestination => "no-destination",
+            DropReason::FailedByService => "failed-by-service",
         }
     }
 }

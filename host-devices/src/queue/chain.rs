@@ -1,0 +1,280 @@
+//! One walk of a descriptor chain: its device-readable bytes form one stream of segments, its
+//! device-writable bytes another (virtio 1.2, 2.6.4: a device may not assume how the driver
+//! split a request into descriptors). Every device walks chains through [`ChainBuffers`].
+//!
+//! virtio-queue's `Reader`/`Writer` copy through `std::io`; the block device needs the
+//! segments themselves (io_uring and pread/pwrite go straight into guest memory), and the net
+//! device needs a walk that allocates nothing per frame. So the walk keeps segments, and the
+//! copies in and out are helpers over them. A byte cap bounds what one chain may make the
+//! device hold: descriptors may all point at the same guest memory, so a chain's length is not
+//! bounded by the guest's memory.
+
+use super::services::QueueServices;
+use std::ops::Deref;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+/// Why a chain cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// No descriptor could be read (a bad head index, a loop, a bad indirect table).
+    #[error("the descriptor chain is malformed")]
+    Malformed,
+    /// A device-readable descriptor after a device-writable one.
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    /// A descriptor whose buffer wraps around the address space.
+    #[error("the buffer at {0:#x} wraps around the address space")]
+    AddressWraps(u64),
+    /// More bytes than the device accepts in one chain.
+    #[error("the chain holds more than the {cap} bytes accepted in one chain")]
+    TooLong {
+        /// The cap.
+        cap: u64,
+    },
+    /// A buffer outside guest memory.
+    #[error("the buffer at {0:#x} is outside guest memory")]
+    BadAddress(u64),
+}
+
+/// A contiguous piece of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The segments of one chain; reusable (a worker keeps one and refills it per chain).
+#[derive(Debug, Default, Clone)]
+pub struct ChainBuffers {
+    /// The head descriptor's index (what goes into the used ring).
+    pub head: u16,
+    /// Device-readable segments, in order.
+    pub readable: Vec<Segment>,
+    /// Device-writable segments, in order.
+    pub writable: Vec<Segment>,
+    /// Whether a readable descriptor came after a writable one (kept out of both streams).
+    pub misordered: bool,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+impl ChainBuffers {
+    /// Walks `chain`, refusing more than `cap` bytes in all.
+    pub fn collect<M>(chain: DescriptorChain<M>, cap: u64) -> Result<ChainBuffers, ChainError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        let mut buffers = ChainBuffers::default();
+        buffers.refill(chain, cap)?;
+        Ok(buffers)
+    }
+
+    /// Walks `chain` into `self` (its vectors keep their capacity).
+    pub fn refill<M>(&mut self, chain: DescriptorChain<M>, cap: u64) -> Result<(), ChainError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        self.head = chain.head_index();
+        self.readable.clear();
+        self.writable.clear();
+        self.misordered = false;
+        self.readable_len = 0;
+        self.writable_len = 0;
+        let mut count = 0usize;
+        for desc in chain {
+            count += 1;
+            let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
+            if seg.addr.checked_add(seg.len).is_none() {
+                return Err(ChainError::AddressWraps(seg.addr.raw_value()));
+            }
+            if self.readable_len + self.writable_len + seg.len > cap {
+                return Err(ChainError::TooLong { cap });
+            }
+            if desc.is_write_only() {
+                self.writable.push(seg);
+                self.writable_len += seg.len;
+            } else if self.writable.is_empty() {
+                self.readable.push(seg);
+                self.readable_len += seg.len;
+            } else {
+                self.misordered = true;
+            }
+        }
+        if count == 0 {
+            return Err(ChainError::Malformed);
+        }
+        Ok(())
+    }
+
+    /// Bytes the device may read.
+    pub fn readable_len(&self) -> u64 {
+        self.readable_len
+    }
+
+    /// Bytes the device may write.
+    pub fn writable_len(&self) -> u64 {
+        self.writable_len
+    }
+
+    /// Appends the readable bytes to `out` (whose growth the cap bounds).
+    pub fn read_all<M: GuestMemory>(&self, mem: &M, out: &mut Vec<u8>) -> Result<(), ChainError> {
+        self.read_after(mem, 0, out)
+    }
+
+    /// Appends the readable bytes after the first `skip` to `out`.
+    pub fn read_after<M: GuestMemory>(&self, mem: &M, skip: u64, out: &mut Vec<u8>) -> Result<(), ChainError> {
+        let mut skip = skip;
+        for seg in &self.readable {
+            if skip >= seg.len {
+                skip -= seg.len;
+                continue;
+            }
+            let (addr, len) = (seg.addr.unchecked_add(skip), (seg.len - skip) as usize);
+            skip = 0;
+            let start = out.len();
+            out.resize(start + len, 0);
+            mem.read_slice(&mut out[start..], addr).map_err(|_| ChainError::BadAddress(addr.raw_value()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` across the writable segments from their start, telling `services` of
+    /// every byte written; returns how many bytes went in (a segment outside guest memory
+    /// stops it).
+    pub fn write<M: GuestMemory>(&self, mem: &M, data: &[u8], services: &dyn QueueServices) -> usize {
+        write_stream(mem, &self.writable, data, services)
+    }
+}
+
+/// Splits the first `n` bytes off a stream of segments (none of which wraps the address
+/// space, as [`ChainBuffers`] guarantees).
+pub fn split_stream(stream: &[Segment], n: u64) -> (Vec<Segment>, Vec<Segment>) {
+    let (mut head, mut tail, mut left) = (Vec::new(), Vec::new(), n);
+    for seg in stream {
+        if left >= seg.len {
+            head.push(*seg);
+            left -= seg.len;
+        } else if left > 0 {
+            head.push(Segment { addr: seg.addr, len: left });
+            tail.push(Segment { addr: seg.addr.unchecked_add(left), len: seg.len - left });
+            left = 0;
+        } else {
+            tail.push(*seg);
+        }
+    }
+    (head, tail)
+}
+
+/// Total bytes of a stream.
+pub fn stream_len(stream: &[Segment]) -> u64 {
+    stream.iter().map(|s| s.len).sum()
+}
+
+/// Fills `buf` from the start of a stream.
+pub fn read_stream<M: GuestMemory>(mem: &M, stream: &[Segment], buf: &mut [u8]) -> Result<(), ChainError> {
+    let mut done = 0usize;
+    for seg in stream {
+        if done == buf.len() {
+            break;
+        }
+        let n = (buf.len() - done).min(seg.len as usize);
+        mem.read_slice(&mut buf[done..done + n], seg.addr).map_err(|_| ChainError::BadAddress(seg.addr.raw_value()))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes `data` across `stream` from its start, telling `services` of each write; returns
+/// the bytes written.
+pub fn write_stream<M: GuestMemory>(
+    mem: &M,
+    stream: &[Segment],
+    data: &[u8],
+    services: &dyn QueueServices,
+) -> usize {
+    let mut done = 0usize;
+    for seg in stream {
+        if done == data.len() {
+            break;
+        }
+        let n = (seg.len as usize).min(data.len() - done);
+        if mem.write_slice(&data[done..done + n], seg.addr).is_err() {
+            break;
+        }
+        services.guest_written(seg.addr, n as u64);
+        done += n;
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::NoServices;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::GuestMemoryMmap;
+
+    const NEXT: u16 = pvkit_protocol::ring::desc_flags::NEXT;
+    const WRITE: u16 = pvkit_protocol::ring::desc_flags::WRITE;
+
+    fn chain_of(mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
+        let mock = MockSplitQueue::new(mem, 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let next = if i + 1 < descs.len() { NEXT } else { 0 };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags | next, (i + 1) as u16))
+            })
+            .collect();
+        mock.add_desc_chains(&raw, 0).unwrap();
+        let queue = mock.create_queue().unwrap();
+        (mock, queue)
+    }
+
+    #[test]
+    fn streams_split_by_direction_and_copies_round_trip() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        mem.write_slice(b"hello ", GuestAddress(0x8000)).unwrap();
+        mem.write_slice(b"world", GuestAddress(0x9000)).unwrap();
+        let (_mock, mut queue) = chain_of(&mem, &[(0x8000, 6, 0), (0x9000, 5, 0), (0xa000, 4, WRITE), (0xb000, 4, WRITE)]);
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        let buffers = ChainBuffers::collect(chain, 1 << 20).unwrap();
+        assert_eq!((buffers.readable_len(), buffers.writable_len()), (11, 8));
+        let mut out = Vec::new();
+        buffers.read_all(&mem, &mut out).unwrap();
+        assert_eq!(out, b"hello world");
+        assert_eq!(buffers.write(&mem, b"abcdefghij", &NoServices), 8, "only what fits");
+        let mut back = [0u8; 4];
+        mem.read_slice(&mut back, GuestAddress(0xb000)).unwrap();
+        assert_eq!(&back, b"efgh");
+    }
+
+    #[test]
+    fn the_cap_counts_descriptors_that_alias_the_same_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let same = vec![(0x8000, 0x8000, 0); 8];
+        let (_mock, mut queue) = chain_of(&mem, &same);
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        assert_eq!(ChainBuffers::collect(chain, 0x10000).unwrap_err(), ChainError::TooLong { cap: 0x10000 });
+    }
+
+    #[test]
+    fn readable_after_writable_is_flagged_and_wrapping_buffers_refused() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (_mock, mut queue) = chain_of(&mem, &[(0x8000, 4, WRITE), (0x9000, 4, 0)]);
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        assert!(ChainBuffers::collect(chain, 1 << 20).unwrap().misordered);
+        let (_mock, mut queue) = chain_of(&mem, &[(u64::MAX - 2, 16, 0)]);
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        assert_eq!(ChainBuffers::collect(chain, 1 << 20).unwrap_err(), ChainError::AddressWraps(u64::MAX - 2));
+    }
+}

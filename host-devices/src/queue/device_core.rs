@@ -1,0 +1,199 @@
+//! What every device's `VhostUserBackend` implementation shares, in one [`DeviceCore`]: the
+//! guest-memory slot, the worker threads' exit events, the connection's stop flag, the
+//! process's gates, broken queues, and the services.
+
+use super::Memory;
+use super::quiesce::Gates;
+use super::ring::RingError;
+use super::services::{NoServices, QueueServices};
+use log::warn;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+/// The part of a device that is the same for every device; one per frontend connection.
+pub struct DeviceCore {
+    name: &'static str,
+    memory: RwLock<Option<Memory>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Exit-event descriptors handed to the library, which registers them and never closes
+    /// them; closed by [`DeviceCore::release_library_fds`] once the library is done.
+    library_fds: Mutex<Vec<RawFd>>,
+    gates: Arc<Gates>,
+    stopped: AtomicBool,
+    broken: Vec<AtomicBool>,
+    broken_rings: AtomicU64,
+    poll: Duration,
+    services: Arc<dyn QueueServices>,
+}
+
+impl DeviceCore {
+    /// The core of device `name` with `queues` queues served by `workers` threads (whose
+    /// gates, shared by every connection, are `gates`), polling `poll_us` µs after the last
+    /// work.
+    pub fn new(
+        name: &'static str,
+        queues: usize,
+        workers: usize,
+        gates: Arc<Gates>,
+        poll_us: u64,
+    ) -> io::Result<DeviceCore> {
+        let exits =
+            (0..workers).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        Ok(DeviceCore {
+            name,
+            memory: RwLock::new(None),
+            exits,
+            library_fds: Mutex::new(Vec::new()),
+            gates,
+            stopped: AtomicBool::new(false),
+            broken: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            broken_rings: AtomicU64::new(0),
+            poll: Duration::from_micros(poll_us),
+            services: Arc::new(NoServices),
+        })
+    }
+
+    /// The same core with `services` attached.
+    pub fn with_services(mut self, services: Arc<dyn QueueServices>) -> DeviceCore {
+        self.services = services;
+        self
+    }
+
+    /// The device's name, for log lines.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The services' hooks.
+    pub fn services(&self) -> &dyn QueueServices {
+        &*self.services
+    }
+
+    /// How long a worker keeps polling after its last work.
+    pub fn poll(&self) -> Duration {
+        self.poll
+    }
+
+    /// The frontend's new memory table.
+    pub fn update_memory(&self, memory: Memory) {
+        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = Some(memory);
+    }
+
+    /// The memory table, once the frontend sent one.
+    pub fn memory(&self) -> Option<Memory> {
+        self.memory.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The exit event of worker `worker`, for the library (`VhostUserBackend::exit_event`).
+    pub fn exit_event(&self, worker: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exits.get(worker)?;
+        let (consumer, notifier) = (consumer.try_clone().ok()?, notifier.try_clone().ok()?);
+        crate::queue::quiesce::lock(&self.library_fds).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
+    }
+
+    /// Closes the exit-event descriptors the library left open. Call only after the library's
+    /// daemon for this connection is dropped (its worker threads joined, its epoll closed).
+    pub fn release_library_fds(&self) {
+        for fd in std::mem::take(&mut *crate::queue::quiesce::lock(&self.library_fds)) {
+            // SAFETY: `fd` is a duplicate made in `exit_event` whose ownership the library took
+            // with `into_raw_fd` (vhost-user-backend 0.24, `VringEpollHandler::new`) and never
+            // closes; the daemon that used it is gone, so nothing else refers to the number,
+            // and it is taken out of the list so it is closed once.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// Stops this connection's workers: no pass starts any more, the workers are woken to
+    /// leave their event loops, and this returns once none is inside a pass.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        for (_, notifier) in &self.exits {
+            let _ = notifier.notify();
+        }
+        self.gates.wait_idle();
+    }
+
+    /// Whether the connection stopped or the process is exiting.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst) || self.gates.is_closed()
+    }
+
+    pub(crate) fn gates(&self) -> &Gates {
+        &self.gates
+    }
+
+    pub(crate) fn stopped_flag(&self) -> &AtomicBool {
+        &self.stopped
+    }
+
+    /// Marks queue `queue` broken: it is not served until the frontend stops it.
+    pub fn mark_broken(&self, queue: usize, error: &RingError) {
+        if let Some(flag) = self.broken.get(queue)
+            && !flag.swap(true, Ordering::Relaxed)
+        {
+            self.broken_rings.fetch_add(1, Ordering::Relaxed);
+            warn!("{}: queue {queue} is broken ({error}); not served until the frontend resets it", self.name);
+        }
+    }
+
+    /// Whether queue `queue` is broken.
+    pub fn is_broken(&self, queue: usize) -> bool {
+        self.broken.get(queue).is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// How many times a queue was found broken on this connection.
+    pub fn broken_rings(&self) -> u64 {
+        self.broken_rings.load(Ordering::Relaxed)
+    }
+
+    /// The frontend stopped queue `queue` (GET_VRING_BASE): whatever broke it is gone with
+    /// the ring's old state.
+    pub fn stop_vring(&self, queue: usize) {
+        if let Some(flag) = self.broken.get(queue) {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `handle`, logging an error instead of returning it: an error returned from
+    /// `handle_event` would end the worker's event loop for good.
+    pub fn log_errors(&self, event: u16, handle: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        if let Err(e) = handle() {
+            warn!("{}: event {event}: {e}", self.name);
+        }
+        Ok(())
+    }
+}
+
+/// The `VhostUserBackend` methods every device implements the same way through its
+/// [`DeviceCore`] (reached as `self.$core`).
+#[macro_export]
+macro_rules! served_by_core {
+    ($($core:tt)+) => {
+        fn update_memory(&self, memory: $crate::queue::Memory) -> std::io::Result<()> {
+            self.$($core)+.update_memory(memory);
+            Ok(())
+        }
+
+        fn exit_event(
+            &self,
+            thread_index: usize,
+        ) -> Option<(vmm_sys_util::event::EventConsumer, vmm_sys_util::event::EventNotifier)> {
+            self.$($core)+.exit_event(thread_index)
+        }
+
+        fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+            self.$($core)+.stop_vring(queue_index as usize);
+            Ok(())
+        }
+
+        fn set_event_idx(&self, _enabled: bool) {
+            // The library applies RING_EVENT_IDX to each vring (virtio-queue's
+            // `set_event_idx`); the worker loop and `UsedBatch::publish` follow it.
+        }
+    };
+}

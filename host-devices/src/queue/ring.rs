@@ -1,0 +1,90 @@
+//! Popping descriptor chains with the ring itself checked.
+//!
+//! virtio-queue's `pop_descriptor_chain` logs and returns nothing when the available index is
+//! more than the ring size ahead of the device's, so a caller cannot tell a broken ring from an
+//! empty one and a worker that re-enables notifications finds "more" forever. [`pop`] says
+//! which it is; the worker loop ([`super::worker`]) marks such a queue broken.
+
+use std::num::Wrapping;
+use std::ops::Deref;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+/// What makes a ring unserviceable until the frontend resets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The driver's available index is further ahead than the ring has entries.
+    #[error("available index {avail} is {ahead} entries ahead of {next} on a ring of {size}")]
+    AvailIndex {
+        /// The driver's `avail.idx`.
+        avail: u16,
+        /// The device's next available index.
+        next: u16,
+        /// How far ahead (wrapping).
+        ahead: u16,
+        /// The ring size.
+        size: u16,
+    },
+    /// The available ring cannot be read (its address is outside guest memory).
+    #[error("the available ring at {0:#x} is outside guest memory")]
+    Unreadable(u64),
+}
+
+/// The next available chain of `queue`, `Ok(None)` when there is none (or the queue is not
+/// set up), or why the ring is broken.
+pub fn pop<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, RingError>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory,
+{
+    match queue.iter(mem.clone()) {
+        Ok(mut chains) => Ok(chains.next()),
+        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
+        Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+            let avail = queue.avail_idx(mem.deref(), std::sync::atomic::Ordering::Acquire).map(|a| a.0).unwrap_or(0);
+            let next = queue.next_avail();
+            let ahead = avail.wrapping_sub(next);
+            Err(RingError::AvailIndex { avail, next, ahead, size: queue.size() })
+        }
+        Err(_) => Err(RingError::Unreadable(queue.avail_ring())),
+    }
+}
+
+/// Whether the driver has made chains available that `queue` has not taken yet (a broken or
+/// unreadable ring counts as none: it is not served).
+pub fn has_available<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => {
+            let ahead = (avail - Wrapping(queue.next_avail())).0;
+            ahead != 0 && ahead <= queue.size()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn an_index_too_far_ahead_is_a_broken_ring_not_an_empty_one() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        assert_eq!(pop(&mut queue, &mem).unwrap().map(|c| c.head_index()), None, "empty");
+        mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x8000, 16, 0, 0))], 0).unwrap();
+        assert!(has_available(&queue, &mem));
+        assert_eq!(pop(&mut queue, &mem).unwrap().map(|c| c.head_index()), Some(0));
+        assert!(!has_available(&queue, &mem));
+        mem.write_obj(1000u16, mock.avail_addr().unchecked_add(2)).unwrap();
+        assert_eq!(
+            pop(&mut queue, &mem).map(|c| c.map(|c| c.head_index())),
+            Err(RingError::AvailIndex { avail: 1000, next: 1, ahead: 999, size: 16 })
+        );
+        assert!(!has_available(&queue, &mem), "a broken ring offers nothing");
+    }
+}

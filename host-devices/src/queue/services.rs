@@ -1,0 +1,113 @@
+//! Where the services that sit between guest and backend attach, once for every device.
+//!
+//! A device calls the hooks of its [`super::DeviceCore`]'s services at three points:
+//! - [`QueueServices::admit`] before a request or frame is served (rate limits, fault
+//!   injection decide here);
+//! - [`QueueServices::completed`] after it completed (per-queue counters and latency);
+//! - [`QueueServices::guest_written`] for every write into guest memory, used-ring updates
+//!   included (dirty-page logging for live migration).
+//!
+//! Each later service is one implementation of this trait; no device changes for it. Today
+//! every backend runs with [`NoServices`].
+
+use std::time::Instant;
+use vm_memory::GuestAddress;
+
+/// What a device is about to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// The device's queue index.
+    pub queue: usize,
+    /// The device's name of the operation (`read`, `write`, `tx`, `rx`, ...).
+    pub kind: &'static str,
+    /// Bytes it moves.
+    pub bytes: u64,
+}
+
+/// A service's answer to [`QueueServices::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Serve it now.
+    Serve,
+    /// Fail it: a block request completes with an I/O error, a frame is dropped (counted).
+    Fail,
+}
+
+/// A completed request or frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// What was served.
+    pub work: Work,
+    /// When the device took it from the ring.
+    pub started: Instant,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
+/// The hooks; every method has a default that does nothing.
+pub trait QueueServices: Send + Sync {
+    /// Before `work` is served.
+    fn admit(&self, _work: &Work) -> Verdict {
+        Verdict::Serve
+    }
+
+    /// After a request or frame completed.
+    fn completed(&self, _completion: &Completion) {}
+
+    /// The device wrote `len` bytes of guest memory at `addr`.
+    fn guest_written(&self, _addr: GuestAddress, _len: u64) {}
+
+    /// Whether any hook does something (lets a hot path skip building [`Work`]).
+    fn is_active(&self) -> bool {
+        true
+    }
+}
+
+/// No service attached.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoServices;
+
+impl QueueServices for NoServices {
+    fn is_active(&self) -> bool {
+        false
+    }
+}
+
+/// Records every hook call, for tests of the devices' hook points.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct RecordingServices {
+    /// What was admitted.
+    pub admitted: std::sync::Mutex<Vec<Work>>,
+    /// What completed.
+    pub completed: std::sync::Mutex<Vec<Completion>>,
+    /// Every guest write.
+    pub written: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// The verdict to give.
+    pub fail_all: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl QueueServices for RecordingServices {
+    fn admit(&self, work: &Work) -> Verdict {
+        super::quiesce::lock(&self.admitted).push(*work);
+        if self.fail_all.load(std::sync::atomic::Ordering::Relaxed) { Verdict::Fail } else { Verdict::Serve }
+    }
+
+    fn completed(&self, completion: &Completion) {
+        super::quiesce::lock(&self.completed).push(*completion);
+    }
+
+    fn guest_written(&self, addr: GuestAddress, len: u64) {
+        super::quiesce::lock(&self.written).push((addr.0, len));
+    }
+}
+
+#[cfg(test)]
+impl RecordingServices {
+    /// Whether every byte of `[addr, addr + len)` was reported written.
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        let written = super::quiesce::lock(&self.written);
+        (addr..addr + len).all(|byte| written.iter().any(|&(a, l)| byte >= a && byte < a + l))
+    }
+}

@@ -1,0 +1,161 @@
+//! The one used-publication and notification policy of every device.
+//!
+//! Used entries are written, then the used index is stored once per batch (release order),
+//! never entry by entry: a frame spread over several receive buffers must become visible all
+//! at once, or a driver that sees its first buffer (`num_buffers` = 3) before the other two
+//! drops it, and one store per batch is cheaper. Whether the driver wants a notification for
+//! the batch follows RING_EVENT_IDX's `used_event` with the wrap-safe rule when negotiated, and
+//! the avail ring's NO_INTERRUPT flag otherwise (virtio-queue's `needs_notification` ignores
+//! that flag). Every byte written is reported to the services (dirty-page logging).
+
+use super::services::QueueServices;
+use pvkit_protocol::ring::{AVAIL_F_NO_INTERRUPT, USED_ELEM_SIZE, need_event, used_event_offset};
+use std::sync::atomic::{Ordering, fence};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+
+/// Bytes before the used ring's first element (flags, idx).
+const USED_RING_HEADER: u64 = 4;
+/// Offset of the used index in the used ring.
+const USED_IDX_OFFSET: u64 = 2;
+
+/// Used entries waiting to be published together.
+#[derive(Debug, Default)]
+pub struct UsedBatch {
+    entries: Vec<(u16, u32)>,
+}
+
+impl UsedBatch {
+    /// Adds chain `head`, of which the device wrote `len` bytes.
+    pub fn push(&mut self, head: u16, len: u32) {
+        self.entries.push((head, len));
+    }
+
+    /// Number of entries waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the entries into the used ring, then the used index once, and says whether the
+    /// driver wants a notification for them. Entries whose head is not a descriptor of the
+    /// ring are left out (a device bug, never a guest's), so the driver never sees one.
+    pub fn publish<M: GuestMemory>(
+        &mut self,
+        vq: &mut Queue,
+        mem: &M,
+        services: &dyn QueueServices,
+    ) -> Result<bool, GuestMemoryError> {
+        if self.entries.is_empty() {
+            return Ok(false);
+        }
+        let size = vq.size().max(1);
+        let used_ring = vq.used_ring();
+        let old = vq.next_used();
+        let mut next = old;
+        for (head, len) in self.entries.drain(..) {
+            if head >= size {
+                log::error!("a used entry for descriptor {head} on a ring of {size} was left out");
+                continue;
+            }
+            let slot = u64::from(next % size);
+            let mut elem = [0u8; USED_ELEM_SIZE];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            let at = GuestAddress(used_ring + USED_RING_HEADER + USED_ELEM_SIZE as u64 * slot);
+            mem.write_slice(&elem, at)?;
+            services.guest_written(at, USED_ELEM_SIZE as u64);
+            next = next.wrapping_add(1);
+        }
+        if next == old {
+            return Ok(false);
+        }
+        let idx_at = GuestAddress(used_ring + USED_IDX_OFFSET);
+        mem.store(next.to_le(), idx_at, Ordering::Release)?;
+        services.guest_written(idx_at, 2);
+        vq.set_next_used(next);
+        // The index must be visible before the driver's wish is read (pairs with the
+        // driver's barrier between writing used_event and reading the used index).
+        fence(Ordering::SeqCst);
+        let avail_ring = vq.avail_ring();
+        if vq.event_idx_enabled() {
+            let used_event: u16 =
+                u16::from_le(mem.load(GuestAddress(avail_ring + used_event_offset(vq.size())), Ordering::Acquire)?);
+            Ok(need_event(used_event, next, old))
+        } else {
+            let flags: u16 = u16::from_le(mem.load(GuestAddress(avail_ring), Ordering::Acquire)?);
+            Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::NoServices;
+    use crate::queue::services::RecordingServices;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestMemoryMmap};
+
+    fn setup(mem: &GuestMemoryMmap) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
+        let mock = MockSplitQueue::new(mem, 16);
+        let queue = mock.create_queue().unwrap();
+        (mock, queue)
+    }
+
+    #[test]
+    fn a_batch_is_published_with_one_index_and_reported_written() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mock, mut vq) = setup(&mem);
+        let services = RecordingServices::default();
+        let mut batch = UsedBatch::default();
+        batch.push(3, 100);
+        batch.push(5, 7);
+        assert!(batch.publish(&mut vq, &mem, &services).unwrap(), "no NO_INTERRUPT: notify");
+        let idx: u16 = mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(idx, 2);
+        let id: u32 = mem.read_obj(mock.used_addr().unchecked_add(4 + 8)).unwrap();
+        let len: u32 = mem.read_obj(mock.used_addr().unchecked_add(8 + 8)).unwrap();
+        assert_eq!((id, len), (5, 7));
+        assert!(services.covers(mock.used_addr().0 + 2, 2 + 16), "index and both entries logged");
+    }
+
+    #[test]
+    fn no_interrupt_is_honoured_without_event_idx() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mock, mut vq) = setup(&mem);
+        mem.write_obj(AVAIL_F_NO_INTERRUPT, mock.avail_addr()).unwrap();
+        let mut batch = UsedBatch::default();
+        batch.push(0, 1);
+        assert!(!batch.publish(&mut vq, &mem, &NoServices).unwrap(), "the driver asked for no interrupt");
+        mem.write_obj(0u16, mock.avail_addr()).unwrap();
+        batch.push(1, 1);
+        assert!(batch.publish(&mut vq, &mem, &NoServices).unwrap());
+    }
+
+    #[test]
+    fn event_idx_notifies_only_when_used_event_is_crossed() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mock, mut vq) = setup(&mem);
+        vq.set_event_idx(true);
+        let used_event_at = mock.avail_addr().unchecked_add(used_event_offset(16));
+        mem.write_obj(5u16, used_event_at).unwrap();
+        let mut batch = UsedBatch::default();
+        for head in 0..3 {
+            batch.push(head, 0);
+        }
+        assert!(!batch.publish(&mut vq, &mem, &NoServices).unwrap(), "used 0..3 does not reach used_event 5");
+        for head in 3..6 {
+            batch.push(head, 0);
+        }
+        assert!(batch.publish(&mut vq, &mem, &NoServices).unwrap(), "used 3..6 crosses used_event 5");
+        batch.push(20, 0);
+        assert!(!batch.publish(&mut vq, &mem, &NoServices).unwrap(), "a bad head is left out");
+        let idx: u16 = mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(idx, 6);
+    }
+}

@@ -1,0 +1,142 @@
+//! The one worker loop every device's queues are served by.
+
+use super::Memory;
+use super::device_core::DeviceCore;
+use super::ring::RingError;
+use std::io;
+use std::time::Instant;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+
+/// One of the queues a worker thread serves.
+#[derive(Clone, Copy)]
+pub struct WorkerQueue<'a> {
+    /// The device's queue index.
+    pub index: usize,
+    /// The ring.
+    pub vring: &'a VringRwLock,
+}
+
+/// What a queue wants when its worker goes idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rearm {
+    /// Kicks, and buffers added meanwhile are work: serve them before sleeping.
+    Work,
+    /// Kicks, but buffers waiting are not work by themselves (a receive queue's free buffers
+    /// while no input waits).
+    KickOnly,
+    /// Neither: the device cannot take more from this queue until something else happens
+    /// (a console port whose host side is full wakes the worker when it drains).
+    Parked,
+}
+
+/// Why a pass ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// A ring is broken; the worker marks it and goes on with the others.
+    #[error("queue {queue}: {error}")]
+    Ring {
+        /// The device's queue index.
+        queue: usize,
+        /// What is wrong with it.
+        error: RingError,
+    },
+    /// Signalling the driver failed, or similar; logged by the caller.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl PassError {
+    /// A broken ring on queue `queue`.
+    pub fn ring(queue: usize) -> impl FnOnce(RingError) -> PassError {
+        move |error| PassError::Ring { queue, error }
+    }
+}
+
+/// What a pass sees: the memory holder (load a map *after* popping a chain from it) and
+/// which queues may be touched.
+pub struct PassContext<'a> {
+    /// Guest memory.
+    pub memory: &'a Memory,
+    core: &'a DeviceCore,
+}
+
+impl PassContext<'_> {
+    /// Whether queue `queue` (on `vring`) may be served: set up, enabled and not broken.
+    pub fn serviceable(&self, queue: usize, vring: &VringRwLock) -> bool {
+        serviceable(self.core, queue, vring)
+    }
+}
+
+fn serviceable(core: &DeviceCore, queue: usize, vring: &VringRwLock) -> bool {
+    if core.is_broken(queue) {
+        return false;
+    }
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
+/// A device's service of one worker's queues.
+pub trait QueueService {
+    /// One pass over the queues; returns how much moved (chains, frames), 0 when idle.
+    fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError>;
+
+    /// What queue `queue` wants when the worker goes idle.
+    fn rearm(&self, _queue: usize) -> Rearm {
+        Rearm::Work
+    }
+}
+
+impl DeviceCore {
+    /// Serves `queues` as worker `worker` until there is nothing left to do with
+    /// notifications re-enabled: notifications off, passes until one finds nothing (with
+    /// `--poll-us`, until none found anything for that long), then notifications on as each
+    /// queue wants, and again if the driver added work meanwhile (it will not kick for it).
+    /// Returns at once when the connection is stopped or the process exits.
+    pub fn serve(&self, worker: usize, queues: &[WorkerQueue<'_>], service: &mut impl QueueService) -> io::Result<()> {
+        let Some(_pass) = self.gates().enter(worker, self.stopped_flag()) else { return Ok(()) };
+        let Some(memory) = self.memory() else { return Ok(()) };
+        let ctx = PassContext { memory: &memory, core: self };
+        let poll = self.poll();
+        loop {
+            for q in queues.iter().filter(|q| serviceable(self, q.index, q.vring)) {
+                let _ = q.vring.disable_notification();
+            }
+            let mut last_work = Instant::now();
+            loop {
+                if self.is_stopped() {
+                    return Ok(());
+                }
+                let work = match service.pass(&ctx) {
+                    Ok(work) => work,
+                    Err(PassError::Ring { queue, error }) => {
+                        self.mark_broken(queue, &error);
+                        // The other queues still want their pass.
+                        1
+                    }
+                    Err(PassError::Io(e)) => return Err(e),
+                };
+                if work > 0 {
+                    last_work = Instant::now();
+                } else if poll.is_zero() || last_work.elapsed() >= poll {
+                    break;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            let mut more = false;
+            for q in queues.iter().filter(|q| serviceable(self, q.index, q.vring)) {
+                match service.rearm(q.index) {
+                    Rearm::Work => more |= q.vring.enable_notification().map_err(io::Error::other)?,
+                    Rearm::KickOnly => {
+                        q.vring.enable_notification().map_err(io::Error::other)?;
+                    }
+                    Rearm::Parked => {}
+                }
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+}

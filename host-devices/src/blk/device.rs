@@ -5,14 +5,14 @@
 use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
-use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
-use pvkit_protocol::virtio::{Features, feature as vf};
-use std::io;
 use crate::queue::services::{Completion, Work};
 use crate::queue::worker::PassContext;
 use crate::queue::{
     DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, UsedBatch, Verdict, WorkerQueue, ring,
 };
+use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
+use pvkit_protocol::virtio::{Features, feature as vf};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -64,7 +64,12 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// A device (for one frontend connection) serving `engine` with `options`, counting into
     /// `stats`; `gates` has one gate per queue, shared by every connection.
-    pub fn new(engine: Arc<Engine>, options: BlkOptions, stats: Arc<Stats>, gates: Arc<Gates>) -> io::Result<BlkDevice> {
+    pub fn new(
+        engine: Arc<Engine>,
+        options: BlkOptions,
+        stats: Arc<Stats>,
+        gates: Arc<Gates>,
+    ) -> io::Result<BlkDevice> {
         let capacity_sectors = engine.size() / blk::SECTOR_SIZE;
         let block_exp = options.logical_block_size.trailing_zeros().saturating_sub(blk::SECTOR_SHIFT);
         let config = ConfigRepr {
@@ -94,8 +99,7 @@ impl BlkDevice {
         };
         let queues = usize::from(options.num_queues);
         let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?;
-        let shared =
-            Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
+        let shared = Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
 

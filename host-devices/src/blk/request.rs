@@ -5,11 +5,11 @@
 //! segments), the writable bytes another (IN data or the GET_ID answer, then the status byte).
 //! Everything a guest controls is checked here, before any I/O.
 
+pub use crate::queue::chain::Segment;
+use crate::queue::chain::{ChainBuffers, ChainError, read_stream, split_stream, stream_len};
 use pvkit_protocol::blk::{self, RequestHeaderRepr, RequestType, SECTOR_SIZE, SEGMENT_SIZE, SegmentRepr};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
-use crate::queue::chain::{ChainBuffers, ChainError, read_stream, split_stream, stream_len};
-pub use crate::queue::chain::Segment;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Why a request was refused. Each kind is counted and logged once.

@@ -1,10 +1,11 @@
 //! Unit tests of the block device with virtio-queue's `MockSplitQueue`: every request type over
 //! a temporary file, and every kind of bad input a guest can send.
 
-use super::device::{BlkDevice, BlkOptions, QueueGates};
+use super::device::{BlkDevice, BlkOptions};
 use super::engine::{Engine, SyncEngine};
 use super::request::{self, Limits, RequestError};
 use super::stats::Stats;
+use crate::queue::Gates;
 use pvkit_protocol::blk::{RequestHeaderRepr, RequestType, SegmentRepr, Status};
 use std::sync::Arc;
 use virtio_queue::desc::RawDescriptor;
@@ -45,7 +46,7 @@ fn fixture_with(read_only: bool, open: impl Fn(&str, bool) -> Engine) -> Fixture
         read_only,
         poll_us: 0,
     };
-    let device = BlkDevice::new(Arc::new(engine), options, stats.clone(), Arc::new(QueueGates::new(1))).unwrap();
+    let device = BlkDevice::new(Arc::new(engine), options, stats.clone(), Arc::new(Gates::new(1))).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     Fixture { mem, device, stats, _file: file, path }
 }
@@ -370,7 +371,7 @@ fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
         f.mem.write_slice(&vec![(i as u8).wrapping_mul(37) | 1; 8192], GuestAddress(DATA + i * 8192)).unwrap();
     }
     let writes: Vec<_> = (0..count).map(|i| parse_one(&f, RequestType::Out, i, READ)).collect();
-    assert!(f.device.complete_batch(&f.mem, 0, writes).iter().all(|&used| used == 1));
+    assert!(f.device.complete_batch(&f.mem, 0, writes, std::time::Instant::now()).iter().all(|&used| used == 1));
     let disk = std::fs::read(&f.path).unwrap();
     for i in 0..count {
         let at = ((i * 16 + 3) * 512) as usize;
@@ -381,7 +382,7 @@ fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
     }
     f.mem.write_slice(&vec![0u8; (count * 8192) as usize], GuestAddress(DATA)).unwrap();
     let reads: Vec<_> = (0..count).map(|i| parse_one(&f, RequestType::In, i, WRITE)).collect();
-    assert!(f.device.complete_batch(&f.mem, 0, reads).iter().all(|&used| used == 8193));
+    assert!(f.device.complete_batch(&f.mem, 0, reads, std::time::Instant::now()).iter().all(|&used| used == 8193));
     for i in 0..count {
         let mut back = vec![0u8; 8192];
         f.mem.read_slice(&mut back, GuestAddress(DATA + i * 8192)).unwrap();

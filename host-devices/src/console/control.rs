@@ -142,7 +142,7 @@ impl Control {
             // would be news the guest no longer needs.
             let key = message(port, ControlEvent::PortOpen, 0, &[]);
             let id_and_event = ..CONTROL_SIZE - 2;
-            self.outbox.retain(|m| m.get(id_and_event.clone()) != key.get(id_and_event.clone()));
+            self.outbox.retain(|m| m.get(id_and_event) != key.get(id_and_event));
             self.send(message(port, ControlEvent::PortOpen, u16::from(open), &[]));
         }
     }
@@ -254,7 +254,8 @@ mod tests {
         }
         assert!(c.outbox.len() <= c.outbox_limit(), "{} messages wait", c.outbox.len());
         c.host_open_changed(1, false);
-        let opens: Vec<_> = c.outbox.iter().filter(|m| m[..6] == message(1, ControlEvent::PortOpen, 0, &[])[..6]).collect();
+        let opens: Vec<_> =
+            c.outbox.iter().filter(|m| m[..6] == message(1, ControlEvent::PortOpen, 0, &[])[..6]).collect();
         assert_eq!(opens.len(), 1, "one PORT_OPEN for port 1 waits");
         assert_eq!(opens[0][6..8], [0, 0], "and it is the latest state");
         let mut seen = std::collections::HashSet::new();

@@ -4,17 +4,17 @@
 
 use super::control::{Control, PortInfo};
 use super::port::HostPort;
-use crate::backend_channel::BackendChannel;
-use log::warn;
-use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
-use pvkit_protocol::virtio::{Features, feature as vf};
-use std::io;
 use super::port::PENDING_LIMIT;
+use crate::backend_channel::BackendChannel;
 use crate::queue::quiesce::lock;
 use crate::queue::worker::PassContext;
 use crate::queue::{
     ChainBuffers, ChainError, DeviceCore, Gates, Memory, PassError, QueueService, Rearm, UsedBatch, WorkerQueue, ring,
 };
+use log::warn;
+use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
+use pvkit_protocol::virtio::{Features, feature as vf};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -489,7 +489,10 @@ impl ConsoleDevice {
                 Ok(buffers) if buffers.writable_len() >= msg.len() as u64 => buffers.write(&*mem, &msg, services),
                 Ok(buffers) => {
                     let room = buffers.writable_len();
-                    self.refused(&format_args!("control buffer of {room} bytes too small for a {}-byte message", msg.len()));
+                    self.refused(&format_args!(
+                        "control buffer of {room} bytes too small for a {}-byte message",
+                        msg.len()
+                    ));
                     0
                 }
                 Err(why) => {

@@ -29,7 +29,7 @@ fn fixture(spec: PortSpec) -> Fixture {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
     let atomic = GuestMemoryAtomic::new(mem.clone());
     let host = Arc::new(ConsoleHost::new(vec![HostPort::open(spec).unwrap()]));
-    let device = ConsoleDevice::new(host).unwrap();
+    let device = ConsoleDevice::new(host, Arc::new(crate::queue::Gates::new(1))).unwrap();
     device.update_memory(atomic.clone()).unwrap();
     Fixture { mem, atomic, device }
 }

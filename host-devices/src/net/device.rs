@@ -7,11 +7,6 @@ use super::frame::complete_checksum;
 use super::rings::{self, FrameFormat, Refused, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
-use log::warn;
-use pvkit_protocol::net::{self, ConfigRepr, GsoType, NetHeaderRepr, feature as netf, hdr_flags};
-use pvkit_protocol::virtio::{Features, feature as vf};
-use std::collections::VecDeque;
-use std::io;
 use crate::queue::quiesce::lock;
 use crate::queue::services::Work;
 use crate::queue::worker::PassContext;
@@ -19,6 +14,11 @@ use crate::queue::{
     ChainBuffers, DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, Rearm, UsedBatch, Verdict,
     WorkerQueue, ring,
 };
+use log::warn;
+use pvkit_protocol::net::{self, ConfigRepr, GsoType, NetHeaderRepr, feature as netf, hdr_flags};
+use pvkit_protocol::virtio::{Features, feature as vf};
+use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -88,7 +88,12 @@ enum Event {
 impl NetDevice {
     /// A device for one frontend connection, sending to and receiving from `side`; `gates`
     /// has one gate per queue pair, shared by every connection.
-    pub fn new(options: NetOptions, side: NetworkSide, stats: Arc<NetStats>, gates: Arc<Gates>) -> io::Result<NetDevice> {
+    pub fn new(
+        options: NetOptions,
+        side: NetworkSide,
+        stats: Arc<NetStats>,
+        gates: Arc<Gates>,
+    ) -> io::Result<NetDevice> {
         let pairs = options.pairs.max(1);
         let core = DeviceCore::new("vhost-user-net", usize::from(pairs) * 2, pairs.into(), gates, options.poll_us)?;
         let inboxes = Arc::new((0..pairs).map(|_| Inbox::new()).collect::<io::Result<Vec<_>>>()?);
@@ -106,8 +111,7 @@ impl NetDevice {
                 })
             })
             .collect();
-        let shared =
-            Shared { core, options, side, stats, acked: AtomicU64::new(0), inboxes, pairs: pair_states };
+        let shared = Shared { core, options, side, stats, acked: AtomicU64::new(0), inboxes, pairs: pair_states };
         Ok(NetDevice { shared: Arc::new(shared) })
     }
 

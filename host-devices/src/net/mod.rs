@@ -10,13 +10,13 @@ pub mod tap;
 #[cfg(test)]
 mod tests;
 
+use crate::queue::Gates;
 use crate::server::{self, ListenOn, ServerError};
 use clap::Parser;
 use device::{NetDevice, NetOptions};
 use side::{NetworkSide, SwitchHub};
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
-use crate::queue::Gates;
 use std::sync::Arc;
 
 /// Errors from starting the net backend.
@@ -181,24 +181,17 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
         let gates = gates.clone();
         move || gates.iter().for_each(|g| g.close())
     };
-    server::serve(
-        "vhost-user-net",
-        listens,
-        args.stats_ms,
-        summary,
-        quiesce,
-        |port| {
-            let mut options = options.clone();
-            let side = match (&hub, &side) {
-                (Some(hub), _) => {
-                    options.mac[5] = options.mac[5].wrapping_add(port as u8);
-                    NetworkSide::Switch { hub: hub.clone(), port }
-                }
-                (None, side) => side.clone(),
-            };
-            let gates = gates.get(port).cloned().unwrap_or_else(|| Arc::new(Gates::new(options.pairs.into())));
-            NetDevice::new(options, side, stats.clone(), gates)
-        },
-    )?;
+    server::serve("vhost-user-net", listens, args.stats_ms, summary, quiesce, |port| {
+        let mut options = options.clone();
+        let side = match (&hub, &side) {
+            (Some(hub), _) => {
+                options.mac[5] = options.mac[5].wrapping_add(port as u8);
+                NetworkSide::Switch { hub: hub.clone(), port }
+            }
+            (None, side) => side.clone(),
+        };
+        let gates = gates.get(port).cloned().unwrap_or_else(|| Arc::new(Gates::new(options.pairs.into())));
+        NetDevice::new(options, side, stats.clone(), gates)
+    })?;
     Ok(())
 }

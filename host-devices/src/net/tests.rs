@@ -3,9 +3,10 @@
 //! buffers, batched used-ring publication, and offload resolution for the receiving guest.
 
 use super::device::{NetDevice, NetOptions};
-use super::rings::{self, FrameFormat, RxOutcome, UsedBatch};
+use super::rings::{self, FrameFormat, RxOutcome};
 use super::side::{Frame, NetworkSide};
 use super::stats::{DropReason, NetStats};
+use crate::queue::{ChainBuffers, NoServices, UsedBatch};
 use pvkit_protocol::net::{self, GsoType, NetHeaderRepr, feature as netf, hdr_flags};
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::sync::Arc;
@@ -17,11 +18,21 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const READ: u16 = 0;
-const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const WRITE: u16 = pvkit_protocol::ring::desc_flags::WRITE;
 const DATA: u64 = 0x10_0000;
 
 const FORMAT: FrameFormat = FrameFormat { header_len: net::HEADER_SIZE, mergeable: false, max_frame: 1518 };
 const MERGEABLE: FrameFormat = FrameFormat { mergeable: true, ..FORMAT };
+
+fn rx_frame(
+    vq: &mut Queue,
+    mem: &GuestMemoryMmap,
+    format: &FrameFormat,
+    frame: &[u8],
+    used: &mut UsedBatch,
+) -> RxOutcome {
+    rings::write_rx_frame(vq, mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices).unwrap()
+}
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
@@ -55,7 +66,9 @@ fn transmit(header: NetHeaderRepr, frame: &[u8], split: usize) -> Result<(rings:
     }
     let chain = queue.build_desc_chain(&descs).unwrap();
     let mut copy = Vec::new();
-    rings::read_tx_chain(chain, &mem, &FORMAT, Some(&mut copy)).map(|f| (f, copy)).map_err(|r| r.reason)
+    rings::read_tx_chain(chain, &mem, &FORMAT, &mut ChainBuffers::default(), Some(&mut copy))
+        .map(|f| (f, copy))
+        .map_err(|r| r.reason)
 }
 
 #[test]
@@ -112,12 +125,21 @@ fn bad_transmit_chains_are_refused_with_their_reason() {
     let mem = memory();
     let queue = MockSplitQueue::new(&mem, 16);
     let chain = queue.build_desc_chain(&[desc(DATA, 8, READ)]).unwrap();
-    assert_eq!(rings::read_tx_chain(chain, &mem, &FORMAT, None).unwrap_err().reason, DropReason::ShortChain);
+    assert_eq!(
+        rings::read_tx_chain(chain, &mem, &FORMAT, &mut ChainBuffers::default(), None).unwrap_err().reason,
+        DropReason::ShortChain
+    );
     // A device-writable buffer in a transmit chain; a buffer outside guest memory.
     let chain = queue.build_desc_chain(&[desc(DATA, 12, READ), desc(DATA + 12, 100, WRITE)]).unwrap();
-    assert_eq!(rings::read_tx_chain(chain, &mem, &FORMAT, None).unwrap_err().reason, DropReason::ShortChain);
+    assert_eq!(
+        rings::read_tx_chain(chain, &mem, &FORMAT, &mut ChainBuffers::default(), None).unwrap_err().reason,
+        DropReason::ShortChain
+    );
     let chain = queue.build_desc_chain(&[desc(0x1000_0000, 112, READ)]).unwrap();
-    assert_eq!(rings::read_tx_chain(chain, &mem, &FORMAT, None).unwrap_err().reason, DropReason::ShortChain);
+    assert_eq!(
+        rings::read_tx_chain(chain, &mem, &FORMAT, &mut ChainBuffers::default(), None).unwrap_err().reason,
+        DropReason::ShortChain
+    );
 }
 
 /// A queue with `chains` receive chains of `len` bytes each at DATA + i * 0x1000.
@@ -144,10 +166,10 @@ fn a_frame_fills_one_receive_chain() {
     let (mock, mut vq) = rx_queue(&mem, 2, 2048, WRITE);
     let frame = ethernet(1000);
     let mut used = UsedBatch::default();
-    let outcome = rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &frame, &mut used);
+    let outcome = rx_frame(&mut vq, &mem, &FORMAT, &frame, &mut used);
     assert_eq!(outcome, RxOutcome::Delivered(1));
     assert_eq!(used_idx(&mem, &mock), 0, "nothing is visible before the batch is published");
-    used.publish(&mut vq, &mem).unwrap();
+    used.publish(&mut vq, &mem, &NoServices).unwrap();
     assert_eq!(used_idx(&mem, &mock), 1);
     assert_eq!(used_entry(&mem, &mock, 0), (0, 1012));
     let mut got = vec![0u8; 1012];
@@ -161,11 +183,11 @@ fn a_frame_too_big_for_a_chain_is_refused_without_taking_it() {
     let mem = memory();
     let (_mock, mut vq) = rx_queue(&mem, 2, 512, WRITE);
     let mut used = UsedBatch::default();
-    let outcome = rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(1000), &mut used);
+    let outcome = rx_frame(&mut vq, &mem, &FORMAT, &ethernet(1000), &mut used);
     assert!(matches!(outcome, RxOutcome::Refused(r) if r.reason == DropReason::RxChainTooSmall));
     assert!(used.is_empty());
     assert_eq!(vq.next_avail(), 0, "the chain stays for a smaller frame");
-    let small = rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(400), &mut used);
+    let small = rx_frame(&mut vq, &mem, &FORMAT, &ethernet(400), &mut used);
     assert_eq!(small, RxOutcome::Delivered(1));
 }
 
@@ -175,10 +197,10 @@ fn merged_buffers_carry_one_frame_and_appear_together() {
     let (mock, mut vq) = rx_queue(&mem, 8, 256, WRITE);
     let frame = ethernet(1000);
     let mut used = UsedBatch::default();
-    let outcome = rings::write_rx_frame(&mut vq, &mem, &MERGEABLE, &NetHeaderRepr::default(), &frame, &mut used);
+    let outcome = rx_frame(&mut vq, &mem, &MERGEABLE, &frame, &mut used);
     // 12 + 1000 bytes in 256-byte buffers: 4 of them.
     assert_eq!(outcome, RxOutcome::Delivered(4));
-    used.publish(&mut vq, &mem).unwrap();
+    used.publish(&mut vq, &mem, &NoServices).unwrap();
     assert_eq!(used_idx(&mem, &mock), 4);
     let mut stream = Vec::new();
     for i in 0..4u64 {
@@ -197,12 +219,11 @@ fn too_few_merged_buffers_leave_the_ring_untouched() {
     let mem = memory();
     let (mock, mut vq) = rx_queue(&mem, 2, 256, WRITE);
     let mut used = UsedBatch::default();
-    let outcome =
-        rings::write_rx_frame(&mut vq, &mem, &MERGEABLE, &NetHeaderRepr::default(), &ethernet(1000), &mut used);
+    let outcome = rx_frame(&mut vq, &mem, &MERGEABLE, &ethernet(1000), &mut used);
     assert_eq!(outcome, RxOutcome::NoBuffers);
     assert_eq!(vq.next_avail(), 0);
     assert!(used.is_empty());
-    assert!(!used.publish(&mut vq, &mem).unwrap());
+    assert!(!used.publish(&mut vq, &mem, &NoServices).unwrap());
     assert_eq!(used_idx(&mem, &mock), 0);
 }
 
@@ -211,7 +232,7 @@ fn a_receive_chain_without_writable_buffers_is_returned_empty() {
     let mem = memory();
     let (_mock, mut vq) = rx_queue(&mem, 1, 2048, READ);
     let mut used = UsedBatch::default();
-    let outcome = rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(100), &mut used);
+    let outcome = rx_frame(&mut vq, &mem, &FORMAT, &ethernet(100), &mut used);
     assert!(matches!(outcome, RxOutcome::Refused(r) if r.reason == DropReason::RxChainTooSmall));
     assert_eq!(used.len(), 1, "the unusable chain goes back to the driver");
 }
@@ -229,22 +250,28 @@ fn publication_follows_the_drivers_used_event() {
     mem.write_obj(2u16, used_event_at).unwrap();
     let mut used = UsedBatch::default();
     for _ in 0..2 {
-        rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(60), &mut used);
+        rx_frame(&mut vq, &mem, &FORMAT, &ethernet(60), &mut used);
     }
-    assert!(!used.publish(&mut vq, &mem).unwrap());
-    rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(60), &mut used);
-    assert!(used.publish(&mut vq, &mem).unwrap());
+    assert!(!used.publish(&mut vq, &mem, &NoServices).unwrap());
+    rx_frame(&mut vq, &mem, &FORMAT, &ethernet(60), &mut used);
+    assert!(used.publish(&mut vq, &mem, &NoServices).unwrap());
     assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 3);
     // Without event-idx, the NO_INTERRUPT flag decides.
     vq.set_event_idx(false);
     mem.write_obj(1u16, mock.avail_addr()).unwrap();
-    rings::write_rx_frame(&mut vq, &mem, &FORMAT, &NetHeaderRepr::default(), &ethernet(60), &mut used);
-    assert!(!used.publish(&mut vq, &mem).unwrap());
+    rx_frame(&mut vq, &mem, &FORMAT, &ethernet(60), &mut used);
+    assert!(!used.publish(&mut vq, &mem, &NoServices).unwrap());
 }
 
 fn device_with(acked: &[u32]) -> NetDevice {
     let options = NetOptions { pairs: 1, queue_size: 256, mac: [0x52, 0x54, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
-    let device = NetDevice::new(options, NetworkSide::Loopback, Arc::new(NetStats::default())).unwrap();
+    let device = NetDevice::new(
+        options,
+        NetworkSide::Loopback,
+        Arc::new(NetStats::default()),
+        Arc::new(crate::queue::Gates::new(1)),
+    )
+    .unwrap();
     device.acked_features(Features::from_bits(acked).with(vf::VERSION_1).0);
     device
 }

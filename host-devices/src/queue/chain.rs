@@ -191,12 +191,7 @@ pub fn read_stream<M: GuestMemory>(mem: &M, stream: &[Segment], buf: &mut [u8]) 
 
 /// Writes `data` across `stream` from its start, telling `services` of each write; returns
 /// the bytes written.
-pub fn write_stream<M: GuestMemory>(
-    mem: &M,
-    stream: &[Segment],
-    data: &[u8],
-    services: &dyn QueueServices,
-) -> usize {
+pub fn write_stream<M: GuestMemory>(mem: &M, stream: &[Segment], data: &[u8], services: &dyn QueueServices) -> usize {
     let mut done = 0usize;
     for seg in stream {
         if done == data.len() {
@@ -225,7 +220,10 @@ mod tests {
     const NEXT: u16 = pvkit_protocol::ring::desc_flags::NEXT;
     const WRITE: u16 = pvkit_protocol::ring::desc_flags::WRITE;
 
-    fn chain_of(mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
+    fn chain_of<'a>(
+        mem: &'a GuestMemoryMmap,
+        descs: &[(u64, u32, u16)],
+    ) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
         let mock = MockSplitQueue::new(mem, 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()
@@ -245,7 +243,8 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         mem.write_slice(b"hello ", GuestAddress(0x8000)).unwrap();
         mem.write_slice(b"world", GuestAddress(0x9000)).unwrap();
-        let (_mock, mut queue) = chain_of(&mem, &[(0x8000, 6, 0), (0x9000, 5, 0), (0xa000, 4, WRITE), (0xb000, 4, WRITE)]);
+        let (_mock, mut queue) =
+            chain_of(&mem, &[(0x8000, 6, 0), (0x9000, 5, 0), (0xa000, 4, WRITE), (0xb000, 4, WRITE)]);
         let chain = queue.iter(&mem).unwrap().next().unwrap();
         let buffers = ChainBuffers::collect(chain, 1 << 20).unwrap();
         assert_eq!((buffers.readable_len(), buffers.writable_len()), (11, 8));

@@ -41,8 +41,9 @@ impl DeviceCore {
         gates: Arc<Gates>,
         poll_us: u64,
     ) -> io::Result<DeviceCore> {
-        let exits =
-            (0..workers).map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        let exits = (0..workers)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(DeviceCore {
             name,
             memory: RwLock::new(None),

@@ -98,13 +98,33 @@ mod tests {
     use super::*;
     use crate::queue::NoServices;
     use crate::queue::services::RecordingServices;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestMemoryMmap};
 
-    fn setup(mem: &GuestMemoryMmap) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
-        let mock = MockSplitQueue::new(mem, 16);
-        let queue = mock.create_queue().unwrap();
-        (mock, queue)
+    /// Ring addresses of a 16-entry queue laid out apart (virtio-queue's mock lays the used
+    /// ring over the avail ring's `used_event`).
+    struct Layout {
+        avail: GuestAddress,
+        used: GuestAddress,
+    }
+
+    impl Layout {
+        fn avail_addr(&self) -> GuestAddress {
+            self.avail
+        }
+        fn used_addr(&self) -> GuestAddress {
+            self.used
+        }
+    }
+
+    fn setup(_mem: &GuestMemoryMmap) -> (Layout, Queue) {
+        let layout = Layout { avail: GuestAddress(0x2000), used: GuestAddress(0x3000) };
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_size(16);
+        queue.set_desc_table_address(Some(0x1000), Some(0));
+        queue.set_avail_ring_address(Some(0x2000), Some(0));
+        queue.set_used_ring_address(Some(0x3000), Some(0));
+        queue.set_ready(true);
+        (layout, queue)
     }
 
     #[test]

@@ -228,6 +228,25 @@ fn too_few_merged_buffers_leave_the_ring_untouched() {
 }
 
 #[test]
+fn an_unusable_later_chain_returns_every_chain_taken_for_the_frame() {
+    let mem = memory();
+    let mock = MockSplitQueue::new(&mem, 16);
+    // Two good 256-byte receive chains, then one the device cannot write, for a frame that
+    // needs four: the frame is dropped and all three chains go back, none left out of the ring.
+    let descs = [desc(DATA, 256, WRITE), desc(DATA + 0x1000, 256, WRITE), desc(DATA + 0x2000, 256, READ)];
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let mut vq: Queue = mock.create_queue().unwrap();
+    let mut used = UsedBatch::default();
+    let outcome = rx_frame(&mut vq, &mem, &MERGEABLE, &ethernet(1000), &mut used);
+    assert!(matches!(outcome, RxOutcome::Refused(r) if r.reason == DropReason::RxChainTooSmall));
+    assert_eq!(vq.next_avail(), 3);
+    used.publish(&mut vq, &mem, &NoServices).unwrap();
+    assert_eq!(used_idx(&mem, &mock), 3, "every chain taken is returned");
+    let returned: Vec<_> = (0..3).map(|i| used_entry(&mem, &mock, i)).collect();
+    assert_eq!(returned, vec![(0, 0), (1, 0), (2, 0)]);
+}
+
+#[test]
 fn a_receive_chain_without_writable_buffers_is_returned_empty() {
     let mem = memory();
     let (_mock, mut vq) = rx_queue(&mem, 1, 2048, READ);

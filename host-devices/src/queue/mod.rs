@@ -27,6 +27,8 @@ pub mod device_core;
 pub mod quiesce;
 pub mod ring;
 pub mod services;
+#[cfg(test)]
+mod tests;
 pub mod used;
 pub mod worker;
 

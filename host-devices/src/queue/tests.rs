@@ -1,0 +1,246 @@
+//! The core under every device, tried as a hostile or ordinary guest would, through each
+//! device's `handle_event` (what the library's worker thread calls on a kick).
+
+use crate::blk::device::{BlkDevice, BlkOptions};
+use crate::blk::engine::{Engine, NullEngine};
+use crate::blk::stats::Stats;
+use crate::console::device::{ConsoleDevice, ConsoleHost};
+use crate::console::port::{HostPort, PortKind, PortSpec};
+use crate::net::device::{NetDevice, NetOptions};
+use crate::net::side::NetworkSide;
+use crate::net::stats::NetStats;
+use crate::queue::{Gates, Memory};
+use crate::server::ServedDevice;
+use pvkit_protocol::blk::{RequestHeaderRepr, RequestType};
+use pvkit_protocol::console::queue as cq;
+use pvkit_protocol::ring::desc_flags::{NEXT, WRITE};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+const RING_SIZE: u16 = 16;
+
+fn memory() -> (GuestMemoryMmap, Memory) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    (mem, atomic)
+}
+
+/// A ring at `base` (a mock split queue), as the library's vring for it: set up, ready and
+/// enabled.
+fn ring<'a>(
+    mem: &'a GuestMemoryMmap,
+    atomic: &Memory,
+    base: u64,
+) -> (MockSplitQueue<'a, GuestMemoryMmap>, VringRwLock) {
+    let mock = MockSplitQueue::create(mem, GuestAddress(base), RING_SIZE);
+    let vring = VringRwLock::new(atomic.clone(), RING_SIZE).unwrap();
+    vring.set_queue_size(RING_SIZE);
+    vring.set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0).unwrap();
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    (mock, vring)
+}
+
+fn break_ring(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) {
+    mem.write_obj(1000u16, mock.avail_addr().unchecked_add(2)).unwrap();
+}
+
+fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
+    mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap()
+}
+
+/// Runs `f` on a thread and fails the test if it does not return within five seconds (a
+/// worker spinning on a broken ring never returns).
+fn within_five_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(f());
+    });
+    done_rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| panic!("{what} did not return: a worker spins"))
+}
+
+fn blk_device(queues: u16) -> BlkDevice {
+    let options = BlkOptions {
+        num_queues: queues,
+        queue_size: 256,
+        serial: "core-test".into(),
+        logical_block_size: 512,
+        read_only: false,
+        poll_us: 0,
+    };
+    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
+    let gates = Arc::new(Gates::new(queues.into()));
+    BlkDevice::new(Arc::new(engine), options, Arc::new(Stats::default()), gates).unwrap()
+}
+
+#[test]
+fn a_broken_blk_ring_is_marked_once_and_the_other_queue_goes_on() {
+    let (mem, atomic) = memory();
+    let device = blk_device(2);
+    device.update_memory(atomic.clone()).unwrap();
+    let (broken, vring0) = ring(&mem, &atomic, 0x10_0000);
+    let (good, vring1) = ring(&mem, &atomic, 0x20_0000);
+    break_ring(&mem, &broken);
+    for _ in 0..3 {
+        let (device, vring0) = (device.clone(), vring0.clone());
+        within_five_seconds("a kick on a broken ring", move || {
+            device.handle_event(0, EventSet::IN, &[vring0], 0).unwrap();
+        });
+    }
+    assert!(device.core().is_broken(0));
+    assert_eq!(device.core().broken_rings(), 1, "found broken once, however often it is kicked");
+    // A read on the other queue is served.
+    let mut header = [0u8; 16];
+    RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
+    mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(0x80_2000)).unwrap();
+    let chain = [
+        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 512, WRITE | NEXT, 2)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_2000, 1, WRITE, 0)),
+    ];
+    good.add_desc_chains(&chain, 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[vring1], 1).unwrap();
+    assert_eq!(used_idx(&mem, &good), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "status OK");
+    // The frontend resets the broken queue (GET_VRING_BASE): it may be served again.
+    device.stop_vring(0).unwrap();
+    assert!(!device.core().is_broken(0));
+}
+
+#[test]
+fn a_broken_net_ring_is_marked_and_the_worker_returns() {
+    let (mem, atomic) = memory();
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 50 };
+    let device =
+        NetDevice::new(options, NetworkSide::Loopback, Arc::new(NetStats::default()), Arc::new(Gates::new(1))).unwrap();
+    device.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    break_ring(&mem, &tx_mock);
+    for _ in 0..3 {
+        let (device, rx, tx) = (device.clone(), rx.clone(), tx.clone());
+        within_five_seconds("a kick on a broken transmit ring", move || {
+            device.handle_event(1, EventSet::IN, &[rx, tx], 0).unwrap();
+        });
+    }
+    assert!(device.core().is_broken(1) && !device.core().is_broken(0));
+    assert_eq!(device.core().broken_rings(), 1);
+}
+
+fn console_device(ports: Vec<PortSpec>) -> (ConsoleDevice, Arc<ConsoleHost>) {
+    let host = Arc::new(ConsoleHost::new(ports.into_iter().map(|spec| HostPort::open(spec).unwrap()).collect()));
+    (ConsoleDevice::new(host.clone(), Arc::new(Gates::new(1))).unwrap(), host)
+}
+
+#[test]
+fn a_broken_console_ring_leaves_the_next_connection_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let host = Arc::new(ConsoleHost::new(vec![
+        HostPort::open(PortSpec { kind: PortKind::File(out.clone()), name: None }).unwrap(),
+    ]));
+    let first = ConsoleDevice::new(host.clone(), Arc::new(Gates::new(1))).unwrap();
+    let (mem, atomic) = memory();
+    first.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    break_ring(&mem, &tx_mock);
+    {
+        let (first, rx, tx) = (first.clone(), rx.clone(), tx.clone());
+        within_five_seconds("a kick on a broken console ring", move || {
+            first.handle_event(1, EventSet::IN, &[rx, tx], 0).unwrap();
+        });
+    }
+    assert_eq!(first.core().broken_rings(), 1);
+    first.stop_workers();
+    // The next frontend, on fresh rings, is served.
+    let second = ConsoleDevice::new(host, Arc::new(Gates::new(1))).unwrap();
+    let (mem, atomic) = memory();
+    second.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    mem.write_slice(b"after", GuestAddress(0x80_0000)).unwrap();
+    tx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x80_0000, 5, 0, 0))], 0).unwrap();
+    second.handle_event(1, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 1);
+    assert_eq!(std::fs::read(&out).unwrap(), b"after");
+}
+
+#[test]
+fn a_full_console_port_parks_its_queue_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("p1.sock");
+    let ports = vec![
+        PortSpec { kind: PortKind::File(dir.path().join("p0")), name: None },
+        PortSpec { kind: PortKind::Unix(sock.clone()), name: Some("second".into()) },
+    ];
+    let (device, _host) = console_device(ports);
+    let (mem, atomic) = memory();
+    device.update_memory(atomic.clone()).unwrap();
+    let queues = usize::from(cq::count(2, true));
+    let mocks_and_vrings: Vec<_> = (0..queues).map(|q| ring(&mem, &atomic, 0x10_0000 * (q as u64 + 1))).collect();
+    let vrings: Vec<VringRwLock> = mocks_and_vrings.iter().map(|(_, v)| v.clone()).collect();
+    let tx = usize::from(cq::port_tx(1));
+    let chunk = 40 * 1024;
+    let payload: Vec<u8> = (0..3 * chunk).map(|i| (i % 251) as u8).collect();
+    mem.write_slice(&payload, GuestAddress(0x80_0000)).unwrap();
+    let chains: Vec<RawDescriptor> = (0..3)
+        .map(|i| RawDescriptor::from(SplitDescriptor::new(0x80_0000 + (i * chunk) as u64, chunk as u32, 0, 0)))
+        .collect();
+    mocks_and_vrings[tx].0.add_desc_chains(&chains, 0).unwrap();
+    {
+        let (device, vrings) = (device.clone(), vrings.clone());
+        within_five_seconds("a kick on a full port's queue", move || {
+            device.handle_event(tx as u16, EventSet::IN, &vrings, 0).unwrap();
+        });
+    }
+    assert_eq!(used_idx(&mem, &mocks_and_vrings[tx].0), 1, "one chain taken; the rest wait in the ring");
+    // A client connects: the port drains and the waiting chains follow, nothing lost.
+    let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(device.accept_for_test(1));
+    let mut received = Vec::new();
+    while received.len() < payload.len() {
+        device.handle_event(tx as u16, EventSet::IN, &vrings, 0).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("reading the port: {e}"),
+        }
+    }
+    assert_eq!(received, payload);
+    assert_eq!(used_idx(&mem, &mocks_and_vrings[tx].0), 3);
+}
+
+#[test]
+fn a_console_chain_aliasing_one_buffer_is_refused_not_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (device, host) = console_device(vec![PortSpec { kind: PortKind::File(out.clone()), name: None }]);
+    let (mem, atomic) = memory();
+    device.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    // Sixteen descriptors, all over the same 1 MiB: 16 MiB from 1 MiB of guest memory.
+    let aliasing: Vec<RawDescriptor> = (0..RING_SIZE)
+        .map(|i| {
+            let flags = if i + 1 < RING_SIZE { NEXT } else { 0 };
+            RawDescriptor::from(SplitDescriptor::new(0x80_0000, 1 << 20, flags, i + 1))
+        })
+        .collect();
+    tx_mock.add_desc_chains(&aliasing, 0).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 1, "the chain goes back");
+    assert_eq!(device.refused_chains(), 1);
+    assert!(host.summary().contains("pending=0"), "nothing was held: {}", host.summary());
+    assert_eq!(std::fs::read(&out).unwrap_or_default(), b"");
+}

@@ -13,6 +13,7 @@ pub mod blk;
 pub mod console;
 pub mod net;
 pub mod queue;
+pub mod region_check;
 pub mod relay;
 pub mod server;
 

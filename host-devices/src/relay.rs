@@ -140,6 +140,16 @@ fn requests(
         if size > 0 && !recv_message_part(frontend, &mut payload, &mut fds)? {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "message cut short"));
         }
+        if let Err(e) = crate::region_check::check(request, &payload, &fds) {
+            // Mapping it would kill the backend with SIGBUS at the first access: refuse it.
+            warn!("refused a memory table from the frontend: {e}");
+            if flags & FLAG_NEED_REPLY != 0 {
+                let reply = message(request, FLAG_VERSION | FLAG_REPLY, &1u64.to_le_bytes());
+                let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+                send_message(&writer, &reply, &[])?;
+            }
+            continue;
+        }
         if request == set_vring_enable && !protocol_features_acked && size == 8 {
             // Too early for the handler: remember it, answer it here if asked to.
             held.insert(u32_at(&payload, 0), u32_at(&payload, 4));

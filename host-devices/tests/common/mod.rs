@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+#[allow(dead_code)] // not every test file that includes this module starts one
 /// Starts `vhost-user-blk` serving `image` on `dir/blk.sock` with `extra` arguments and waits
 /// until it listens; returns the process (killed on drop) and the socket path.
 pub fn start_blk(dir: &Path, image: &Path, extra: &[&str]) -> (ChildGuard, PathBuf) {

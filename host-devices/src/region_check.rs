@@ -68,7 +68,7 @@ pub fn check(request: u32, payload: &[u8], fds: &[OwnedFd]) -> Result<(), Region
         let region = TABLE_HEADER_LEN + index * REGION_LEN;
         let (size, offset) = (u64_at(payload, region + 8), u64_at(payload, region + 24));
         let Some(file_size) = regular_file_size(fd) else { continue };
-        let needed = offset.checked_add(size).unwrap_or(u64::MAX);
+        let needed = offset.saturating_add(size);
         if needed > file_size {
             return Err(RegionError::PastEndOfFile { index, offset, size, needed, file_size });
         }

@@ -159,43 +159,42 @@ impl UringEngine {
                 opcode::Readv::new(fd, iov.as_ptr(), count).offset(op.offset).build()
             };
             // SAFETY: the iovecs point into guest memory slices that `ops` borrows and into
-            // `iovecs`; both outlive this function, which reaps every submitted entry before
-            // returning. The chunk is never larger than the ring, so the push cannot overflow.
+            // `iovecs`. This function reaps every pushed entry before it returns; when it cannot
+            // (`Stuck`), it abandons the ring without closing it and leaks `iovecs`, so nothing
+            // the kernel may still read is freed and no later batch shares the ring. The chunk
+            // is never larger than the ring, so the push cannot overflow.
             if unsafe { ring.submission().push(&entry.user_data(i as u64)) }.is_err() {
                 results[i] = Err(io::Error::other("io_uring submission queue full"));
                 continue;
             }
             submitted += 1;
         }
-        let mut reaped = 0usize;
-        while reaped < submitted {
-            if let Err(e) = ring.submit_and_wait(submitted - reaped) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // The kernel did not take the entries: nothing of ours is in flight any more
-                // only if it never got them, so fail them all and drain what it did take.
-                for r in results.iter_mut() {
-                    *r = Err(io::Error::new(e.kind(), e.to_string()));
-                }
-                while reaped < submitted {
-                    if ring.submit_and_wait(1).is_err() {
-                        break;
-                    }
-                    reaped += ring.completion().count();
-                }
-                return;
+        let mut done = vec![false; ops.len()];
+        let reaped = reap_all(&mut RealRing(ring), submitted, |user_data, result| {
+            let i = user_data as usize;
+            let Some(op) = ops.get(i) else { return };
+            let expected: usize = op.bufs.iter().map(|b| b.len()).sum();
+            results[i] = match result {
+                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                r if r as usize == expected => Ok(()),
+                r => self.finish_short(op, r as usize),
+            };
+            done[i] = true;
+        });
+        if let Err(stuck) = reaped {
+            for (result, _) in results.iter_mut().zip(&done).filter(|(_, done)| !**done) {
+                *result = Err(io::Error::other(stuck.to_string()));
             }
-            for cqe in ring.completion() {
-                reaped += 1;
-                let i = cqe.user_data() as usize;
-                let Some(op) = ops.get(i) else { continue };
-                let expected: usize = op.bufs.iter().map(|b| b.len()).sum();
-                results[i] = match cqe.result() {
-                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
-                    r if r as usize == expected => Ok(()),
-                    r => self.finish_short(op, r as usize),
-                };
+            if stuck.in_flight > 0 {
+                // The kernel may still hold entries that point at `iovecs` and whose user data
+                // would index the next batch: the ring and the iovecs are abandoned (never
+                // freed, never submitted to again) and a new ring takes the queue.
+                log::error!("io_uring: {stuck}; the queue's ring is replaced");
+                std::mem::forget(iovecs);
+                match IoUring::new(RING_ENTRIES) {
+                    Ok(fresh) => std::mem::forget(std::mem::replace(ring, fresh)),
+                    Err(e) => log::error!("io_uring: no new ring ({e}); requests on this queue will fail"),
+                }
             }
         }
     }
@@ -215,6 +214,73 @@ impl UringEngine {
         let offset = op.offset + done as u64;
         if op.write { self.sync.write(offset, &rest) } else { self.sync.read(offset, &rest) }
     }
+}
+
+/// Why a batch's entries could not all be reaped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("io_uring submit failed ({errno}) with {in_flight} of the batch's entries not reaped")]
+pub struct Stuck {
+    /// The error number of the last failed submit.
+    pub errno: i32,
+    /// Entries pushed but not reaped: the kernel may still hold them.
+    pub in_flight: usize,
+}
+
+/// What reaping needs of a ring (a seam for the error paths' tests).
+pub trait Reap {
+    /// Submits what was pushed and waits for `want` completions.
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<usize>;
+    /// Takes the completions that arrived, as (user data, result).
+    fn completions(&mut self, out: &mut Vec<(u64, i32)>);
+}
+
+/// The real ring.
+struct RealRing<'a>(&'a mut IoUring);
+
+impl Reap for RealRing<'_> {
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        self.0.submit_and_wait(want)
+    }
+    fn completions(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.extend(self.0.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+    }
+}
+
+/// How often a submit that fails with EAGAIN or EBUSY (the kernel is short of resources, or
+/// its completion queue is full) is tried again before the batch counts as stuck.
+const SUBMIT_RETRIES: u32 = 100;
+
+/// Submits and waits until all `submitted` entries completed, handing each completion to
+/// `on_completion`; interrupted waits are resumed, EAGAIN/EBUSY retried a bounded number of
+/// times. Any other error, or retries run out, is [`Stuck`] with the entries not reaped.
+pub fn reap_all(ring: &mut impl Reap, submitted: usize, mut on_completion: impl FnMut(u64, i32)) -> Result<(), Stuck> {
+    let (mut reaped, mut retries) = (0usize, 0u32);
+    let mut completions = Vec::new();
+    while reaped < submitted {
+        if let Err(e) = ring.submit_and_wait(submitted - reaped) {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let transient = matches!(errno, libc::EINTR | libc::EAGAIN | libc::EBUSY);
+            if !transient || (errno != libc::EINTR && retries >= SUBMIT_RETRIES) {
+                // What completed meanwhile still counts.
+                ring.completions(&mut completions);
+                for (user_data, result) in completions.drain(..) {
+                    on_completion(user_data, result);
+                    reaped += 1;
+                }
+                return if reaped >= submitted { Ok(()) } else { Err(Stuck { errno, in_flight: submitted - reaped }) };
+            }
+            if errno != libc::EINTR {
+                retries += 1;
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+        ring.completions(&mut completions);
+        for (user_data, result) in completions.drain(..) {
+            on_completion(user_data, result);
+            reaped += 1;
+        }
+    }
+    Ok(())
 }
 
 impl BlockEngine for UringEngine {
@@ -258,5 +324,85 @@ impl BlockEngine for UringEngine {
             }
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ring whose submits fail with the scripted errors, then complete entries in order.
+    struct ScriptedRing {
+        errors: Vec<i32>,
+        completed_per_wait: usize,
+        next: u64,
+        total: u64,
+    }
+
+    impl Reap for ScriptedRing {
+        fn submit_and_wait(&mut self, _want: usize) -> io::Result<usize> {
+            if !self.errors.is_empty() {
+                return Err(io::Error::from_raw_os_error(self.errors.remove(0)));
+            }
+            Ok(0)
+        }
+        fn completions(&mut self, out: &mut Vec<(u64, i32)>) {
+            for _ in 0..self.completed_per_wait {
+                if self.next < self.total {
+                    out.push((self.next, 4096));
+                    self.next += 1;
+                }
+            }
+        }
+    }
+
+    fn ring(errors: &[i32], per_wait: usize, total: u64) -> ScriptedRing {
+        ScriptedRing { errors: errors.to_vec(), completed_per_wait: per_wait, next: 0, total }
+    }
+
+    #[test]
+    fn interrupted_and_busy_submits_are_resumed_until_every_entry_is_reaped() {
+        let mut seen = Vec::new();
+        let mut r = ring(&[libc::EINTR, libc::EBUSY, libc::EAGAIN], 3, 8);
+        assert_eq!(reap_all(&mut r, 8, |d, _| seen.push(d)), Ok(()));
+        assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_hard_error_is_stuck_with_what_the_kernel_may_still_hold() {
+        let mut seen = Vec::new();
+        // Two waits complete two entries each, then the submit fails for good.
+        let mut r = ring(&[], 2, 8);
+        let mut waits = 0;
+        let mut failing = FailAfter { inner: &mut r, ok_waits: 2, waits: &mut waits };
+        assert_eq!(reap_all(&mut failing, 8, |d, _| seen.push(d)), Err(Stuck { errno: libc::EBADF, in_flight: 4 }));
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn endless_busy_is_bounded() {
+        let mut r = ring(&vec![libc::EBUSY; SUBMIT_RETRIES as usize + 5], 0, 4);
+        assert_eq!(reap_all(&mut r, 4, |_, _| {}), Err(Stuck { errno: libc::EBUSY, in_flight: 4 }));
+    }
+
+    struct FailAfter<'a> {
+        inner: &'a mut ScriptedRing,
+        ok_waits: usize,
+        waits: &'a mut usize,
+    }
+
+    impl Reap for FailAfter<'_> {
+        fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+            *self.waits += 1;
+            if *self.waits > self.ok_waits {
+                return Err(io::Error::from_raw_os_error(libc::EBADF));
+            }
+            self.inner.submit_and_wait(want)
+        }
+        fn completions(&mut self, out: &mut Vec<(u64, i32)>) {
+            if *self.waits <= self.ok_waits {
+                self.inner.completions(out);
+            }
+        }
     }
 }

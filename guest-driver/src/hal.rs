@@ -89,6 +89,14 @@ impl<H: Hal> Dma<H> {
     pub fn is_empty(&self) -> bool {
         false
     }
+
+    /// The memory as bytes, for the driver's own use (split it to lend parts to requests).
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `Hal::dma_alloc` (an unsafe trait's contract) gave `pages` pages at `vaddr`,
+        // valid for reads and writes and used by nothing else until `dma_dealloc` in drop; the
+        // `&mut self` borrow keeps this the only slice of them while it lives.
+        unsafe { core::slice::from_raw_parts_mut(self.vaddr.as_ptr(), self.len()) }
+    }
 }
 
 impl<H: Hal> Drop for Dma<H> {

@@ -211,16 +211,36 @@ impl VirtioDevice {
     /// Tries to reconnect to the backend; on success restores the rings (if the driver had
     /// started them) and clears DEVICE_NEEDS_RESET. Returns whether the backend is back.
     pub fn try_reconnect(&mut self, ram: &GuestRam) -> bool {
+        let Some(target) = self.reconnect_target() else { return true };
+        match target.connect(ram) {
+            Some(link) => self.adopt_link(link, ram),
+            None => false,
+        }
+    }
+
+    /// Where to reconnect, while the backend is away (`None` when connected). The handshake
+    /// itself ([`ReconnectTarget::connect`]) needs no lock on the device, so vCPU exits for
+    /// it (and for every other device) go on while a backend is slow to answer.
+    pub fn reconnect_target(&self) -> Option<ReconnectTarget> {
+        if self.link.is_some() {
+            return None;
+        }
+        Some(ReconnectTarget { socket: self.socket.clone(), default_queues: self.default_queues })
+    }
+
+    /// Takes a link made by [`ReconnectTarget::connect`] and restores the rings the driver had
+    /// started; false when the new backend cannot serve them.
+    pub fn adopt_link(&mut self, link: BackendLink, ram: &GuestRam) -> bool {
         if self.link.is_some() {
             return true;
         }
-        let Ok(link) = BackendLink::connect(&self.socket, ram, self.default_queues) else { return false };
         if link.num_queues() < self.kicks.len() {
             warn!("{}: the new backend serves {} queues, fewer than before; not used", self.name, link.num_queues());
             return false;
         }
         self.link = Some(link);
-        let was_started = self.state.queues().iter().any(|q| q.ready) && self.state.status() & 4 != 0;
+        let was_started = self.state.queues().iter().any(|q| q.ready)
+            && self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0;
         if was_started && let Err(e) = self.start_rings(ram, true) {
             warn!("{}: restoring the rings: {e}", self.name);
             self.link = None;
@@ -234,5 +254,19 @@ impl VirtioDevice {
             if was_started { ", rings restored" } else { "" }
         );
         true
+    }
+}
+
+/// A backend to reconnect to, taken from a device while it is away.
+#[derive(Debug, Clone)]
+pub struct ReconnectTarget {
+    socket: std::path::PathBuf,
+    default_queues: usize,
+}
+
+impl ReconnectTarget {
+    /// The vhost-user handshake with the backend, if it is back.
+    pub fn connect(&self, ram: &GuestRam) -> Option<BackendLink> {
+        BackendLink::connect(&self.socket, ram, self.default_queues).ok()
     }
 }

@@ -243,12 +243,8 @@ fn wait(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// A DMA buffer as a byte slice.
-fn dma_slice(dma: &Dma<SoftHal>, offset: usize, len: usize) -> &'static mut [u8] {
-    // SAFETY: the pages belong to the software guest's arena, are never reused, and stay mapped
-    // for the process's lifetime (the memfd mapping outlives every driver).
-    unsafe { std::slice::from_raw_parts_mut(dma.vaddr().as_ptr().add(offset), len) }
-}
+/// Requests in flight in the software guest's block benchmark, one page each.
+const BENCH_SLOTS: usize = 16;
 
 /// Runs the self-test (and with `bench_ms`, a benchmark of that length per device) against
 /// the backends in `devices`, with `memory` bytes of guest memory.
@@ -340,8 +336,11 @@ fn blk(checks: &mut Checks, transport: SoftTransport, bench_ms: Option<u64>, ben
     dev.queue().suppress_interrupts(true);
     checks.doorbells.push(("blk", "eventfd"));
     let capacity = dev.info().capacity;
-    let Some(dma) = Dma::<SoftHal>::new(18) else { return checks.set("blk_memory", false) };
-    let (write_buf, read_buf) = (dma_slice(&dma, 0, 4096), dma_slice(&dma, 4096, 4096));
+    // Pages: one to write, one to read back, one for GET_ID, 16 for the benchmark's slots.
+    let Some(mut dma) = Dma::<SoftHal>::new(3 + BENCH_SLOTS) else { return checks.set("blk_memory", false) };
+    let (write_buf, rest) = dma.as_mut_bytes().split_at_mut(PAGE_SIZE);
+    let (read_buf, rest) = rest.split_at_mut(PAGE_SIZE);
+    let (id_page, slot_pages) = rest.split_at_mut(PAGE_SIZE);
     let mut ok = capacity >= 16;
     for (round, sector) in [0, capacity.saturating_sub(8)].into_iter().enumerate() {
         for (i, b) in write_buf.iter_mut().enumerate() {
@@ -356,7 +355,7 @@ fn blk(checks: &mut Checks, transport: SoftTransport, bench_ms: Option<u64>, ben
     if dev.info().features.has(pvkit_protocol::blk::feature::FLUSH) {
         checks.set("blk_flush", dev.flush().is_ok());
     }
-    let id: &mut [u8; 20] = dma_slice(&dma, 8192, 20).try_into().expect("20 bytes");
+    let Some(id) = id_page.first_chunk_mut::<20>() else { return checks.set("blk_get_id", false) };
     // SAFETY: `id` is guest memory that outlives the request, which is waited for below.
     let got_id = unsafe { dev.submit(BlkRequest::GetId { buf: id }) }.is_ok() && {
         dev.kick();
@@ -368,13 +367,14 @@ fn blk(checks: &mut Checks, transport: SoftTransport, bench_ms: Option<u64>, ben
         let (started, mut done, mut in_flight, mut next) = (Instant::now(), 0u64, 0usize, 0u64);
         let blocks = (capacity / 8).max(1);
         while started.elapsed() < Duration::from_millis(ms) || in_flight > 0 {
-            while in_flight < 16 && started.elapsed() < Duration::from_millis(ms) {
-                let slot = (next % 16) as usize;
+            while in_flight < BENCH_SLOTS && started.elapsed() < Duration::from_millis(ms) {
+                let slot = (next % BENCH_SLOTS as u64) as usize;
                 next += 1;
-                let buf = dma_slice(&dma, 8192 + PAGE_SIZE + slot * PAGE_SIZE, PAGE_SIZE);
+                let Some(buf) = slot_pages.chunks_mut(PAGE_SIZE).nth(slot) else { break };
                 let sector = (next.wrapping_mul(2_654_435_761) % blocks) * 8;
-                // SAFETY: one in-flight request per 4 KiB slot (16 slots, at most 16 in flight,
-                // submitted in turn and completed before a slot comes round again).
+                // SAFETY: one in-flight request per 4 KiB slot (at most BENCH_SLOTS in flight,
+                // submitted in turn and completed before a slot comes round again), and the
+                // pages outlive every request (the loop waits for all before `dma` drops).
                 if unsafe { dev.submit(BlkRequest::Read { sector, buf }) }.is_err() {
                     break;
                 }

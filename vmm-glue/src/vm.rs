@@ -109,9 +109,31 @@ pub const TSC_KHZ_KEY: &str = "pvkit.tsc_khz";
 /// The port base of pvkit's doorbells when they are announced.
 pub const DOORBELL_BASE: u16 = abi::DOORBELL_PORT_BASE;
 
+/// The devices by virtio-mmio slot, fixed when the VM is built: finding the device of a vCPU
+/// exit takes no lock, and an exit waits only for its own device's.
+struct SlotTable<T = Mutex<VirtioDevice>> {
+    slots: Vec<Option<Arc<T>>>,
+}
+
+impl<T> SlotTable<T> {
+    fn new(devices: &[(u32, Arc<T>)]) -> SlotTable<T> {
+        let mut slots = vec![None; abi::MMIO_SLOTS as usize];
+        for (slot, device) in devices {
+            if let Some(entry) = slots.get_mut(*slot as usize) {
+                *entry = Some(device.clone());
+            }
+        }
+        SlotTable { slots }
+    }
+
+    fn get(&self, slot: u32) -> Option<&Arc<T>> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+}
+
 struct VmBus {
     serial: Com1,
-    devices: Vec<Arc<Mutex<VirtioDevice>>>,
+    devices: SlotTable,
     ram: Arc<GuestRam>,
     doorbells: Option<Doorbells>,
 }
@@ -119,7 +141,7 @@ struct VmBus {
 impl VmBus {
     fn device_at(&self, addr: u64) -> Option<(&Arc<Mutex<VirtioDevice>>, u64)> {
         let (slot, offset) = abi::slot_of(addr)?;
-        self.devices.iter().find(|d| d.lock().is_ok_and(|d| d.slot == slot)).map(|d| (d, offset))
+        self.devices.get(slot).map(|d| (d, offset))
     }
 }
 
@@ -145,7 +167,7 @@ impl Bus for VmBus {
         // Doorbells for real queues are ioeventfds and never get here: a write to a doorbell
         // port of a queue that does not exist is a guest error for that device.
         if let Some((slot, queue)) = self.doorbells.and_then(|d| d.decode(port))
-            && let Some(device) = self.devices.iter().find(|d| d.lock().is_ok_and(|d| d.slot == slot))
+            && let Some(device) = self.devices.get(slot)
         {
             let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
             let offset = Register::QueueNotify.offset();
@@ -286,6 +308,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         cmdline.push_str(&entry.to_string());
         devices.push(Arc::new(Mutex::new(device)));
     }
+    let slotted: Vec<(u32, Arc<Mutex<VirtioDevice>>)> =
+        devices.iter().enumerate().map(|(slot, device)| (slot as u32, device.clone())).collect();
     if let Some(d) = doorbells {
         cmdline.push_str(&format!(" {}={:#x}", abi::key::DOORBELLS, d.port(0, 0).unwrap_or(DOORBELL_BASE)));
     }
@@ -303,8 +327,12 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     }
     let loaded = loader::load(&ram, &config.kernel, &cmdline)?;
 
-    let bus =
-        Arc::new(VmBus { serial: Com1::new(config.serial), devices: devices.clone(), ram: ram.clone(), doorbells });
+    let bus = Arc::new(VmBus {
+        serial: Com1::new(config.serial),
+        devices: SlotTable::new(&slotted),
+        ram: ram.clone(),
+        doorbells,
+    });
     let stop = Arc::new(AtomicBool::new(false));
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
         .map_err(|e| VmError::Runtime(format!("registering the vCPU kick signal: {e}")))?;
@@ -357,9 +385,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                     last_try = Instant::now();
                     let mut changed = false;
                     for device in &watch_devices {
-                        let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
-                        if !device.connected() {
-                            changed |= device.try_reconnect(&watch_ram);
+                        // The handshake runs without the device's lock (vCPU exits need it).
+                        let target = device.lock().unwrap_or_else(|p| p.into_inner()).reconnect_target();
+                        if let Some(link) = target.and_then(|t| t.connect(&watch_ram)) {
+                            changed |= device.lock().unwrap_or_else(|p| p.into_inner()).adopt_link(link, &watch_ram);
                         }
                     }
                     if changed {
@@ -391,4 +420,28 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         })
         .collect();
     Ok(RunReport { outcome, cmdline, devices, elapsed: started.elapsed(), tsc_khz })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_for_one_device_does_not_wait_for_another_devices_lock() {
+        let devices: Vec<(u32, Arc<Mutex<u32>>)> = (0..3).map(|slot| (slot, Arc::new(Mutex::new(slot)))).collect();
+        let table = Arc::new(SlotTable::new(&devices));
+        // Slot 0's lock is held (a reconnect, a slow backend) while slot 2 takes an exit.
+        let _held = devices[0].1.lock().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let exit = {
+            let table = table.clone();
+            std::thread::spawn(move || {
+                let value = table.get(2).map(|d| *d.lock().unwrap());
+                let _ = done_tx.send(value);
+            })
+        };
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(Some(2)), "the exit stalled");
+        exit.join().unwrap();
+        assert!(table.get(3).is_none() && table.get(u32::MAX).is_none(), "empty and absurd slots");
+    }
 }

@@ -2,6 +2,7 @@
 //! on KVM against them, its self-test and a short benchmark through every device, and a
 //! summary. Exits 0 only if every check passed.
 
+use pvkit_host_devices::lock;
 use pvkit_host_devices::{BackendKind, backend_command};
 use pvkit_protocol::virtio::{DeviceId, feature_name};
 use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
@@ -109,7 +110,7 @@ pub(crate) struct Capture {
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = lock(&self.bytes);
         let line_start = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         bytes.extend_from_slice(buf);
         // Echo finished progress lines (checks, benchmark results).
@@ -283,6 +284,6 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
     std::thread::sleep(Duration::from_millis(100));
     drop(backends);
     step(4, "summary");
-    let serial = String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let serial = String::from_utf8_lossy(&lock(&capture.bytes)).into_owned();
     Ok(summary(&report, &serial, received.load(Ordering::Relaxed), "the tiny guest on KVM"))
 }

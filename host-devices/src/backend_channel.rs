@@ -7,6 +7,7 @@
 //! send CONFIG_CHANGE_MSG, so the control relay ([`crate::relay`]) keeps a duplicate of the
 //! descriptor as it passes and gives it to the device's [`BackendChannel`].
 
+use crate::lock;
 use log::{debug, warn};
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -50,18 +51,18 @@ impl BackendChannel {
             warn!("backend request channel: cannot set a send timeout: {e}");
         }
         debug!("backend request channel: handed over by the frontend");
-        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        *lock(&self.stream) = Some(stream);
     }
 
     /// Whether the frontend handed over a channel.
     pub fn is_connected(&self) -> bool {
-        self.stream.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        lock(&self.stream).is_some()
     }
 
     /// Tells the frontend the configuration space changed. Returns false when there is no
     /// channel; a channel that fails is dropped.
     pub fn config_changed(&self) -> Result<bool, BackendChannelError> {
-        let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.stream);
         let Some(stream) = guard.as_mut() else { return Ok(false) };
         let mut message = [0u8; 12];
         message[..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());

@@ -14,6 +14,7 @@
 //! ([`crate::backend_channel`]).
 
 use crate::backend_channel::BackendChannel;
+use crate::lock;
 use log::{debug, warn};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -33,7 +34,8 @@ const MAX_FDS: usize = 32;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+const PROTOCOL_FEATURES_BIT: u64 =
+    pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_USER_PROTOCOL_FEATURES]).0;
 
 /// Starts relaying between `frontend` and `handler` in two threads; they end when either side
 /// closes, closing the other. A backend request channel the frontend hands over goes to
@@ -145,7 +147,7 @@ fn requests(
             warn!("refused a memory table from the frontend: {e}");
             if flags & FLAG_NEED_REPLY != 0 {
                 let reply = message(request, FLAG_VERSION | FLAG_REPLY, &1u64.to_le_bytes());
-                let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+                let writer = lock(frontend_writer);
                 send_message(&writer, &reply, &[])?;
             }
             continue;
@@ -155,7 +157,7 @@ fn requests(
             held.insert(u32_at(&payload, 0), u32_at(&payload, 4));
             if flags & FLAG_NEED_REPLY != 0 {
                 let reply = message(request, FLAG_VERSION | FLAG_REPLY, &0u64.to_le_bytes());
-                let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+                let writer = lock(frontend_writer);
                 send_message(&writer, &reply, &[])?;
             }
             continue;
@@ -204,7 +206,7 @@ fn replies(handler: &UnixStream, frontend_writer: &Mutex<UnixStream>) -> io::Res
         if n == 0 {
             return Ok(());
         }
-        let writer = frontend_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let writer = lock(frontend_writer);
         send_message(&writer, &buf[..n], &fds)?;
     }
 }

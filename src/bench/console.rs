@@ -6,6 +6,7 @@ use super::process::{ProcessUsage, Spawned, own_usage};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
 use pvkit_host_devices::{BackendKind, backend_command};
+use pvkit_protocol::virtio::{Features, feature};
 use pvkit_vmm_glue::host_frontend::{Buffer, HostFrontend};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -94,7 +95,8 @@ fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Resu
     let host_bytes = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let host = host_side(port, direction, host_bytes.clone(), done.clone());
-    let mut fe = HostFrontend::connect(&socket, 64 << 20, 2, 256, 1 << 32).map_err(|e| e.to_string())?;
+    let mut fe = HostFrontend::connect(&socket, 64 << 20, 2, 256, Features::from_bits(&[feature::VERSION_1]).0)
+        .map_err(|e| e.to_string())?;
     let size = args.write_size;
     let mut free: Vec<u64> = Vec::new();
     for i in 0..args.in_flight {

@@ -8,6 +8,7 @@ use super::process::{own_usage, usage_of};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
 use crate::demo::{Capture, start_backends};
+use pvkit_host_devices::lock;
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
             return Err("KVM did not report the TSC rate".into());
         }
         let khz = report.tsc_khz as f64;
-        let log = String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+        let log = String::from_utf8_lossy(&lock(&capture.bytes)).into_owned();
         let mut lines = Vec::new();
         for line in log.lines().filter_map(|l| l.trim_end().strip_prefix("PVKIT-DOORBELL ")) {
             let mut words = line.split_whitespace();

@@ -7,6 +7,7 @@ use super::process::{ProcessUsage, own_usage, usage_of};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
 use crate::demo::{Capture, console_host, start_backends};
+use pvkit_host_devices::lock;
 use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
 use pvkit_vmm_glue::software_guest::{self, SOFTWARE_TICK_KHZ};
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
@@ -85,8 +86,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
                     completion: None,
                 };
                 let report = vm::run(config).map_err(|e| e.to_string())?;
-                let log =
-                    String::from_utf8_lossy(&capture.bytes.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+                let log = String::from_utf8_lossy(&lock(&capture.bytes)).into_owned();
                 let khz = report.tsc_khz;
                 (log, khz)
             }

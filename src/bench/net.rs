@@ -6,6 +6,7 @@ use super::median;
 use super::process::{ProcessUsage, Spawned, usage_of};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
+use pvkit_host_devices::lock;
 use pvkit_host_devices::{BackendKind, backend_command};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -140,14 +141,14 @@ fn generate(
                 if let Some(rest) = line.trim().strip_prefix("Tx-pps:")
                     && let Some(pps) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())
                 {
-                    readings.lock().unwrap_or_else(|p| p.into_inner()).push(pps);
+                    lock(&readings).push(pps);
                 }
             }
         })
     };
     // Wait for the first reading (EAL start-up takes a moment), then one more as warm-up.
     let mut waited = Duration::ZERO;
-    while readings.lock().unwrap_or_else(|p| p.into_inner()).len() < 2 {
+    while lock(&readings).len() < 2 {
         std::thread::sleep(Duration::from_millis(50));
         waited += Duration::from_millis(50);
         if waited > Duration::from_secs(20) {
@@ -157,11 +158,11 @@ fn generate(
     }
     let before = child.usage()?;
     let generator_before = usage_of(generator.id(), "dpdk-testpmd")?;
-    let skip = readings.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let skip = lock(&readings).len();
     // One reading per second: wait for as many as the measurement asks for.
     let wanted = (seconds.round() as usize).max(1);
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds + 10.0);
-    while readings.lock().unwrap_or_else(|p| p.into_inner()).len() < skip + wanted {
+    while lock(&readings).len() < skip + wanted {
         if std::time::Instant::now() > deadline {
             let _ = generator.kill();
             return Err("dpdk-testpmd stopped printing statistics".into());
@@ -174,7 +175,7 @@ fn generate(
     unsafe { libc::kill(generator.id() as libc::pid_t, libc::SIGINT) };
     let _ = generator.wait();
     let _ = reader.join();
-    let all = readings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let all = lock(&readings).clone();
     let measured: Vec<f64> = all.into_iter().skip(skip).take(wanted).collect();
     if measured.is_empty() {
         return Err("dpdk-testpmd printed no readings while measuring".into());

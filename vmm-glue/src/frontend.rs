@@ -6,6 +6,7 @@
 use crate::backend_requests::BackendRequests;
 use crate::memory::GuestRam;
 use crate::mmio::QueueConfig;
+use pvkit_protocol::virtio::{Features, feature as vf};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -39,12 +40,13 @@ pub enum FrontendError {
     },
 }
 
-/// Bit 30: VHOST_USER_F_PROTOCOL_FEATURES (not a virtio feature; never shown to the guest).
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-/// Features the virtio-mmio transport cannot pass on: packed ring (34), NOTIFICATION_DATA
-/// (38, notifies carrying data would miss the ioeventfds' match), RING_RESET (40), and
-/// ACCESS_PLATFORM (33, there is no IOMMU).
-const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT | 1 << 33 | 1 << 34 | 1 << 38 | 1 << 40);
+/// VHOST_USER_F_PROTOCOL_FEATURES (not a virtio feature; never shown to the guest).
+const PROTOCOL_FEATURES_BIT: u64 = Features::from_bits(&[vf::VHOST_USER_PROTOCOL_FEATURES]).0;
+/// Features the virtio-mmio transport cannot pass on: the packed ring, NOTIFICATION_DATA
+/// (notifies carrying data would miss the ioeventfds' match), RING_RESET, and
+/// ACCESS_PLATFORM (there is no IOMMU).
+const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT
+    | Features::from_bits(&[vf::ACCESS_PLATFORM, vf::RING_PACKED, vf::NOTIFICATION_DATA, vf::RING_RESET]).0);
 /// Largest queue size offered to the guest.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -72,7 +74,7 @@ impl BackendLink {
         let mut frontend = Frontend::connect(socket, default_queues as u64).map_err(req("connect"))?;
         frontend.set_owner().map_err(req("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(req("GET_FEATURES"))?;
-        if offered & (1 << 32) == 0 {
+        if !Features(offered).has(vf::VERSION_1) {
             return Err(FrontendError::Unsuitable { socket: name, what: "does not offer VIRTIO_F_VERSION_1".into() });
         }
         let mut protocol = VhostUserProtocolFeatures::empty();

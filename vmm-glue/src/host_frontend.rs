@@ -73,9 +73,9 @@ pub struct HostFrontend {
     pub features: u64,
 }
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// VIRTIO_F_RING_EVENT_IDX.
-const RING_EVENT_IDX: u32 = 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 =
+    pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_USER_PROTOCOL_FEATURES]).0;
+use pvkit_protocol::virtio::feature::RING_EVENT_IDX;
 
 impl HostFrontend {
     /// Connects to `socket`, negotiates `wanted` features (intersected with the backend's),

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod mmio;
 pub mod serial;
 pub mod software_guest;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;
 

@@ -336,6 +336,7 @@ fn check_rings(q: &QueueConfig, ram_size: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pvkit_protocol::virtio::{Features, feature as vf};
 
     fn w(dev: &mut MmioTransportState, reg: Register, value: u32) -> Effect {
         dev.write(reg.offset(), &value.to_le_bytes())
@@ -348,7 +349,7 @@ mod tests {
     }
 
     fn device() -> MmioTransportState {
-        MmioTransportState::new(2, 1 << 32 | 1 << 9, &[256, 256], 64 << 20)
+        MmioTransportState::new(2, Features::from_bits(&[vf::VERSION_1, 9]).0, &[256, 256], 64 << 20)
     }
 
     /// Sets a queue up; returns the first effect that was not `None`.
@@ -385,7 +386,7 @@ mod tests {
             QueueConfig { max_size: 256, size: 128, ready: true, desc: 0x10_0000, avail: 0x10_1000, used: 0x10_2000 }
         );
         assert_eq!(r(&mut dev, Register::InterruptStatus), interrupt::VRING);
-        assert_eq!(dev.driver_features(), 1 << 32);
+        assert_eq!(dev.driver_features(), Features::from_bits(&[vf::VERSION_1]).0);
         assert_eq!(w(&mut dev, Register::Status, 0), Effect::Reset);
         assert!(!dev.queues()[0].ready);
     }

@@ -1,5 +1,6 @@
 //! COM1: an 8250 UART (`vm-superio`) whose output goes to standard output or a file.
 
+use crate::sync::lock;
 use std::io::Write;
 use std::sync::Mutex;
 use vm_superio::{Serial, Trigger, serial::NoEvents};
@@ -38,13 +39,13 @@ impl Com1 {
 
     /// A guest read.
     pub fn read(&self, port: u16) -> u8 {
-        let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
+        let mut uart = lock(&self.uart);
         uart.read((port - COM1_BASE) as u8)
     }
 
     /// A guest write.
     pub fn write(&self, port: u16, value: u8) {
-        let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
+        let mut uart = lock(&self.uart);
         if let Err(e) = uart.write((port - COM1_BASE) as u8, value) {
             log::warn!("serial output: {e:?}");
         }

@@ -8,6 +8,7 @@
 
 use crate::device::VirtioDevice;
 use crate::memory::GuestRam;
+use crate::sync::lock;
 use crate::vm::DeviceSpec;
 use pvkit_guest_driver::device::blk::{BlkRequest, VirtIOBlk};
 use pvkit_guest_driver::device::console::VirtIOConsole;
@@ -57,7 +58,7 @@ struct DmaArena {
 static ARENA: Mutex<Option<Arc<DmaArena>>> = Mutex::new(None);
 
 fn arena() -> Option<Arc<DmaArena>> {
-    ARENA.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    lock(&ARENA).clone()
 }
 
 /// The software guest's `Hal`: DMA pages are guest RAM (bump-allocated, never reused),
@@ -115,7 +116,7 @@ pub struct SoftTransport {
 impl SoftTransport {
     fn read(&self, reg: Register) -> u32 {
         let mut data = [0u8; 4];
-        let mut device = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        let mut device = lock(&self.device);
         // No event loop here: take the backend's configuration changes before the registers
         // that report them.
         if matches!(reg, Register::InterruptStatus | Register::ConfigGeneration) {
@@ -126,7 +127,7 @@ impl SoftTransport {
     }
 
     fn write(&mut self, reg: Register, value: u32) {
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).mmio_write(reg.offset(), &value.to_le_bytes(), &self.ram);
+        lock(&self.device).mmio_write(reg.offset(), &value.to_le_bytes(), &self.ram);
     }
 
     /// The doorbell that kicks this device's queues.
@@ -201,11 +202,11 @@ impl Transport for SoftTransport {
         self.read(Register::ConfigGeneration)
     }
     fn read_config(&self, offset: usize, buf: &mut [u8]) -> Result<(), TransportError> {
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).mmio_read(0x100 + offset as u64, buf);
+        lock(&self.device).mmio_read(0x100 + offset as u64, buf);
         Ok(())
     }
     fn write_config(&mut self, offset: usize, data: &[u8]) -> Result<(), TransportError> {
-        self.device.lock().unwrap_or_else(|p| p.into_inner()).mmio_write(0x100 + offset as u64, data, &self.ram);
+        lock(&self.device).mmio_write(0x100 + offset as u64, data, &self.ram);
         Ok(())
     }
 }
@@ -251,7 +252,7 @@ const BENCH_SLOTS: usize = 16;
 pub fn run(devices: &[DeviceSpec], memory: u64, bench_ms: Option<u64>) -> Result<SoftwareReport, SoftwareGuestError> {
     let ram = Arc::new(GuestRam::new(memory)?);
     {
-        let mut slot = ARENA.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&ARENA);
         if slot.is_some() {
             return Err(SoftwareGuestError::Busy);
         }
@@ -259,7 +260,7 @@ pub fn run(devices: &[DeviceSpec], memory: u64, bench_ms: Option<u64>) -> Result
             Some(Arc::new(DmaArena { host_base: ram.host_base(), size: ram.size(), next: AtomicU64::new(DMA_BASE) }));
     }
     let result = run_with(devices, &ram, bench_ms);
-    *ARENA.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    *lock(&ARENA) = None;
     result
 }
 
@@ -313,7 +314,7 @@ fn run_with(
     let devices = devices
         .iter()
         .map(|d| {
-            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let d = lock(d);
             (d.name.clone(), d.state.negotiated_features())
         })
         .collect();

@@ -8,6 +8,7 @@ use crate::device::VirtioDevice;
 use crate::loader;
 use crate::memory::GuestRam;
 use crate::serial::Com1;
+use crate::sync::lock;
 use crate::vcpu::{self, Bus, Outcome};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
@@ -25,9 +26,14 @@ use vmm_sys_util::epoll::EventSet;
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// KVM is not usable.
-    #[error("cannot use KVM: {0}")]
-    Kvm(String),
+    /// A KVM call failed (KVM is missing, or refused what the VM needs).
+    #[error("cannot use KVM: {what}: {source}")]
+    Kvm {
+        /// The call (`KVM_CREATE_VM`, `opening /dev/kvm`, ...).
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -50,9 +56,17 @@ pub enum VmError {
     /// A vCPU could not be set up.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
-    /// Threads or signals.
-    #[error("{0}")]
-    Runtime(String),
+    /// The vCPU kick signal's handler could not be installed.
+    #[error("registering the vCPU kick signal: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// A thread could not be started.
+    #[error("starting {thread}: {source}")]
+    Spawn {
+        /// Which thread.
+        thread: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A device to attach.
@@ -169,7 +183,7 @@ impl Bus for VmBus {
         if let Some((slot, queue)) = self.doorbells.and_then(|d| d.decode(port))
             && let Some(device) = self.devices.get(slot)
         {
-            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+            let mut device = lock(device);
             let offset = Register::QueueNotify.offset();
             device.mmio_write(offset, &u32::from(queue).to_le_bytes(), &self.ram);
         }
@@ -177,14 +191,14 @@ impl Bus for VmBus {
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.device_at(addr) {
-            Some((device, offset)) => device.lock().unwrap_or_else(|p| p.into_inner()).mmio_read(offset, data),
+            Some((device, offset)) => lock(device).mmio_read(offset, data),
             None => data.fill(0xff),
         }
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((device, offset)) = self.device_at(addr) {
-            device.lock().unwrap_or_else(|p| p.into_inner()).mmio_write(offset, data, &self.ram);
+            lock(device).mmio_write(offset, data, &self.ram);
         }
     }
 }
@@ -229,7 +243,7 @@ impl MutEventSubscriber for BackendWatch {
         let (index, channel) = (events.data() as usize / 2, events.data() % 2);
         let hung_up = events.event_set().intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP);
         if let Some(device) = self.devices.get(index) {
-            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+            let mut device = lock(device);
             if channel == 0 {
                 // Only a hang-up counts: replies to the VMM's own requests make the socket
                 // readable too, and are read by whoever asked.
@@ -252,7 +266,7 @@ impl MutEventSubscriber for BackendWatch {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Kvm(format!("{what}: {e}"))
+    move |source| VmError::Kvm { what, source }
 }
 
 /// Builds the VM, runs the guest until it exits (or the watchdog fires), and reports.
@@ -335,7 +349,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Runtime(format!("registering the vCPU kick signal: {e}")))?;
+        .map_err(VmError::Signal)?;
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
     let mut threads = Vec::new();
     for (id, mut vcpu_fd) in vcpu_fds.into_iter().enumerate() {
@@ -356,7 +370,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                     let _ = done.send(outcome);
                 }
             })
-            .map_err(|e| VmError::Runtime(format!("starting vCPU {id}: {e}")))?;
+            .map_err(|source| VmError::Spawn { thread: format!("vCPU {id}"), source })?;
         threads.push(thread);
     }
 
@@ -386,9 +400,9 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                     let mut changed = false;
                     for device in &watch_devices {
                         // The handshake runs without the device's lock (vCPU exits need it).
-                        let target = device.lock().unwrap_or_else(|p| p.into_inner()).reconnect_target();
+                        let target = lock(device).reconnect_target();
                         if let Some(link) = target.and_then(|t| t.connect(&watch_ram)) {
-                            changed |= device.lock().unwrap_or_else(|p| p.into_inner()).adopt_link(link, &watch_ram);
+                            changed |= lock(device).adopt_link(link, &watch_ram);
                         }
                     }
                     if changed {
@@ -399,7 +413,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
                 }
             }
         })
-        .map_err(|e| VmError::Runtime(format!("starting the event loop: {e}")))?;
+        .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
 
     let outcome = done_rx.recv_timeout(config.timeout).unwrap_or(Outcome::TimedOut);
     stop.store(true, Ordering::SeqCst);
@@ -415,7 +429,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let devices = devices
         .iter()
         .map(|d| {
-            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let d = lock(d);
             (d.name.clone(), d.state.negotiated_features(), d.violations)
         })
         .collect();

@@ -1,6 +1,7 @@
 //! Request counters: by type, errors by kind, bytes. Errors are logged once per kind.
 
 use super::request::RequestError;
+use crate::lock;
 use log::warn;
 use pvkit_protocol::blk::RequestType;
 use std::collections::BTreeMap;
@@ -46,7 +47,7 @@ impl Stats {
     }
 
     fn count_error(&self, kind: &'static str, message: &str) {
-        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut errors = lock(&self.errors);
         let count = errors.entry(kind).or_insert(0);
         if *count == 0 {
             warn!("request refused ({kind}): {message} (further errors of this kind are only counted)");
@@ -56,12 +57,12 @@ impl Stats {
 
     /// Errors of `kind` so far.
     pub fn errors(&self, kind: &str) -> u64 {
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).get(kind).copied().unwrap_or(0)
+        lock(&self.errors).get(kind).copied().unwrap_or(0)
     }
 
     /// One summary line.
     pub fn summary(&self) -> String {
-        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        let errors = lock(&self.errors);
         let errors = if errors.is_empty() {
             "none".to_string()
         } else {

@@ -9,6 +9,7 @@
 //! probes each direction when it opens the image.
 
 use super::engine::{BlockEngine, EngineError, RwOp, SyncEngine};
+use crate::lock;
 use io_uring::{IoUring, opcode, types};
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
@@ -308,7 +309,7 @@ impl BlockEngine for UringEngine {
         };
         let mut results: Vec<io::Result<()>> = ops.iter().map(|_| Ok(())).collect();
         if ops.iter().any(|op| !self.inline.applies(op.write)) {
-            let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ring = lock(ring);
             for (chunk, out) in ops.chunks(RING_ENTRIES as usize).zip(results.chunks_mut(RING_ENTRIES as usize)) {
                 self.submit_chunk(&mut ring, chunk, out);
             }

@@ -6,7 +6,7 @@ use super::control::{Control, PortInfo};
 use super::port::HostPort;
 use super::port::PENDING_LIMIT;
 use crate::backend_channel::BackendChannel;
-use crate::queue::quiesce::lock;
+use crate::lock;
 use crate::queue::worker::PassContext;
 use crate::queue::{
     ChainBuffers, ChainError, DeviceCore, Gates, Memory, PassError, QueueService, Rearm, UsedBatch, WorkerQueue, ring,
@@ -81,7 +81,7 @@ impl ConsoleHost {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<HostPort>> {
-        self.ports.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.ports)
     }
 }
 
@@ -201,16 +201,16 @@ impl ConsoleDevice {
     /// control queue (multiport) and tells the frontend the configuration space changed (its
     /// `cols` and `rows`), which it passes on to the guest as a configuration interrupt.
     fn check_size(&self) {
-        if let Some(timer) = self.shared.size_timer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(timer) = lock(&self.shared.size_timer).as_mut() {
             let _ = timer.wait();
         }
         let size = self.shared.host.lock().first().and_then(HostPort::size);
-        let mut last = self.shared.last_size.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.shared.last_size);
         if let Some((rows, cols)) = size
             && size != *last
         {
             *last = size;
-            self.shared.control.lock().unwrap_or_else(|p| p.into_inner()).resize(rows, cols);
+            lock(&self.shared.control).resize(rows, cols);
             match self.shared.backend_channel.config_changed() {
                 Ok(true) => log::debug!("console: resized to {cols}x{rows}; the frontend was told"),
                 Ok(false) => {}
@@ -244,7 +244,7 @@ impl ConsoleDevice {
     /// Starts or stops watching one of a port's descriptors (kind 0 listener, 1 input
     /// readable, 2 output writable).
     fn watch(&self, port: usize, kind: usize, fd: Option<i32>, want: bool) {
-        let mut watching = self.shared.watching.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watching = lock(&self.shared.watching);
         let Some(slot) = watching.get_mut(port).map(|w| &mut w[kind]) else { return };
         let Some(handler) = self.shared.handler.lock().ok().and_then(|h| h.as_ref().and_then(Weak::upgrade)) else {
             return;
@@ -411,7 +411,7 @@ impl ConsoleDevice {
     }
 
     fn host_side_closed(&self, p: usize) {
-        self.shared.control.lock().unwrap_or_else(|p| p.into_inner()).host_open_changed(p as u32, false);
+        lock(&self.shared.control).host_open_changed(p as u32, false);
         self.watch(p, 1, None, false);
         self.watch(p, 2, None, false);
     }
@@ -670,7 +670,7 @@ impl crate::server::ServedDevice for ConsoleDevice {
 
     fn stop_workers(&self) {
         self.shared.core.stop();
-        let mut watching = self.shared.watching.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watching = lock(&self.shared.watching);
         for w in watching.iter_mut() {
             *w = [false; 3];
         }
@@ -678,7 +678,7 @@ impl crate::server::ServedDevice for ConsoleDevice {
 
     fn attach(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) -> io::Result<()> {
         let Some(handler) = handlers.first() else { return Ok(()) };
-        *self.shared.handler.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(handler));
+        *lock(&self.shared.handler) = Some(Arc::downgrade(handler));
         let listeners: Vec<(usize, Option<i32>)> =
             self.shared.host.lock().iter().enumerate().map(|(p, port)| (p, port.listener_fd())).collect();
         for (p, fd) in listeners {
@@ -696,7 +696,7 @@ impl crate::server::ServedDevice for ConsoleDevice {
                 EventSet::IN,
                 self.size_check_id(),
             )?;
-            *self.shared.size_timer.lock().unwrap_or_else(|p| p.into_inner()) = Some(timer);
+            *lock(&self.shared.size_timer) = Some(timer);
         }
         Ok(())
     }

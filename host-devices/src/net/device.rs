@@ -7,7 +7,7 @@ use super::frame::complete_checksum;
 use super::rings::{self, FrameFormat, Refused, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
-use crate::queue::quiesce::lock;
+use crate::lock;
 use crate::queue::services::Work;
 use crate::queue::worker::PassContext;
 use crate::queue::{

@@ -7,6 +7,7 @@
 
 use super::switch::{Forward, ForwardingTable};
 use super::tap::Tap;
+use crate::lock;
 use pvkit_protocol::net::NetHeaderRepr;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -44,7 +45,7 @@ impl Inbox {
     /// Queues a frame; gives it back when the inbox is full.
     pub fn push(&self, frame: Frame) -> Result<(), Frame> {
         let was_empty = {
-            let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            let mut frames = lock(&self.frames);
             if frames.len() >= INBOX_CAPACITY {
                 return Err(frame);
             }
@@ -59,17 +60,17 @@ impl Inbox {
 
     /// Takes the oldest frame.
     pub fn pop(&self) -> Option<Frame> {
-        self.frames.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        lock(&self.frames).pop_front()
     }
 
     /// Puts a frame back at the front (its receive queue had no room yet).
     pub fn unpop(&self, frame: Frame) {
-        self.frames.lock().unwrap_or_else(|p| p.into_inner()).push_front(frame);
+        lock(&self.frames).push_front(frame);
     }
 
     /// Whether frames are waiting.
     pub fn is_empty(&self) -> bool {
-        self.frames.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        lock(&self.frames).is_empty()
     }
 
     /// Clears the readiness signal (before draining).
@@ -116,22 +117,22 @@ impl SwitchHub {
     /// Connects `port`'s inboxes (its frontend arrived).
     pub fn connect(&self, port: usize, inboxes: Arc<Vec<Inbox>>) {
         if let Some(slot) = self.ports.get(port) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(inboxes);
+            *lock(slot) = Some(inboxes);
         }
     }
 
     /// Disconnects `port` and forgets what it taught the table.
     pub fn disconnect(&self, port: usize) {
         if let Some(slot) = self.ports.get(port) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *lock(slot) = None;
         }
-        self.table.lock().unwrap_or_else(|p| p.into_inner()).forget_port(port);
+        lock(&self.table).forget_port(port);
     }
 
     /// Forwards a frame that `port` sent on queue pair `pair`: learns its source, then queues
     /// it for the destination port or, for group and unknown destinations, every other port.
     pub fn forward(&self, port: usize, pair: usize, frame: Frame) -> Delivery {
-        let decision = self.table.lock().unwrap_or_else(|p| p.into_inner()).forward(port, &frame.data, Instant::now());
+        let decision = lock(&self.table).forward(port, &frame.data, Instant::now());
         let targets: Vec<usize> = match decision {
             Forward::Drop => Vec::new(),
             Forward::Port(out) => vec![out],
@@ -141,8 +142,7 @@ impl SwitchHub {
         let last = targets.len().saturating_sub(1);
         let mut frame = Some(frame);
         for (i, target) in targets.into_iter().enumerate() {
-            let inboxes =
-                self.ports.get(target).and_then(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            let inboxes = self.ports.get(target).and_then(|slot| lock(slot).clone());
             let Some(inboxes) = inboxes else { continue };
             let Some(inbox) = inboxes.get(pair % inboxes.len().max(1)) else { continue };
             let copy = if i == last { frame.take() } else { frame.clone() };

@@ -81,26 +81,26 @@ impl DeviceCore {
 
     /// The frontend's new memory table.
     pub fn update_memory(&self, memory: Memory) {
-        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = Some(memory);
+        *crate::write(&self.memory) = Some(memory);
     }
 
     /// The memory table, once the frontend sent one.
     pub fn memory(&self) -> Option<Memory> {
-        self.memory.read().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::read(&self.memory).clone()
     }
 
     /// The exit event of worker `worker`, for the library (`VhostUserBackend::exit_event`).
     pub fn exit_event(&self, worker: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exits.get(worker)?;
         let (consumer, notifier) = (consumer.try_clone().ok()?, notifier.try_clone().ok()?);
-        crate::queue::quiesce::lock(&self.library_fds).push(consumer.as_raw_fd());
+        crate::lock(&self.library_fds).push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
     /// Closes the exit-event descriptors the library left open. Call only after the library's
     /// daemon for this connection is dropped (its worker threads joined, its epoll closed).
     pub fn release_library_fds(&self) {
-        for fd in std::mem::take(&mut *crate::queue::quiesce::lock(&self.library_fds)) {
+        for fd in std::mem::take(&mut *crate::lock(&self.library_fds)) {
             // SAFETY: `fd` is a duplicate made in `exit_event` whose ownership the library took
             // with `into_raw_fd` (vhost-user-backend 0.24, `VringEpollHandler::new`) and never
             // closes; the daemon that used it is gone, so nothing else refers to the number,

@@ -10,14 +10,9 @@
 //!
 //! The gates belong to the process (they outlive connections); the stop flag to a connection.
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
-
-/// Locks `mutex`, recovering the data from a thread that panicked while holding it (the data
-/// every caller here guards stays consistent between statements).
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// One gate per worker thread, shared by every connection of the process.
 #[derive(Debug)]

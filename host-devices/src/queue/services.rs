@@ -90,16 +90,16 @@ pub struct RecordingServices {
 #[cfg(test)]
 impl QueueServices for RecordingServices {
     fn admit(&self, work: &Work) -> Verdict {
-        super::quiesce::lock(&self.admitted).push(*work);
+        crate::lock(&self.admitted).push(*work);
         if self.fail_all.load(std::sync::atomic::Ordering::Relaxed) { Verdict::Fail } else { Verdict::Serve }
     }
 
     fn completed(&self, completion: &Completion) {
-        super::quiesce::lock(&self.completed).push(*completion);
+        crate::lock(&self.completed).push(*completion);
     }
 
     fn guest_written(&self, addr: GuestAddress, len: u64) {
-        super::quiesce::lock(&self.written).push((addr.0, len));
+        crate::lock(&self.written).push((addr.0, len));
     }
 }
 
@@ -107,7 +107,7 @@ impl QueueServices for RecordingServices {
 impl RecordingServices {
     /// Whether every byte of `[addr, addr + len)` was reported written.
     pub fn covers(&self, addr: u64, len: u64) -> bool {
-        let written = super::quiesce::lock(&self.written);
+        let written = crate::lock(&self.written);
         (addr..addr + len).all(|byte| written.iter().any(|&(a, l)| byte >= a && byte < a + l))
     }
 }

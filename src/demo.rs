@@ -177,7 +177,7 @@ pub fn summary(report: &RunReport, serial: &str, console_bytes: u64, guest: &str
         println!("  (this KVM is PVM-based: the guest polls, and its instructions are emulated, so rates are low)");
     }
     println!("\ndevices (virtio-mmio, negotiated features):");
-    for (name, features, violations) in &report.devices {
+    for pvkit_vmm_glue::vm::DeviceReport { name, features, violations } in &report.devices {
         let extra = if *violations > 0 { format!(" ({violations} protocol violations)") } else { String::new() };
         println!("  {name:<8} {}{extra}", feature_list(name, *features));
     }

@@ -2,7 +2,7 @@
 
 use pvkit_vmm_glue::software_guest;
 use pvkit_vmm_glue::vcpu::Outcome;
-use pvkit_vmm_glue::vm::{DeviceSpec, RunReport};
+use pvkit_vmm_glue::vm::{DeviceReport, DeviceSpec, RunReport};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -16,7 +16,11 @@ pub fn demo(sockets: &[PathBuf; 3], console_bytes: &std::sync::atomic::AtomicU64
     let run_report = RunReport {
         outcome: Outcome::Exited(if passed { 0 } else { 1 }),
         cmdline: String::new(),
-        devices: report.devices.iter().map(|(name, features)| (name.clone(), *features, 0)).collect(),
+        devices: report
+            .devices
+            .iter()
+            .map(|(name, features)| DeviceReport { name: name.clone(), features: *features, violations: 0 })
+            .collect(),
         elapsed: started.elapsed(),
         tsc_khz: software_guest::SOFTWARE_TICK_KHZ,
     };

@@ -210,3 +210,99 @@ fn replies(handler: &UnixStream, frontend_writer: &Mutex<UnixStream>) -> io::Res
         send_message(&writer, &buf[..n], &fds)?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+    const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+    const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+
+    /// A relay between two socket pairs: (the test's frontend end, the test's handler end).
+    fn relayed() -> (UnixStream, UnixStream) {
+        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        let (relay_handler, handler) = UnixStream::pair().unwrap();
+        for s in [&frontend, &handler] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        start("relay-test", relay_frontend, relay_handler, None).unwrap();
+        (frontend, handler)
+    }
+
+    fn read_message(socket: &UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut header = [0u8; HEADER_LEN];
+        let mut reader = socket;
+        reader.read_exact(&mut header).unwrap();
+        let mut payload = vec![0u8; u32_at(&header, 8) as usize];
+        reader.read_exact(&mut payload).unwrap();
+        (u32_at(&header, 0), u32_at(&header, 4), payload)
+    }
+
+    fn enable(index: u32, flags: u32) -> Vec<u8> {
+        let mut body = index.to_le_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_le_bytes());
+        message(SET_VRING_ENABLE, flags, &body)
+    }
+
+    #[test]
+    fn early_ring_enables_are_answered_held_and_replayed_after_set_features() {
+        let (frontend, handler) = relayed();
+        let mut writer = &frontend;
+        writer.write_all(&enable(1, FLAG_VERSION | FLAG_NEED_REPLY)).unwrap();
+        let (request, flags, payload) = read_message(&frontend);
+        assert_eq!((request, flags & FLAG_REPLY, payload), (SET_VRING_ENABLE, FLAG_REPLY, 0u64.to_le_bytes().to_vec()));
+        writer.write_all(&message(GET_FEATURES, FLAG_VERSION, &[])).unwrap();
+        assert_eq!(read_message(&handler).0, GET_FEATURES, "the held message is not passed on early");
+        writer.write_all(&message(SET_FEATURES, FLAG_VERSION, &PROTOCOL_FEATURES_BIT.to_le_bytes())).unwrap();
+        assert_eq!(read_message(&handler).0, SET_FEATURES);
+        let (request, flags, payload) = read_message(&handler);
+        assert_eq!((request, flags & FLAG_NEED_REPLY), (SET_VRING_ENABLE, 0), "replayed without asking a reply");
+        assert_eq!(payload, [1u32.to_le_bytes(), 1u32.to_le_bytes()].concat());
+        // Replies go back to the frontend as they come.
+        let mut handler_writer = &handler;
+        handler_writer.write_all(&message(GET_FEATURES, FLAG_VERSION | FLAG_REPLY, &7u64.to_le_bytes())).unwrap();
+        assert_eq!(read_message(&frontend).2, 7u64.to_le_bytes());
+    }
+
+    #[test]
+    fn an_absurd_payload_size_ends_the_relay_and_closes_both_sides() {
+        let (frontend, handler) = relayed();
+        let mut header = message(GET_FEATURES, FLAG_VERSION, &[]);
+        header[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        (&frontend).write_all(&header).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!((&handler).read(&mut byte).unwrap(), 0, "the handler's side is closed");
+        assert_eq!((&frontend).read(&mut byte).unwrap(), 0, "the frontend's side is closed");
+    }
+
+    #[test]
+    fn a_message_cut_short_ends_the_relay_without_passing_half_of_it() {
+        let (frontend, handler) = relayed();
+        (&frontend).write_all(&message(SET_FEATURES, FLAG_VERSION, &[0; 8])[..15]).unwrap();
+        frontend.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        (&handler).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} bytes of a partial message were passed on", rest.len());
+    }
+
+    #[test]
+    fn a_region_past_its_file_is_refused_with_a_failure_reply_and_not_passed_on() {
+        let (frontend, handler) = relayed();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let mut table = 1u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&[0; 4]);
+        for field in [0u64, 1 << 20, 0x7f00_0000_0000, 0] {
+            table.extend_from_slice(&field.to_le_bytes());
+        }
+        let request = crate::region_check::SET_MEM_TABLE;
+        let bytes = message(request, FLAG_VERSION | FLAG_NEED_REPLY, &table);
+        frontend.send_with_fds(&[&bytes[..]], &[file.as_raw_fd()]).unwrap();
+        let (reply, flags, payload) = read_message(&frontend);
+        assert_eq!((reply, flags & FLAG_REPLY, payload), (request, FLAG_REPLY, 1u64.to_le_bytes().to_vec()));
+        (&frontend).write_all(&message(GET_FEATURES, FLAG_VERSION, &[])).unwrap();
+        assert_eq!(read_message(&handler).0, GET_FEATURES, "the refused table never reached the handler");
+    }
+}

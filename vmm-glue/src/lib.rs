@@ -2,9 +2,11 @@
 //! per device, wired so that doorbells and interrupts go between guest and backend through
 //! the kernel (ioeventfd, irqfd).
 
-#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod backend_requests;
+pub mod backend_watch;
+pub mod bus;
 pub mod device;
 pub mod frontend;
 pub mod guest_report;

@@ -4,16 +4,16 @@
 //! ports) and interrupts (irqfd on IOAPIC pins) wired through the kernel, vCPU threads, a
 //! watchdog, and an `event-manager` loop that notices backends going away and reconnects.
 
+use crate::bus::{SlotTable, VmBus};
 use crate::device::VirtioDevice;
 use crate::loader;
 use crate::memory::GuestRam;
 use crate::serial::Com1;
 use crate::sync::lock;
-use crate::vcpu::{self, Bus, Outcome};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use crate::vcpu::{self, Outcome};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{IoEventAddress, Kvm};
-use log::{info, warn};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use log::info;
 use pvkit_protocol::abi::{self, CompletionMode, Doorbells, MmioDeviceEntry};
 use pvkit_protocol::mmio::Register;
 use std::io::Write;
@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_sys_util::epoll::EventSet;
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +108,23 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// The command line the guest got.
     pub cmdline: String,
-    /// Per device: name, features the driver acknowledged, guest protocol violations.
-    pub devices: Vec<(String, u64, u64)>,
+    /// Per device, in slot order.
+    pub devices: Vec<DeviceReport>,
     /// Wall time.
     pub elapsed: Duration,
     /// The TSC rate announced to the guest (kHz; 0 when KVM could not say).
     pub tsc_khz: u64,
+}
+
+/// What became of one device in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// The device's name (`blk0`, `net0`, ...).
+    pub name: String,
+    /// The features the driver acknowledged.
+    pub features: u64,
+    /// Guest protocol violations the transport saw.
+    pub violations: u64,
 }
 
 /// The command-line key that tells the guest its TSC rate in kHz.
@@ -123,150 +133,168 @@ pub const TSC_KHZ_KEY: &str = "pvkit.tsc_khz";
 /// The port base of pvkit's doorbells when they are announced.
 pub const DOORBELL_BASE: u16 = abi::DOORBELL_PORT_BASE;
 
-/// The devices by virtio-mmio slot, fixed when the VM is built: finding the device of a vCPU
-/// exit takes no lock, and an exit waits only for its own device's.
-struct SlotTable<T = Mutex<VirtioDevice>> {
-    slots: Vec<Option<Arc<T>>>,
-}
-
-impl<T> SlotTable<T> {
-    fn new(devices: &[(u32, Arc<T>)]) -> SlotTable<T> {
-        let mut slots = vec![None; abi::MMIO_SLOTS as usize];
-        for (slot, device) in devices {
-            if let Some(entry) = slots.get_mut(*slot as usize) {
-                *entry = Some(device.clone());
-            }
-        }
-        SlotTable { slots }
-    }
-
-    fn get(&self, slot: u32) -> Option<&Arc<T>> {
-        self.slots.get(slot as usize)?.as_ref()
-    }
-}
-
-struct VmBus {
-    serial: Com1,
-    devices: SlotTable,
-    ram: Arc<GuestRam>,
-    doorbells: Option<Doorbells>,
-}
-
-impl VmBus {
-    fn device_at(&self, addr: u64) -> Option<(&Arc<Mutex<VirtioDevice>>, u64)> {
-        let (slot, offset) = abi::slot_of(addr)?;
-        self.devices.get(slot).map(|d| (d, offset))
-    }
-}
-
-impl Bus for VmBus {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if Com1::claims(port) {
-            data.fill(0);
-            if let Some(first) = data.first_mut() {
-                *first = self.serial.read(port);
-            }
-            return;
-        }
-        data.fill(0xff);
-    }
-
-    fn pio_write(&self, port: u16, data: &[u8]) {
-        if Com1::claims(port) {
-            if let Some(value) = data.first() {
-                self.serial.write(port, *value);
-            }
-            return;
-        }
-        // Doorbells for real queues are ioeventfds and never get here: a write to a doorbell
-        // port of a queue that does not exist is a guest error for that device.
-        if let Some((slot, queue)) = self.doorbells.and_then(|d| d.decode(port))
-            && let Some(device) = self.devices.get(slot)
-        {
-            let mut device = lock(device);
-            let offset = Register::QueueNotify.offset();
-            device.mmio_write(offset, &u32::from(queue).to_le_bytes(), &self.ram);
-        }
-    }
-
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        match self.device_at(addr) {
-            Some((device, offset)) => lock(device).mmio_read(offset, data),
-            None => data.fill(0xff),
-        }
-    }
-
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if let Some((device, offset)) = self.device_at(addr) {
-            lock(device).mmio_write(offset, data, &self.ram);
-        }
-    }
-}
-
-/// Watches each backend's control socket (a hang-up means the backend went away) and its
-/// backend request channel (a configuration change). Event data: device index times two,
-/// plus one for the request channel.
-struct BackendWatch {
-    devices: Vec<Arc<Mutex<VirtioDevice>>>,
-    watched: Vec<[Option<i32>; 2]>,
-}
-
-impl BackendWatch {
-    fn new(devices: Vec<Arc<Mutex<VirtioDevice>>>) -> BackendWatch {
-        let watched = vec![[None; 2]; devices.len()];
-        BackendWatch { devices, watched }
-    }
-
-    fn sync(&mut self, ops: &mut EventOps) {
-        for (i, device) in self.devices.iter().enumerate() {
-            let fds = device.lock().map_or([None; 2], |d| [d.link_fd(), d.backend_requests_fd()]);
-            for (channel, (fd, watched)) in fds.into_iter().zip(self.watched[i].iter_mut()).enumerate() {
-                if fd == *watched {
-                    continue;
-                }
-                let data = (i * 2 + channel) as u32;
-                let events = if channel == 0 { EventSet::READ_HANG_UP } else { EventSet::IN | EventSet::READ_HANG_UP };
-                if let Some(old) = *watched {
-                    let _ = ops.remove(Events::with_data_raw(old, data, events));
-                }
-                if let Some(new) = fd {
-                    let _ = ops.add(Events::with_data_raw(new, data, events));
-                }
-                *watched = fd;
-            }
-        }
-    }
-}
-
-impl MutEventSubscriber for BackendWatch {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let (index, channel) = (events.data() as usize / 2, events.data() % 2);
-        let hung_up = events.event_set().intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP);
-        if let Some(device) = self.devices.get(index) {
-            let mut device = lock(device);
-            if channel == 0 {
-                // Only a hang-up counts: replies to the VMM's own requests make the socket
-                // readable too, and are read by whoever asked.
-                if hung_up {
-                    device.backend_lost();
-                }
-            } else if events.event_set().contains(EventSet::IN) || hung_up {
-                // A request (or the end of the channel, which reading reports).
-                device.backend_request();
-            }
-        }
-        self.sync(ops);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        self.sync(ops);
-    }
-}
-
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// A VM being built: KVM with its irqchip and PIT, guest memory, devices wired to their
+/// backends, the guest's command line, the vCPUs.
+struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: Arc<GuestRam>,
+    devices: Vec<Arc<Mutex<VirtioDevice>>>,
+    cmdline: String,
+    doorbells: Option<Doorbells>,
+    vcpus: Vec<VcpuFd>,
+    tsc_khz: u64,
+}
+
+impl Vm {
+    /// KVM, the in-kernel irqchip and PIT, and `memory` bytes of shared guest memory.
+    fn create(memory: u64, cmdline: &str) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config::default()).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let ram = Arc::new(GuestRam::new(memory)?);
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region maps memory this process owns (the memfd mapping in `ram`), which
+        // outlives the VM: `ram` is kept alive until after the vCPUs are joined.
+        unsafe { fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let cmdline = cmdline.trim().to_string();
+        Ok(Vm { kvm, fd, ram, devices: Vec::new(), cmdline, doorbells: None, vcpus: Vec::new(), tsc_khz: 0 })
+    }
+
+    /// Connects each device to its backend at the next microvm slot, wires its kicks as
+    /// ioeventfds (QueueNotify, and the doorbell ports when announced) and its calls as irqfds,
+    /// and announces it on the command line.
+    fn attach_devices(&mut self, specs: &[DeviceSpec], doorbells: bool) -> Result<(), VmError> {
+        self.doorbells = doorbells.then(|| Doorbells::parse(&format!("{DOORBELL_BASE:#x}")).ok()).flatten();
+        for (index, spec) in specs.iter().enumerate() {
+            let slot = index as u32;
+            let device = VirtioDevice::connect(spec.virtio_id, slot, spec.socket.clone(), &self.ram)
+                .map_err(|source| VmError::Device { index, socket: spec.socket.display().to_string(), source })?;
+            let entry = MmioDeviceEntry::for_slot(slot).ok_or(VmError::TooManyDevices(specs.len()))?;
+            self.wire(&device, slot, &entry)?;
+            info!(
+                "{} at slot {slot} ({:#x}, IRQ {}): {} queue(s), backend {}",
+                device.name,
+                entry.base,
+                entry.irq,
+                device.kicks.len(),
+                spec.socket.display()
+            );
+            self.cmdline.push_str(&format!(" {entry}"));
+            self.devices.push(Arc::new(Mutex::new(device)));
+        }
+        if let Some(d) = self.doorbells {
+            let base = d.port(0, 0).unwrap_or(DOORBELL_BASE);
+            self.cmdline.push_str(&format!(" {}={base:#x}", abi::key::DOORBELLS));
+        }
+        Ok(())
+    }
+
+    fn wire(&self, device: &VirtioDevice, slot: u32, entry: &MmioDeviceEntry) -> Result<(), VmError> {
+        for (queue, kick) in device.kicks.iter().enumerate() {
+            let notify = IoEventAddress::Mmio(entry.base + Register::QueueNotify.offset());
+            self.fd.register_ioevent(kick, &notify, queue as u32).map_err(kvm_err("KVM_IOEVENTFD (mmio)"))?;
+            if let Some(port) = self.doorbells.and_then(|d| d.port(slot, queue as u16)) {
+                self.fd
+                    .register_ioevent(kick, &IoEventAddress::Pio(u64::from(port)), queue as u16)
+                    .map_err(kvm_err("KVM_IOEVENTFD (port)"))?;
+            }
+        }
+        for call in &device.calls {
+            self.fd.register_irqfd(call, entry.irq).map_err(kvm_err("KVM_IRQFD"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the vCPUs and tells the guest how completions reach it and its TSC's rate (the
+    /// guest has no other clock it can trust).
+    fn create_vcpus(&mut self, count: u8, completion: Option<CompletionMode>) -> Result<(), VmError> {
+        let completion =
+            completion.unwrap_or(if crate::kvm_is_pvm() { CompletionMode::Poll } else { CompletionMode::Interrupt });
+        self.cmdline.push_str(&format!(" {}={}", abi::key::COMPLETION, completion.as_str()));
+        for id in 0..count.max(1) {
+            self.vcpus.push(self.fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
+        }
+        self.tsc_khz = self.vcpus.first().and_then(|v| v.get_tsc_khz().ok()).map_or(0, u64::from);
+        if self.tsc_khz > 0 {
+            self.cmdline.push_str(&format!(" {TSC_KHZ_KEY}={}", self.tsc_khz));
+        }
+        Ok(())
+    }
+
+    /// Loads the kernel with the command line as built, sets up every vCPU, and starts one
+    /// thread per vCPU; the first one's outcome goes to `done`.
+    fn start_vcpus(
+        &mut self,
+        kernel: &[u8],
+        bus: Arc<VmBus>,
+        stop: &Arc<AtomicBool>,
+        done: std::sync::mpsc::Sender<Outcome>,
+    ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+        let loaded = loader::load(&self.ram, kernel, &self.cmdline)?;
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+            .map_err(VmError::Signal)?;
+        let mut threads = Vec::new();
+        for (id, mut vcpu_fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            if id == 0 {
+                vcpu::configure(&self.kvm, &vcpu_fd, &loaded)?;
+            } else {
+                let cpuid = self
+                    .kvm
+                    .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+                vcpu_fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            }
+            let (bus, stop, done) = (bus.clone(), stop.clone(), done.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop);
+                    if id == 0 {
+                        let _ = done.send(outcome);
+                    }
+                })
+                .map_err(|source| VmError::Spawn { thread: format!("vCPU {id}"), source })?;
+            threads.push(thread);
+        }
+        Ok(threads)
+    }
+
+    /// What each device ended with.
+    fn device_reports(&self) -> Vec<DeviceReport> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let d = lock(d);
+                DeviceReport { name: d.name.clone(), features: d.state.negotiated_features(), violations: d.violations }
+            })
+            .collect()
+    }
+}
+
+/// Stops every vCPU thread (a signal kicks each out of KVM_RUN) and joins them.
+fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
+    use vmm_sys_util::signal::Killable;
+    for thread in threads {
+        while !thread.is_finished() {
+            let _ = thread.kill(vmm_sys_util::signal::SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = thread.join();
+    }
 }
 
 /// Builds the VM, runs the guest until it exits (or the watchdog fires), and reports.
@@ -275,187 +303,27 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     if config.devices.len() > abi::MMIO_SLOTS as usize {
         return Err(VmError::TooManyDevices(config.devices.len()));
     }
-    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config::default()).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let ram = Arc::new(GuestRam::new(config.memory)?);
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_base(),
-    };
-    // SAFETY: the region maps memory this process owns (the memfd mapping in `ram`), which
-    // outlives the VM: `ram` is kept alive until after the vCPUs are joined.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-
-    let doorbells = config.doorbells.then(|| Doorbells::parse(&format!("{DOORBELL_BASE:#x}")).ok()).flatten();
-    let mut devices = Vec::new();
-    let mut cmdline = config.cmdline.trim().to_string();
-    for (index, spec) in config.devices.iter().enumerate() {
-        let slot = index as u32;
-        let device = VirtioDevice::connect(spec.virtio_id, slot, spec.socket.clone(), &ram)
-            .map_err(|source| VmError::Device { index, socket: spec.socket.display().to_string(), source })?;
-        let entry = MmioDeviceEntry::for_slot(slot).ok_or(VmError::TooManyDevices(config.devices.len()))?;
-        for (queue, kick) in device.kicks.iter().enumerate() {
-            let notify = IoEventAddress::Mmio(entry.base + Register::QueueNotify.offset());
-            vm.register_ioevent(kick, &notify, queue as u32).map_err(kvm_err("KVM_IOEVENTFD (mmio)"))?;
-            if let Some(port) = doorbells.and_then(|d| d.port(slot, queue as u16)) {
-                vm.register_ioevent(kick, &IoEventAddress::Pio(u64::from(port)), queue as u16)
-                    .map_err(kvm_err("KVM_IOEVENTFD (port)"))?;
-            }
-        }
-        for call in &device.calls {
-            vm.register_irqfd(call, entry.irq).map_err(kvm_err("KVM_IRQFD"))?;
-        }
-        info!(
-            "{} at slot {slot} ({:#x}, IRQ {}): {} queue(s), backend {}",
-            device.name,
-            entry.base,
-            entry.irq,
-            device.kicks.len(),
-            spec.socket.display()
-        );
-        cmdline.push(' ');
-        cmdline.push_str(&entry.to_string());
-        devices.push(Arc::new(Mutex::new(device)));
-    }
+    let mut vm = Vm::create(config.memory, &config.cmdline)?;
+    vm.attach_devices(&config.devices, config.doorbells)?;
+    vm.create_vcpus(config.vcpus, config.completion)?;
     let slotted: Vec<(u32, Arc<Mutex<VirtioDevice>>)> =
-        devices.iter().enumerate().map(|(slot, device)| (slot as u32, device.clone())).collect();
-    if let Some(d) = doorbells {
-        cmdline.push_str(&format!(" {}={:#x}", abi::key::DOORBELLS, d.port(0, 0).unwrap_or(DOORBELL_BASE)));
-    }
-    let completion =
-        config.completion.unwrap_or(if crate::kvm_is_pvm() { CompletionMode::Poll } else { CompletionMode::Interrupt });
-    cmdline.push_str(&format!(" {}={}", abi::key::COMPLETION, completion.as_str()));
-    let mut vcpu_fds = Vec::new();
-    for id in 0..config.vcpus.max(1) {
-        vcpu_fds.push(vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
-    }
-    // The guest has no other clock it can trust: tell it the TSC's rate.
-    let tsc_khz = vcpu_fds.first().and_then(|v| v.get_tsc_khz().ok()).map_or(0, u64::from);
-    if tsc_khz > 0 {
-        cmdline.push_str(&format!(" {TSC_KHZ_KEY}={tsc_khz}"));
-    }
-    let loaded = loader::load(&ram, &config.kernel, &cmdline)?;
-
+        vm.devices.iter().enumerate().map(|(slot, device)| (slot as u32, device.clone())).collect();
     let bus = Arc::new(VmBus {
         serial: Com1::new(config.serial),
         devices: SlotTable::new(&slotted),
-        ram: ram.clone(),
-        doorbells,
+        ram: vm.ram.clone(),
+        doorbells: vm.doorbells,
     });
     let stop = Arc::new(AtomicBool::new(false));
-    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-        .map_err(VmError::Signal)?;
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
-    let mut threads = Vec::new();
-    for (id, mut vcpu_fd) in vcpu_fds.into_iter().enumerate() {
-        if id == 0 {
-            vcpu::configure(&kvm, &vcpu_fd, &loaded)?;
-        } else {
-            let cpuid = kvm
-                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-            vcpu_fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        }
-        let (bus, stop, done) = (bus.clone(), stop.clone(), done_tx.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop);
-                if id == 0 {
-                    let _ = done.send(outcome);
-                }
-            })
-            .map_err(|source| VmError::Spawn { thread: format!("vCPU {id}"), source })?;
-        threads.push(thread);
-    }
-
-    // The event loop: backend hang-ups, and reconnects while a backend is away.
-    let events_stop = stop.clone();
-    let watch_devices = devices.clone();
-    let watch_ram = ram.clone();
-    let reconnect = config.reconnect;
-    let events = std::thread::Builder::new()
-        .name("events".into())
-        .spawn(move || {
-            let mut manager = match EventManager::<BackendWatch>::new() {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!("event loop: {e:?}");
-                    return;
-                }
-            };
-            let mut id = manager.add_subscriber(BackendWatch::new(watch_devices.clone()));
-            let mut last_try = Instant::now();
-            while !events_stop.load(Ordering::SeqCst) {
-                let _ = manager.run_with_timeout(50);
-                if let Some(every) = reconnect
-                    && last_try.elapsed() >= every
-                {
-                    last_try = Instant::now();
-                    let mut changed = false;
-                    for device in &watch_devices {
-                        // The handshake runs without the device's lock (vCPU exits need it).
-                        let target = lock(device).reconnect_target();
-                        if let Some(link) = target.and_then(|t| t.connect(&watch_ram)) {
-                            changed |= lock(device).adopt_link(link, &watch_ram);
-                        }
-                    }
-                    if changed {
-                        // Watch the new sockets: a fresh subscriber registers them.
-                        let _ = manager.remove_subscriber(id);
-                        id = manager.add_subscriber(BackendWatch::new(watch_devices.clone()));
-                    }
-                }
-            }
-        })
+    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx)?;
+    let events = crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone())
         .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
 
     let outcome = done_rx.recv_timeout(config.timeout).unwrap_or(Outcome::TimedOut);
     stop.store(true, Ordering::SeqCst);
-    for thread in threads {
-        use vmm_sys_util::signal::Killable;
-        while !thread.is_finished() {
-            let _ = thread.kill(vmm_sys_util::signal::SIGRTMIN());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = thread.join();
-    }
+    stop_vcpus(threads);
     let _ = events.join();
-    let devices = devices
-        .iter()
-        .map(|d| {
-            let d = lock(d);
-            (d.name.clone(), d.state.negotiated_features(), d.violations)
-        })
-        .collect();
-    Ok(RunReport { outcome, cmdline, devices, elapsed: started.elapsed(), tsc_khz })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_exit_for_one_device_does_not_wait_for_another_devices_lock() {
-        let devices: Vec<(u32, Arc<Mutex<u32>>)> = (0..3).map(|slot| (slot, Arc::new(Mutex::new(slot)))).collect();
-        let table = Arc::new(SlotTable::new(&devices));
-        // Slot 0's lock is held (a reconnect, a slow backend) while slot 2 takes an exit.
-        let _held = devices[0].1.lock().unwrap();
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let exit = {
-            let table = table.clone();
-            std::thread::spawn(move || {
-                let value = table.get(2).map(|d| *d.lock().unwrap());
-                let _ = done_tx.send(value);
-            })
-        };
-        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(Some(2)), "the exit stalled");
-        exit.join().unwrap();
-        assert!(table.get(3).is_none() && table.get(u32::MAX).is_none(), "empty and absurd slots");
-    }
+    let devices = vm.device_reports();
+    Ok(RunReport { outcome, cmdline: vm.cmdline, devices, elapsed: started.elapsed(), tsc_khz: vm.tsc_khz })
 }

@@ -48,6 +48,7 @@ pub enum EngineKind {
 #[command(name = "vhost-user-blk", version, about)]
 pub struct BlkArgs {
     #[command(flatten)]
+    /// Where to listen.
     pub listen: server::ListenArgs,
     /// Raw image file or block device to serve.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]

@@ -31,6 +31,7 @@ pub enum ConsoleBackendError {
 #[command(name = "vhost-user-console", version, about)]
 pub struct ConsoleArgs {
     #[command(flatten)]
+    /// Where to listen.
     pub listen: server::ListenArgs,
     /// A port: stdio, pty, unix:PATH, tcp:[HOST:]PORT or file:PATH, optionally ,name=NAME.
     /// Repeat for more ports; the first is the console. More than one offers MULTIPORT.

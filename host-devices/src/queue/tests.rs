@@ -244,3 +244,43 @@ fn a_console_chain_aliasing_one_buffer_is_refused_not_copied() {
     assert!(host.summary().contains("pending=0"), "nothing was held: {}", host.summary());
     assert_eq!(std::fs::read(&out).unwrap_or_default(), b"");
 }
+
+/// A pass that takes its time, as a batch of slow disk requests would.
+struct SlowPass {
+    entered: std::sync::mpsc::Sender<()>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    passes: usize,
+}
+
+impl crate::queue::QueueService for SlowPass {
+    fn pass(&mut self, _ctx: &crate::queue::worker::PassContext<'_>) -> Result<usize, crate::queue::PassError> {
+        self.passes += 1;
+        let _ = self.entered.send(());
+        std::thread::sleep(Duration::from_millis(150));
+        self.finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+#[test]
+fn a_disconnect_waits_for_the_pass_under_way_and_no_pass_starts_after_it() {
+    let (_mem, atomic) = memory();
+    let core = Arc::new(crate::queue::DeviceCore::new("test", 1, 1, Arc::new(Gates::new(1)), 0).unwrap());
+    core.update_memory(atomic);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let worker = {
+        let (core, finished) = (core.clone(), finished.clone());
+        std::thread::spawn(move || {
+            let mut pass = SlowPass { entered: entered_tx, finished, passes: 0 };
+            core.serve(0, &[], &mut pass).unwrap();
+            core.serve(0, &[], &mut pass).unwrap();
+            pass.passes
+        })
+    };
+    entered_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // What the server does when the frontend goes away, before it accepts the next one.
+    core.stop();
+    assert!(finished.load(std::sync::atomic::Ordering::SeqCst), "stop returned while a pass was under way");
+    assert_eq!(worker.join().unwrap(), 1, "a pass ran after the stop");
+}

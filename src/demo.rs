@@ -268,9 +268,9 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
         memory: 256 << 20,
         vcpus: 1,
         devices: vec![
-            DeviceSpec { virtio_id: 2, socket: sockets[0].clone() },
-            DeviceSpec { virtio_id: 1, socket: sockets[1].clone() },
-            DeviceSpec { virtio_id: 3, socket: sockets[2].clone() },
+            DeviceSpec { device: DeviceId::Block, socket: sockets[0].clone() },
+            DeviceSpec { device: DeviceId::Net, socket: sockets[1].clone() },
+            DeviceSpec { device: DeviceId::Console, socket: sockets[2].clone() },
         ],
         serial: Box::new(capture.clone()),
         timeout: Duration::from_secs(25),

@@ -1,6 +1,7 @@
 //! `pvkit run`: boot a guest on KVM (or the software guest) with vhost-user backends attached.
 
 use pvkit_protocol::abi::{self, CompletionMode};
+use pvkit_protocol::virtio::DeviceId;
 use pvkit_vmm_glue::vcpu::Outcome;
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
 use std::path::PathBuf;
@@ -80,27 +81,28 @@ fn parse_device(text: &str) -> Result<DeviceSpec, String> {
     for part in text.split(',') {
         match part.split_once('=') {
             Some(("virtio-id", v)) => {
-                id = Some(v.parse::<u32>().map_err(|_| format!("virtio-id '{v}' is not a number"))?)
+                let raw = v.parse::<u32>().map_err(|_| format!("virtio-id '{v}' is not a number"))?;
+                id = Some(DeviceId::try_from(raw).map_err(|e| e.to_string())?)
             }
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
             _ => return Err(format!("'{part}' is not virtio-id=N or socket=PATH")),
         }
     }
     match (id, socket) {
-        (Some(virtio_id), Some(socket)) if virtio_id > 0 => Ok(DeviceSpec { virtio_id, socket }),
-        _ => Err("give virtio-id=N (N > 0) and socket=PATH".into()),
+        (Some(device), Some(socket)) => Ok(DeviceSpec { device, socket }),
+        _ => Err("give virtio-id=N and socket=PATH".into()),
     }
 }
 
 impl RunArgs {
     /// The devices in slot order: blk, net, console shorthands, then --device entries.
     pub fn devices(&self) -> Vec<DeviceSpec> {
-        let short = |id: u32, list: &[PathBuf]| -> Vec<DeviceSpec> {
-            list.iter().map(|socket| DeviceSpec { virtio_id: id, socket: socket.clone() }).collect()
+        let short = |device: DeviceId, list: &[PathBuf]| -> Vec<DeviceSpec> {
+            list.iter().map(|socket| DeviceSpec { device, socket: socket.clone() }).collect()
         };
-        let mut all = short(2, &self.blk);
-        all.extend(short(1, &self.net));
-        all.extend(short(3, &self.console));
+        let mut all = short(DeviceId::Block, &self.blk);
+        all.extend(short(DeviceId::Net, &self.net));
+        all.extend(short(DeviceId::Console, &self.console));
         all.extend(self.device.iter().cloned());
         all
     }

@@ -1,5 +1,6 @@
 //! The demo on the software guest (where /dev/kvm is not usable).
 
+use pvkit_protocol::virtio::DeviceId;
 use pvkit_vmm_glue::software_guest;
 use pvkit_vmm_glue::vcpu::Outcome;
 use pvkit_vmm_glue::vm::{DeviceReport, DeviceSpec, RunReport};
@@ -9,8 +10,8 @@ use std::time::Instant;
 /// Runs the self-test and the benchmark on the software guest and prints the demo summary.
 pub fn demo(sockets: &[PathBuf; 3], console_bytes: &std::sync::atomic::AtomicU64) -> Result<bool, String> {
     let started = Instant::now();
-    let devices = [(2, &sockets[0]), (1, &sockets[1]), (3, &sockets[2])]
-        .map(|(virtio_id, socket)| DeviceSpec { virtio_id, socket: socket.clone() });
+    let devices = [(DeviceId::Block, &sockets[0]), (DeviceId::Net, &sockets[1]), (DeviceId::Console, &sockets[2])]
+        .map(|(device, socket)| DeviceSpec { device, socket: socket.clone() });
     let report = software_guest::run(&devices, 256 << 20, Some(1000)).map_err(|e| e.to_string())?;
     let passed = pvkit_vmm_glue::guest_report::GuestResult::parse(&report.log).is_some_and(|r| r.all_passed());
     let run_report = RunReport {

@@ -37,7 +37,7 @@ fn a_backend_config_change_raises_config_and_a_new_generation() {
     backend.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
 
     let ram = GuestRam::new(16 << 20).unwrap();
-    let mut device = VirtioDevice::connect(3, 0, socket, &ram).unwrap();
+    let mut device = VirtioDevice::connect(pvkit_protocol::virtio::DeviceId::Console, 0, socket, &ram).unwrap();
     assert!(device.backend_requests_fd().is_some(), "the console backend offers BACKEND_REQ");
     assert_eq!(size(&mut device), (80, 25));
     let generation = read(&mut device, Register::ConfigGeneration.offset());

@@ -9,6 +9,7 @@ use super::recorder::Recorder;
 use super::report::ProcessStats;
 use crate::demo::{Capture, start_backends};
 use pvkit_host_devices::lock;
+use pvkit_protocol::virtio::DeviceId;
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
 use std::time::Duration;
 
@@ -59,7 +60,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
             cmdline: format!("pvkit.mode=doorbell pvkit.event_idx={}", if setup.event_idx { "on" } else { "off" }),
             memory: 256 << 20,
             vcpus: 1,
-            devices: vec![DeviceSpec { virtio_id: 2, socket: sockets[0].clone() }],
+            devices: vec![DeviceSpec { device: DeviceId::Block, socket: sockets[0].clone() }],
             serial: Box::new(capture.clone()),
             timeout: Duration::from_secs(60),
             reconnect: None,

@@ -8,6 +8,7 @@ use super::recorder::Recorder;
 use super::report::ProcessStats;
 use crate::demo::{Capture, console_host, start_backends};
 use pvkit_host_devices::lock;
+use pvkit_protocol::virtio::DeviceId;
 use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
 use pvkit_vmm_glue::software_guest::{self, SOFTWARE_TICK_KHZ};
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
@@ -44,9 +45,9 @@ impl Contender {
 }
 
 fn devices(sockets: &[std::path::PathBuf; 3]) -> Vec<DeviceSpec> {
-    [(2, &sockets[0]), (1, &sockets[1]), (3, &sockets[2])]
+    [(DeviceId::Block, &sockets[0]), (DeviceId::Net, &sockets[1]), (DeviceId::Console, &sockets[2])]
         .into_iter()
-        .map(|(virtio_id, socket)| DeviceSpec { virtio_id, socket: socket.clone() })
+        .map(|(device, socket)| DeviceSpec { device, socket: socket.clone() })
         .collect()
 }
 

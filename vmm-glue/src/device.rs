@@ -6,6 +6,7 @@ use crate::frontend::{BackendLink, FrontendError, MAX_QUEUE_SIZE};
 use crate::memory::GuestRam;
 use crate::mmio::{Effect, MmioTransportState, QueueConfig};
 use log::{info, warn};
+use pvkit_protocol::virtio::DeviceId;
 use std::path::PathBuf;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -31,38 +32,39 @@ pub struct VirtioDevice {
 }
 
 /// A human name for a virtio device type.
-pub fn device_name(virtio_id: u32) -> String {
-    match virtio_id {
-        1 => "net".into(),
-        2 => "blk".into(),
-        3 => "console".into(),
-        other => format!("virtio-{other}"),
+pub fn device_name(device: DeviceId) -> String {
+    match device {
+        DeviceId::Block => "blk".into(),
+        other => other.name().into(),
     }
 }
 
 /// The queue count to assume for a backend that cannot report it (no MQ).
-pub fn default_queue_count(virtio_id: u32) -> usize {
-    match virtio_id {
-        1 => 2,
-        2 => 1,
-        3 => 2,
+pub fn default_queue_count(device: DeviceId) -> usize {
+    match device {
+        DeviceId::Block => 1,
         _ => 2,
     }
 }
 
 impl VirtioDevice {
-    /// Connects to the backend of type `virtio_id` at `socket` for slot `slot`.
-    pub fn connect(virtio_id: u32, slot: u32, socket: PathBuf, ram: &GuestRam) -> Result<VirtioDevice, FrontendError> {
-        let default_queues = default_queue_count(virtio_id);
+    /// Connects to the backend of a `device` at `socket` for slot `slot`.
+    pub fn connect(
+        device: DeviceId,
+        slot: u32,
+        socket: PathBuf,
+        ram: &GuestRam,
+    ) -> Result<VirtioDevice, FrontendError> {
+        let default_queues = default_queue_count(device);
         let link = BackendLink::connect(&socket, ram, default_queues)?;
         let queues = link.num_queues();
         let new_eventfds = || -> Result<Vec<EventFd>, FrontendError> {
             (0..queues).map(|_| EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Eventfd)).collect()
         };
         let state =
-            MmioTransportState::new(virtio_id, link.guest_features(), &vec![MAX_QUEUE_SIZE; queues], ram.size());
+            MmioTransportState::new(device.raw(), link.guest_features(), &vec![MAX_QUEUE_SIZE; queues], ram.size());
         Ok(VirtioDevice {
-            name: device_name(virtio_id),
+            name: device_name(device),
             slot,
             socket,
             state,

@@ -18,6 +18,7 @@ use pvkit_guest_driver::hypercall::{Doorbell, Shim};
 use pvkit_guest_driver::transport::{NotifyTarget, RingPlacement, Transport, TransportError};
 use pvkit_protocol::mmio::Register;
 use pvkit_protocol::ring::RingLayout;
+use pvkit_protocol::virtio::DeviceId;
 use std::fmt::Write as _;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -273,10 +274,9 @@ fn run_with(
     let mut devices = Vec::new();
     let mut bench = String::new();
     for (index, spec) in specs.iter().enumerate() {
-        let device =
-            VirtioDevice::connect(spec.virtio_id, index as u32, spec.socket.clone(), ram).map_err(|source| {
-                SoftwareGuestError::Device { index, socket: spec.socket.display().to_string(), source }
-            })?;
+        let device = VirtioDevice::connect(spec.device, index as u32, spec.socket.clone(), ram).map_err(|source| {
+            SoftwareGuestError::Device { index, socket: spec.socket.display().to_string(), source }
+        })?;
         let kicks = device.kicks.iter().map(|k| k.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| {
             SoftwareGuestError::Device {
                 index,
@@ -292,12 +292,12 @@ fn run_with(
             doorbell: Box::leak(Box::new(EventfdDoorbell { kicks })),
             notify_sink: Box::leak(Box::new(0u32)),
         };
-        match spec.virtio_id {
-            2 => blk(&mut checks, transport, bench_ms, &mut bench),
-            1 => net(&mut checks, transport, bench_ms, &mut bench),
-            3 => console(&mut checks, transport, bench_ms, &mut bench),
+        match spec.device {
+            DeviceId::Block => blk(&mut checks, transport, bench_ms, &mut bench),
+            DeviceId::Net => net(&mut checks, transport, bench_ms, &mut bench),
+            DeviceId::Console => console(&mut checks, transport, bench_ms, &mut bench),
             other => {
-                let _ = writeln!(checks.log, "software-guest: no self-test for virtio device type {other}");
+                let _ = writeln!(checks.log, "software-guest: no self-test for virtio {} devices", other.name());
             }
         }
     }

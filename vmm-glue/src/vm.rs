@@ -16,6 +16,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use log::info;
 use pvkit_protocol::abi::{self, CompletionMode, Doorbells, MmioDeviceEntry};
 use pvkit_protocol::mmio::Register;
+use pvkit_protocol::virtio::DeviceId;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,8 +72,8 @@ pub enum VmError {
 /// A device to attach.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
-    /// The virtio device type (1 net, 2 block, 3 console, ...).
-    pub virtio_id: u32,
+    /// The virtio device type.
+    pub device: DeviceId,
     /// The vhost-user backend's socket.
     pub socket: PathBuf,
 }
@@ -181,7 +182,7 @@ impl Vm {
         self.doorbells = doorbells.then(|| Doorbells::parse(&format!("{DOORBELL_BASE:#x}")).ok()).flatten();
         for (index, spec) in specs.iter().enumerate() {
             let slot = index as u32;
-            let device = VirtioDevice::connect(spec.virtio_id, slot, spec.socket.clone(), &self.ram)
+            let device = VirtioDevice::connect(spec.device, slot, spec.socket.clone(), &self.ram)
                 .map_err(|source| VmError::Device { index, socket: spec.socket.display().to_string(), source })?;
             let entry = MmioDeviceEntry::for_slot(slot).ok_or(VmError::TooManyDevices(specs.len()))?;
             self.wire(&device, slot, &entry)?;

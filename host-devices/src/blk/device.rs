@@ -151,15 +151,12 @@ impl BlkDevice {
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
         let mut chains = Vec::new();
-        let popped = loop {
-            match ring::pop(vq, &*ring_mem) {
-                Ok(Some(chain)) => chains.push(chain),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
+        let mut popper = ring::Popper::new(queue);
+        while let Some(chain) = popper.next(vq, &*ring_mem) {
+            chains.push(chain);
+        }
         if chains.is_empty() {
-            return popped.map(|()| 0).map_err(PassError::ring(queue));
+            return popper.finish(0);
         }
         let started = Instant::now();
         let data_mem = memory.memory();
@@ -175,7 +172,7 @@ impl BlkDevice {
             drop(state);
             vring.signal_used_queue()?;
         }
-        popped.map(|()| count).map_err(PassError::ring(queue))
+        popper.finish(count)
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.

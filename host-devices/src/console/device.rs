@@ -280,20 +280,13 @@ impl ConsoleDevice {
         let mut closed = port.flush();
         let services = self.shared.core.services();
         let (full, taken);
-        let (mut used, mut rewound, mut popped) = (UsedBatch::default(), false, Ok(()));
+        let (mut used, mut rewound, mut popper) = (UsedBatch::default(), false, ring::Popper::new(queue));
         {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
             while port.has_room() {
-                let chain = match ring::pop(vq, &*mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        popped = Err(e);
-                        break;
-                    }
-                };
+                let Some(chain) = popper.next(vq, &*mem) else { break };
                 let head = chain.head_index();
                 match transmit_buffers(chain) {
                     // Backpressure: the chain waits in the ring until the port has room for it.
@@ -329,8 +322,7 @@ impl ConsoleDevice {
         if closed {
             self.host_side_closed(p);
         }
-        popped.map_err(PassError::ring(queue))?;
-        Ok((taken, full))
+        popper.finish((taken, full))
     }
 
     /// Delivers host input for port `p` into the receive buffers the guest posted; stops
@@ -340,21 +332,15 @@ impl ConsoleDevice {
         let mut ports = self.shared.host.lock();
         let Some(port) = ports.get_mut(p) else { return Ok(0) };
         let services = self.shared.core.services();
-        let (mut used, mut closed, mut has_buffers, mut popped) = (UsedBatch::default(), false, false, Ok(()));
+        let (mut used, mut closed, mut has_buffers) = (UsedBatch::default(), false, false);
+        let mut popper = ring::Popper::new(queue);
         let mut moved = 0;
         {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
             while port.input_fd().is_some() {
-                let chain = match ring::pop(vq, &*mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        popped = Err(e);
-                        break;
-                    }
-                };
+                let Some(chain) = popper.next(vq, &*mem) else { break };
                 let head = chain.head_index();
                 let buffers = ChainBuffers::collect(chain, MAX_RX_CHAIN).ok().filter(|b| b.writable_len() > 0);
                 let Some(buffers) = buffers else {
@@ -394,8 +380,7 @@ impl ConsoleDevice {
         if closed {
             self.host_side_closed(p);
         }
-        popped.map_err(PassError::ring(queue))?;
-        Ok(moved)
+        popper.finish(moved)
     }
 
     /// Logs a refused chain (the first of each connection; the rest are counted).
@@ -421,12 +406,8 @@ impl ConsoleDevice {
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
         let mut used = UsedBatch::default();
-        let popped = loop {
-            let chain = match ring::pop(vq, &*mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            };
+        let mut popper = ring::Popper::new(usize::from(cq::CONTROL_TX));
+        while let Some(chain) = popper.next(vq, &*mem) {
             used.push(chain.head_index(), 0);
             let mut bytes = Vec::new();
             match transmit_buffers(chain).and_then(|b| {
@@ -444,8 +425,7 @@ impl ConsoleDevice {
             drop(state);
             vring.signal_used_queue()?;
         }
-        popped.map_err(PassError::ring(usize::from(cq::CONTROL_TX)))?;
-        Ok(count)
+        popper.finish(count)
     }
 
     fn on_control_message(&self, bytes: &[u8]) {
@@ -473,16 +453,9 @@ impl ConsoleDevice {
         let vq = state.get_queue_mut();
         let services = self.shared.core.services();
         let mut used = UsedBatch::default();
-        let mut popped = Ok(());
+        let mut popper = ring::Popper::new(usize::from(cq::CONTROL_RX));
         while !control.outbox.is_empty() {
-            let chain = match ring::pop(vq, &*mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => {
-                    popped = Err(e);
-                    break;
-                }
-            };
+            let Some(chain) = popper.next(vq, &*mem) else { break };
             let head = chain.head_index();
             let Some(msg) = control.outbox.pop_front() else { break };
             let written = match ChainBuffers::collect(chain, MAX_RX_CHAIN) {
@@ -507,8 +480,7 @@ impl ConsoleDevice {
             drop(state);
             vring.signal_used_queue()?;
         }
-        popped.map_err(PassError::ring(usize::from(cq::CONTROL_RX)))?;
-        Ok(count)
+        popper.finish(count)
     }
 }
 

@@ -212,16 +212,9 @@ impl NetDevice {
         let copy = self.shared.side.needs_frame_bytes();
         let services = self.shared.core.services();
         let (mut packets, mut bytes) = (0u64, 0u64);
-        let mut popped = Ok(());
+        let mut popper = ring::Popper::new(2 * pair + 1);
         while used.len() < TX_BATCH {
-            let chain = match ring::pop(vring.get_queue_mut(), &*ring_mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => {
-                    popped = Err(e);
-                    break;
-                }
-            };
+            let Some(chain) = popper.next(vring.get_queue_mut(), &*ring_mem) else { break };
             used.push(chain.head_index(), 0);
             // Buffers are looked up in a map loaded after the chain was seen (see DESIGN.md).
             let data_mem = memory.memory();
@@ -245,7 +238,7 @@ impl NetDevice {
                 vring.signal_used_queue()?;
             }
         }
-        popped.map(|()| count).map_err(PassError::ring(2 * pair + 1))
+        popper.finish(count)
     }
 
     /// Sends the frame in `state.tx_frame` (header `header`) to the network side; returns
@@ -303,17 +296,10 @@ impl NetDevice {
         let (mut packets, mut bytes) = (0u64, 0u64);
         let inbox = self.inbox(pair);
         let services = self.shared.core.services();
-        let mut popped = Ok(());
+        let mut popper = ring::Popper::new(2 * pair);
         loop {
             let next = state.held.take().or_else(|| state.loopback.pop_front()).or_else(|| inbox.pop());
-            let frame = match next {
-                Some(frame) => frame,
-                None => match self.read_tap(pair, state) {
-                    Some(frame) => frame,
-                    None => break,
-                },
-            };
-            let mut frame = frame;
+            let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
             if let Err(refused) = self.prepare_for_guest(&mut frame) {
                 self.shared.stats.dropped(refused.reason, &refused);
                 continue;
@@ -324,17 +310,8 @@ impl NetDevice {
             }
             let data_mem = memory.memory();
             let queue = vring.get_queue_mut();
-            let outcome =
-                rings::write_rx_frame(queue, &*data_mem, format, (&frame.header, &frame.data), &mut used, services);
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    state.held = Some(frame);
-                    popped = Err(e);
-                    break;
-                }
-            };
-            match outcome {
+            let frame_parts = (&frame.header, &frame.data[..]);
+            match rings::write_rx_frame((queue, &mut popper), &*data_mem, format, frame_parts, &mut used, services) {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
                     bytes += frame.data.len() as u64;
@@ -356,7 +333,7 @@ impl NetDevice {
         if used.publish(vring.get_queue_mut(), &*ring_mem, services).map_err(io::Error::other)? {
             vring.signal_used_queue()?;
         }
-        popped.map(|()| entries).map_err(PassError::ring(2 * pair))
+        popper.finish(entries)
     }
 
     /// Reads one frame from the tap queue of `pair`, if this is a tap device and one waits.

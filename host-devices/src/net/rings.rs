@@ -6,7 +6,8 @@
 
 use super::stats::DropReason;
 use crate::queue::chain::read_stream;
-use crate::queue::{ChainBuffers, ChainError, QueueServices, RingError, UsedBatch, ring};
+use crate::queue::ring::Popper;
+use crate::queue::{ChainBuffers, ChainError, QueueServices, UsedBatch};
 use pvkit_protocol::net::{ETH_HEADER_LEN, GsoType, MAX_GSO_FRAME, NetHeaderRepr};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{Address, Bytes, GuestMemory};
@@ -124,15 +125,15 @@ const MAX_RX_CHAIN: u64 = 1 << 32;
 /// Writes `header` and `frame` into the receive queue `vq`: one chain, or with
 /// `format.mergeable` as many as it takes (`num_buffers` says how many). The chains' used
 /// entries are added to `used`, to be published with the batch; every byte written is
-/// reported to `services`. A broken ring is an error for the worker to mark.
+/// reported to `services`. A broken ring offers no buffers (`popper` keeps the error).
 pub fn write_rx_frame<M: GuestMemory>(
-    vq: &mut Queue,
+    (vq, popper): (&mut Queue, &mut Popper),
     mem: &M,
     format: &FrameFormat,
     frame: (&NetHeaderRepr, &[u8]),
     used: &mut UsedBatch,
     services: &dyn QueueServices,
-) -> Result<RxOutcome, RingError> {
+) -> RxOutcome {
     let (header, frame) = frame;
     let total = format.header_len + frame.len();
     // First find buffers enough, without writing, so that `num_buffers` is known up front.
@@ -142,7 +143,7 @@ pub fn write_rx_frame<M: GuestMemory>(
         if !format.mergeable && !chains.is_empty() {
             break;
         }
-        let Some(chain) = ring::pop(vq, mem)? else { break };
+        let Some(chain) = popper.next(vq, mem) else { break };
         let head = chain.head_index();
         let usable = ChainBuffers::collect(chain, MAX_RX_CHAIN)
             .ok()
@@ -154,10 +155,10 @@ pub fn write_rx_frame<M: GuestMemory>(
                 used.push(taken.head, 0);
             }
             used.push(head, 0);
-            return Ok(RxOutcome::Refused(Refused::new(
+            return RxOutcome::Refused(Refused::new(
                 DropReason::RxChainTooSmall,
                 format!("receive chain {head} has no usable device-writable buffer"),
-            )));
+            ));
         };
         capacity = capacity.saturating_add(buffers.writable_len().min(usize::MAX as u64) as usize);
         chains.push(buffers);
@@ -168,12 +169,12 @@ pub fn write_rx_frame<M: GuestMemory>(
             vq.go_to_previous_position();
         }
         if !format.mergeable && popped > 0 {
-            return Ok(RxOutcome::Refused(Refused::new(
+            return RxOutcome::Refused(Refused::new(
                 DropReason::RxChainTooSmall,
                 format!("a {total}-byte frame does not fit a {capacity}-byte receive chain (no MRG_RXBUF)"),
-            )));
+            ));
         }
-        return Ok(RxOutcome::NoBuffers);
+        return RxOutcome::NoBuffers;
     }
     let mut header_bytes = [0u8; pvkit_protocol::net::HEADER_SIZE];
     let header = NetHeaderRepr { num_buffers: chains.len() as u16, ..*header };
@@ -211,5 +212,5 @@ pub fn write_rx_frame<M: GuestMemory>(
         }
         used.push(buffers.head, written_here);
     }
-    Ok(RxOutcome::Delivered(chains.len() as u16))
+    RxOutcome::Delivered(chains.len() as u16)
 }

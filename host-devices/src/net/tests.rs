@@ -31,7 +31,9 @@ fn rx_frame(
     frame: &[u8],
     used: &mut UsedBatch,
 ) -> RxOutcome {
-    rings::write_rx_frame(vq, mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices).unwrap()
+    let mut popper = crate::queue::ring::Popper::new(0);
+    let outcome = rings::write_rx_frame((vq, &mut popper), mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices);
+    popper.finish(outcome).unwrap()
 }
 
 fn memory() -> GuestMemoryMmap {

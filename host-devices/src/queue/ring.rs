@@ -5,6 +5,7 @@
 //! empty one and a worker that re-enables notifications finds "more" forever. [`pop`] says
 //! which it is; the worker loop ([`super::worker`]) marks such a queue broken.
 
+use super::worker::PassError;
 use std::num::Wrapping;
 use std::ops::Deref;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -47,6 +48,46 @@ where
             Err(RingError::AvailIndex { avail, next, ahead, size: queue.size() })
         }
         Err(_) => Err(RingError::Unreadable(queue.avail_ring())),
+    }
+}
+
+/// Pops a pass's chains from one queue and remembers a broken ring: [`Popper::next`] is
+/// `None` at the end of the available chains and from a broken ring on, and
+/// [`Popper::finish`] turns the pass's value into its result (the ring's error, for the
+/// worker to mark, once everything taken so far was completed).
+#[derive(Debug)]
+pub struct Popper {
+    queue: usize,
+    broken: Option<RingError>,
+}
+
+impl Popper {
+    /// For the device's queue `queue`.
+    pub fn new(queue: usize) -> Popper {
+        Popper { queue, broken: None }
+    }
+
+    /// The next available chain of `vq`.
+    pub fn next<M>(&mut self, vq: &mut Queue, mem: M) -> Option<DescriptorChain<M>>
+    where
+        M: Clone + Deref,
+        M::Target: GuestMemory,
+    {
+        if self.broken.is_some() {
+            return None;
+        }
+        pop(vq, mem).unwrap_or_else(|error| {
+            self.broken = Some(error);
+            None
+        })
+    }
+
+    /// `value`, or the broken ring this pass found.
+    pub fn finish<T>(self, value: T) -> Result<T, PassError> {
+        match self.broken {
+            Some(error) => Err(PassError::Ring { queue: self.queue, error }),
+            None => Ok(value),
+        }
     }
 }
 

@@ -3,72 +3,77 @@
 //! summary. Exits 0 only if every check passed.
 
 use pvkit_host_devices::lock;
+use pvkit_host_devices::process::ServingChild;
 use pvkit_host_devices::{BackendKind, backend_command};
 use pvkit_protocol::virtio::{DeviceId, feature_name};
 use pvkit_vmm_glue::guest_report::{BenchLine, GuestResult};
 use pvkit_vmm_glue::vm::{self, DeviceSpec, RunReport, VmConfig};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const STEPS: usize = 5;
 
+/// Why the demo (or a benchmark that starts its backends) could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A file or directory could not be made.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A backend did not start or listen.
+    #[error(transparent)]
+    Process(#[from] pvkit_host_devices::process::ProcessError),
+    /// The VM could not be built or run.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// The software guest could not run.
+    #[error(transparent)]
+    SoftwareGuest(#[from] pvkit_vmm_glue::software_guest::SoftwareGuestError),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
 fn step(n: usize, what: &str) {
     eprintln!("[{n}/{STEPS}] {what}");
 }
 
-/// Backend processes, stopped (SIGTERM) when dropped.
+/// Backend processes, stopped (SIGTERM, so they remove their sockets) when dropped.
 pub(crate) struct Backends {
-    children: Vec<(BackendKind, Child)>,
+    children: Vec<(BackendKind, ServingChild)>,
 }
 
 impl Backends {
     /// Each backend's name and process id.
     pub(crate) fn pids(&self) -> Vec<(&'static str, u32)> {
-        self.children.iter().map(|(kind, child)| (kind.program_name(), child.id())).collect()
+        self.children.iter().map(|(kind, child)| (kind.program_name(), child.id().unwrap_or(0))).collect()
     }
 }
 
 impl Drop for Backends {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {
-            // SAFETY: sends SIGTERM to a child this process started.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        }
-        for (_, child) in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            child.signal_and_wait(libc::SIGTERM, Duration::from_secs(3));
         }
     }
 }
 
-fn wait_for(path: &Path, child: &mut Child, what: &str) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("{what} exited at start ({status})"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what} did not create {} within 10 s", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-pub(crate) fn start_backends(dir: &Path, verbose: bool) -> Result<(Backends, [PathBuf; 3], PathBuf), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find pvkit's own binary: {e}"))?;
+pub(crate) fn start_backends(dir: &Path, verbose: bool) -> Result<(Backends, [PathBuf; 3], PathBuf), DemoError> {
+    let exe = std::env::current_exe().map_err(io_error("finding pvkit's own binary"))?;
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
-        .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+        .map_err(io_error(format!("cannot create {}", image.display())))?;
     let sockets = [dir.join("blk.sock"), dir.join("net.sock"), dir.join("console.sock")];
     let port = dir.join("console-port.sock");
     let mut backends = Backends { children: Vec::new() };
@@ -79,21 +84,15 @@ pub(crate) fn start_backends(dir: &Path, verbose: bool) -> Result<(Backends, [Pa
     ];
     for ((kind, args), socket) in specs.into_iter().zip(&sockets) {
         let log = std::fs::File::create(dir.join(format!("{}.log", kind.program_name())))
-            .map_err(|e| format!("cannot create a log file: {e}"))?;
-        let mut child = backend_command(&exe, kind)
-            .args(&args)
-            .arg("--socket-path")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", kind.program_name()))?;
-        let started = wait_for(socket, &mut child, kind.program_name());
+            .map_err(io_error("cannot create a log file"))?;
+        let mut cmd = backend_command(&exe, kind);
+        cmd.args(&args).arg("--socket-path").arg(socket).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let mut child = ServingChild::spawn(kind.program_name(), &mut cmd)?;
+        let started = child.wait_for_socket(socket, Duration::from_secs(10));
+        let pid = child.id().unwrap_or(0);
         backends.children.push((kind, child));
         started?;
         if verbose {
-            let pid = backends.children.last().map_or(0, |(_, c)| c.id());
             eprintln!("      {} running (pid {pid})", kind.program_name());
         }
     }
@@ -246,7 +245,7 @@ pub fn demo() -> ExitCode {
     }
 }
 
-fn run_demo(dir: &Path) -> Result<bool, String> {
+fn run_demo(dir: &Path) -> Result<bool, DemoError> {
     step(1, "starting vhost-user-blk, vhost-user-net --loopback and vhost-user-console as separate processes");
     let (backends, sockets, port) = start_backends(dir, true)?;
     let received = Arc::new(AtomicU64::new(0));
@@ -258,7 +257,7 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
             "/dev/kvm is not usable here"
         };
         step(2, &format!("{why}: running the software guest (the drivers in a host thread) instead of a VM"));
-        return crate::software::demo(&sockets, &received).map_err(|e| e.to_string());
+        return crate::software::demo(&sockets, &received);
     }
     step(2, "booting the tiny guest on KVM (self-test, then 1 s of I/O per device)");
     let capture = Capture { echo: true, ..Capture::default() };
@@ -278,7 +277,7 @@ fn run_demo(dir: &Path) -> Result<bool, String> {
         doorbells: true,
         completion: None,
     };
-    let report = vm::run(config).map_err(|e| e.to_string())?;
+    let report = vm::run(config)?;
     step(3, "guest finished");
     // Give the console host a moment to read the last bytes.
     std::thread::sleep(Duration::from_millis(100));

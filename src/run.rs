@@ -62,35 +62,73 @@ pub struct RunArgs {
     pub software_guest: bool,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
-    let size = abi::parse_number(text).map_err(|e| format!("'{text}': {e}"))?;
+/// A `pvkit run` option value that cannot be used (clap prints it with the option's name).
+#[derive(Debug, thiserror::Error)]
+pub enum RunArgError {
+    /// Not a size.
+    #[error("'{text}': {source}")]
+    BadSize {
+        /// What was given.
+        text: String,
+        /// Why it does not parse.
+        source: abi::AbiError,
+    },
+    /// A memory size the VMM does not take.
+    #[error("{text} is outside {min_mib} MiB .. {max_mib} MiB")]
+    SizeOutOfRange {
+        /// What was given.
+        text: String,
+        /// Smallest, MiB.
+        min_mib: u64,
+        /// Largest, MiB.
+        max_mib: u64,
+    },
+    /// Not a completion mode.
+    #[error(transparent)]
+    Completion(abi::AbiError),
+    /// A virtio id that is not a number.
+    #[error("virtio-id '{0}' is not a number")]
+    DeviceIdNotANumber(String),
+    /// A virtio id protocol does not name.
+    #[error(transparent)]
+    UnknownDevice(pvkit_protocol::virtio::VirtioError),
+    /// A part of `--device` that is neither `virtio-id=N` nor `socket=PATH`.
+    #[error("'{0}' is not virtio-id=N or socket=PATH")]
+    DevicePart(String),
+    /// `--device` without both parts.
+    #[error("give virtio-id=N and socket=PATH")]
+    DeviceIncomplete,
+}
+
+fn parse_size(text: &str) -> Result<u64, RunArgError> {
+    let size = abi::parse_number(text).map_err(|source| RunArgError::BadSize { text: text.into(), source })?;
     let (min, max) = (pvkit_vmm_glue::memory::MIN_SIZE, pvkit_vmm_glue::memory::MAX_SIZE);
     if !(min..=max).contains(&size) {
-        return Err(format!("{text} is outside {} MiB .. {} MiB", min >> 20, max >> 20));
+        return Err(RunArgError::SizeOutOfRange { text: text.into(), min_mib: min >> 20, max_mib: max >> 20 });
     }
     Ok(size)
 }
 
-fn parse_completion(text: &str) -> Result<CompletionMode, String> {
-    CompletionMode::parse(text).map_err(|e| e.to_string())
+fn parse_completion(text: &str) -> Result<CompletionMode, RunArgError> {
+    CompletionMode::parse(text).map_err(RunArgError::Completion)
 }
 
-fn parse_device(text: &str) -> Result<DeviceSpec, String> {
+fn parse_device(text: &str) -> Result<DeviceSpec, RunArgError> {
     let mut id = None;
     let mut socket = None;
     for part in text.split(',') {
         match part.split_once('=') {
             Some(("virtio-id", v)) => {
-                let raw = v.parse::<u32>().map_err(|_| format!("virtio-id '{v}' is not a number"))?;
-                id = Some(DeviceId::try_from(raw).map_err(|e| e.to_string())?)
+                let raw = v.parse::<u32>().map_err(|_| RunArgError::DeviceIdNotANumber(v.into()))?;
+                id = Some(DeviceId::try_from(raw).map_err(RunArgError::UnknownDevice)?)
             }
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
-            _ => return Err(format!("'{part}' is not virtio-id=N or socket=PATH")),
+            _ => return Err(RunArgError::DevicePart(part.into())),
         }
     }
     match (id, socket) {
         (Some(device), Some(socket)) => Ok(DeviceSpec { device, socket }),
-        _ => Err("give virtio-id=N and socket=PATH".into()),
+        _ => Err(RunArgError::DeviceIncomplete),
     }
 }
 

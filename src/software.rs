@@ -8,11 +8,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Runs the self-test and the benchmark on the software guest and prints the demo summary.
-pub fn demo(sockets: &[PathBuf; 3], console_bytes: &std::sync::atomic::AtomicU64) -> Result<bool, String> {
+pub fn demo(
+    sockets: &[PathBuf; 3],
+    console_bytes: &std::sync::atomic::AtomicU64,
+) -> Result<bool, crate::demo::DemoError> {
     let started = Instant::now();
     let devices = [(DeviceId::Block, &sockets[0]), (DeviceId::Net, &sockets[1]), (DeviceId::Console, &sockets[2])]
         .map(|(device, socket)| DeviceSpec { device, socket: socket.clone() });
-    let report = software_guest::run(&devices, 256 << 20, Some(1000)).map_err(|e| e.to_string())?;
+    let report = software_guest::run(&devices, 256 << 20, Some(1000))?;
     let passed = pvkit_vmm_glue::guest_report::GuestResult::parse(&report.log).is_some_and(|r| r.all_passed());
     let run_report = RunReport {
         outcome: Outcome::Exited(if passed { 0 } else { 1 }),

@@ -12,6 +12,7 @@ pub mod backend_channel;
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod process;
 pub mod queue;
 pub mod region_check;
 pub mod relay;

@@ -3,6 +3,7 @@
 //! and 128 KiB sequential reads and writes, a queue-depth sweep and a queue-count sweep,
 //! contenders interleaved (A B A B ...) within every round.
 
+use super::error::BenchError;
 use super::loadgen::{self, Pattern};
 use super::process::{Spawned, own_usage};
 use super::recorder::Recorder;
@@ -64,7 +65,7 @@ struct Contender {
 }
 
 impl Contender {
-    fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, String> {
+    fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, BenchError> {
         Ok(match &self.kind {
             Kind::Pvkit(engine) => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
@@ -93,7 +94,8 @@ impl Contender {
                     .replace("{size}", &size.to_string())
                     .replace("{queues}", &queues.to_string());
                 let words = shell_words(&line)?;
-                let (program, args) = words.split_first().ok_or("--peer: empty command")?;
+                let (program, args) =
+                    words.split_first().ok_or_else(|| BenchError::Options("--peer: empty command".into()))?;
                 let mut cmd = Command::new(program);
                 cmd.args(args);
                 cmd
@@ -103,7 +105,7 @@ impl Contender {
 }
 
 /// Splits a command line into words: whitespace separates, single and double quotes group.
-fn shell_words(line: &str) -> Result<Vec<String>, String> {
+fn shell_words(line: &str) -> Result<Vec<String>, BenchError> {
     let (mut words, mut word, mut quote, mut in_word) = (Vec::new(), String::new(), None, false);
     for c in line.chars() {
         match (quote, c) {
@@ -126,7 +128,7 @@ fn shell_words(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quote.is_some() {
-        return Err(format!("--peer: unbalanced quote in {line:?}"));
+        return Err(BenchError::Options(format!("--peer: unbalanced quote in {line:?}")));
     }
     if in_word {
         words.push(word);
@@ -144,11 +146,11 @@ fn fill_image(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.flush()
 }
 
-fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, String> {
+fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
     let mut list = Vec::new();
     for engine in &args.engines {
         if !["io_uring", "sync", "null"].contains(&engine.as_str()) {
-            return Err(format!("unknown engine '{engine}' (io_uring, sync, null)"));
+            return Err(BenchError::Options(format!("unknown engine '{engine}' (io_uring, sync, null)")));
         }
         list.push(Contender { name: format!("pvkit vhost-user-blk ({engine})"), kind: Kind::Pvkit(engine.clone()) });
     }
@@ -161,29 +163,32 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, String> {
     }
     for template in &args.peer {
         if !template.contains("{socket}") {
-            return Err(format!("--peer {template:?} has no {{socket}} in it"));
+            return Err(BenchError::Options(format!("--peer {template:?} has no {{socket}} in it")));
         }
-        let program = shell_words(template)?.first().cloned().ok_or("--peer: empty command")?;
+        let program = shell_words(template)?
+            .first()
+            .cloned()
+            .ok_or_else(|| BenchError::Options("--peer: empty command".into()))?;
         let name = Path::new(&program).file_name().map_or(program.clone(), |n| n.to_string_lossy().into_owned());
         list.push(Contender { name: format!("{name} (--peer)"), kind: Kind::Peer(template.clone()) });
     }
     if list.is_empty() {
-        return Err("nothing to measure: no engines and no peers".into());
+        return Err(BenchError::Options("nothing to measure: no engines and no peers".into()));
     }
     Ok(list)
 }
 
 /// Runs the benchmark into `rec`.
-pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     let patterns = args.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
     if args.qd.iter().any(|&qd| qd == 0 || qd > 1024) {
-        return Err("queue depths must be between 1 and 1024".into());
+        return Err(BenchError::Options("queue depths must be between 1 and 1024".into()));
     }
     if args.queues.iter().any(|&q| q == 0 || q > 16) {
-        return Err("queue counts must be between 1 and 16".into());
+        return Err(BenchError::Options("queue counts must be between 1 and 16".into()));
     }
     if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 || args.image_mib == 0 {
-        return Err("--rounds, --seconds and --image-mib must be positive".into());
+        return Err(BenchError::Options("--rounds, --seconds and --image-mib must be positive".into()));
     }
     let contenders = contenders(args)?;
     let steps = args.rounds * patterns.len() * args.qd.len() * args.queues.len() * contenders.len();
@@ -196,11 +201,11 @@ pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), String> {
         args.seconds
     ));
     let work = args.image_dir.join(format!("pvkit-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(BenchError::io(format!("cannot create {}", work.display())))?;
     let image = work.join("bench.img");
     let size = args.image_mib << 20;
     let result = fill_image(&image, size)
-        .map_err(|e| format!("cannot write {}: {e}", image.display()))
+        .map_err(BenchError::io(format!("cannot write {}", image.display())))
         .and_then(|()| measure(args, rec, &patterns, &contenders, &work, &image, size));
     let _ = std::fs::remove_dir_all(&work);
     result?;
@@ -216,7 +221,7 @@ fn measure(
     work: &Path,
     image: &Path,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), BenchError> {
     let duration = Duration::from_secs_f64(args.seconds);
     for round in 0..args.rounds {
         for &pattern in patterns {
@@ -236,7 +241,11 @@ fn measure(
                             let stderr = std::fs::read_to_string(&log).unwrap_or_default();
                             let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
                             let tail: Vec<&str> = tail.into_iter().rev().collect();
-                            format!("{} {case}: {e}\nbackend log:\n{}", contender.name, tail.join("\n"))
+                            BenchError::Measurement(format!(
+                                "{} {case}: {e}\nbackend log:\n{}",
+                                contender.name,
+                                tail.join("\n")
+                            ))
                         })?;
                         let (usage, own) = (child.usage()?.since(&before), own_usage()?.since(&own_before));
                         child.stop();

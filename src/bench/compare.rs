@@ -2,6 +2,7 @@
 //! and a verdict that allows for noise: a change counts only when it is larger than the
 //! threshold and than the spread (max - min over median) either run saw for that metric.
 
+use super::error::BenchError;
 use super::report::{Report, Sample, Spread, first_seen};
 use std::path::PathBuf;
 
@@ -98,9 +99,9 @@ pub fn changes(old: &Report, new: &Report, threshold: f64) -> Vec<Change> {
 }
 
 /// Runs the comparison; Ok(false) when something got worse.
-pub fn run(args: &CompareArgs) -> Result<bool, String> {
+pub fn run(args: &CompareArgs) -> Result<bool, BenchError> {
     if !args.threshold.is_finite() || args.threshold < 0.0 {
-        return Err("--threshold must be a percentage of zero or more".into());
+        return Err(BenchError::Options("--threshold must be a percentage of zero or more".into()));
     }
     let (old, new) = (Report::load(&args.old)?, Report::load(&args.new)?);
     if old.machine != new.machine {
@@ -111,7 +112,7 @@ pub fn run(args: &CompareArgs) -> Result<bool, String> {
     }
     let list = changes(&old, &new, args.threshold / 100.0);
     if list.is_empty() {
-        return Err("the two reports have no metric in common".into());
+        return Err(BenchError::Measurement("the two reports have no metric in common".into()));
     }
     println!("pvkit bench compare: {} ({}) -> {} ({})", args.old.display(), old.date, args.new.display(), new.date);
     let mut last_case = String::new();

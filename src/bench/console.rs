@@ -2,6 +2,7 @@
 //! vhost-user-console through one unix-socket port, the guest played by pvkit's host-side
 //! frontend and driver, the directions interleaved.
 
+use super::error::BenchError;
 use super::process::{ProcessUsage, Spawned, own_usage};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
@@ -61,11 +62,12 @@ fn host_side(
     direction: Direction,
     received: Arc<AtomicU64>,
     done: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Result<(), String>> {
+) -> std::thread::JoinHandle<Result<(), BenchError>> {
     std::thread::spawn(move || {
-        let mut stream = std::os::unix::net::UnixStream::connect(&port).map_err(|e| format!("port: {e}"))?;
-        stream.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
-        stream.set_write_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(&port).map_err(BenchError::io("connecting to the console port"))?;
+        stream.set_read_timeout(Some(Duration::from_millis(100))).map_err(BenchError::io("console port timeout"))?;
+        stream.set_write_timeout(Some(Duration::from_millis(100))).map_err(BenchError::io("console port timeout"))?;
         let mut buf = vec![0x5au8; 256 * 1024];
         while !done.load(Ordering::Relaxed) {
             let result = match direction {
@@ -78,14 +80,14 @@ fn host_side(
                     received.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(BenchError::io("moving data through the console port")(e)),
             }
         }
         Ok(())
     })
 }
 
-fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Result<Measured, String> {
+fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Result<Measured, BenchError> {
     let socket = work.join("console.sock");
     let port = work.join("port.sock");
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
@@ -95,14 +97,13 @@ fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Resu
     let host_bytes = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let host = host_side(port, direction, host_bytes.clone(), done.clone());
-    let mut fe = HostFrontend::connect(&socket, 64 << 20, 2, 256, Features::from_bits(&[feature::VERSION_1]).0)
-        .map_err(|e| e.to_string())?;
+    let mut fe = HostFrontend::connect(&socket, 64 << 20, 2, 256, Features::from_bits(&[feature::VERSION_1]).0)?;
     let size = args.write_size;
     let mut free: Vec<u64> = Vec::new();
     for i in 0..args.in_flight {
-        let addr = fe.alloc(size.into(), 64).map_err(|e| e.to_string())?;
+        let addr = fe.alloc(size.into(), 64)?;
         let data: Vec<u8> = (0..size).map(|b| (b as usize + i) as u8).collect();
-        fe.mem().write_slice(&data, GuestAddress(addr)).map_err(|e| e.to_string())?;
+        fe.mem().write_slice(&data, GuestAddress(addr))?;
         free.push(addr);
     }
     // Queue 0 receives (host to guest), queue 1 transmits (guest to host).
@@ -118,12 +119,16 @@ fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Resu
     let host_at_start = host_bytes.load(Ordering::Relaxed);
     while start.elapsed() < duration {
         while let Some(addr) = free.pop() {
-            let head = fe.submit(queue, &[Buffer { addr, len: size, device_writes }]).map_err(|e| e.to_string())?;
+            let head = fe.submit(queue, &[Buffer { addr, len: size, device_writes }])?;
             in_flight.insert(head, addr);
         }
-        let (head, len) = fe.wait_used(queue, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let (head, len) = fe.wait_used(queue, Duration::from_secs(5))?;
         guest_bytes += if device_writes { u64::from(len) } else { u64::from(size) };
-        free.push(in_flight.remove(&head).ok_or("used id that was never submitted")?);
+        free.push(
+            in_flight
+                .remove(&head)
+                .ok_or_else(|| BenchError::Measurement("used id that was never submitted".into()))?,
+        );
     }
     let elapsed = start.elapsed();
     // Guest to host counts what reached the host side; host to guest what the guest got.
@@ -136,13 +141,13 @@ fn one_round(args: &ConsoleBenchArgs, work: &Path, direction: Direction) -> Resu
     child.stop();
     let _ = host.join();
     if moved == 0 {
-        return Err(format!("{}: no data went through", direction.name()));
+        return Err(BenchError::Measurement(format!("{}: no data went through", direction.name())));
     }
     Ok(Measured { mbps: moved as f64 / elapsed.as_secs_f64() / 1e6, backend, frontend })
 }
 
 /// Runs the benchmark into `rec`.
-pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     if args.rounds == 0
         || !args.seconds.is_finite()
         || args.seconds <= 0.0
@@ -150,7 +155,9 @@ pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), String> {
         || args.in_flight == 0
         || args.in_flight > 256
     {
-        return Err("--rounds, --seconds, --write-size and --in-flight (at most 256) must be positive".into());
+        return Err(BenchError::Options(
+            "--rounds, --seconds, --write-size and --in-flight (at most 256) must be positive".into(),
+        ));
     }
     let directions = [Direction::GuestToHost, Direction::HostToGuest];
     rec.begin("console", format!("{args:?}"), args.rounds * directions.len());
@@ -159,7 +166,7 @@ pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), String> {
         args.write_size, args.in_flight, args.rounds, args.seconds
     ));
     let work = std::env::temp_dir().join(format!("pvkit-bench-console-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(BenchError::io(format!("{}", work.display())))?;
     let result = (|| {
         for round in 0..args.rounds {
             for direction in directions {
@@ -178,7 +185,7 @@ pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), String> {
                 rec.push(sample);
             }
         }
-        Ok::<(), String>(())
+        Ok::<(), BenchError>(())
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;

@@ -4,6 +4,7 @@
 //! `vhost-user-blk`, with RING_EVENT_IDX on and off. Rounds interleave the four VM
 //! configurations (doorbell ports announced or not, event-idx on or off).
 
+use super::error::BenchError;
 use super::process::{own_usage, usage_of};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
@@ -42,9 +43,9 @@ type Lines = Vec<(String, f64, f64)>;
 
 /// One VM run: the guest's `PVKIT-DOORBELL` lines as (name, microseconds per operation,
 /// kicks per operation), and the processes' usage (the block backend, the VMM).
-fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
+fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), BenchError> {
     let dir = std::env::temp_dir().join(format!("pvkit-bench-doorbell-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(BenchError::io(format!("cannot create {}", dir.display())))?;
     let result = (|| {
         let (backends, sockets, _) = start_backends(&dir, false)?;
         let blk_name = pvkit_host_devices::BackendKind::Blk.program_name();
@@ -52,7 +53,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
             .pids()
             .into_iter()
             .find_map(|(name, pid)| (name == blk_name).then_some(pid))
-            .ok_or("the block backend did not start")?;
+            .ok_or_else(|| BenchError::Measurement("the block backend did not start".into()))?;
         let (blk_before, vmm_before) = (usage_of(blk_pid, blk_name)?, own_usage()?);
         let capture = Capture::default();
         let config = VmConfig {
@@ -67,14 +68,14 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
             doorbells: setup.doorbells,
             completion: None,
         };
-        let report = vm::run(config).map_err(|e| e.to_string())?;
+        let report = vm::run(config)?;
         let processes = vec![
             ProcessStats::new("backend", &usage_of(blk_pid, blk_name)?.since(&blk_before)),
             ProcessStats::new("vmm", &own_usage()?.since(&vmm_before)),
         ];
         drop(backends);
         if report.tsc_khz == 0 {
-            return Err("KVM did not report the TSC rate".into());
+            return Err(BenchError::Measurement("KVM did not report the TSC rate".into()));
         }
         let khz = report.tsc_khz as f64;
         let log = String::from_utf8_lossy(&lock(&capture.bytes)).into_owned();
@@ -92,7 +93,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
             }
         }
         if lines.is_empty() {
-            return Err(format!("the guest reported no doorbell measurements:\n{log}"));
+            return Err(BenchError::Measurement(format!("the guest reported no doorbell measurements:\n{log}")));
         }
         Ok((lines, processes))
     })();
@@ -101,12 +102,14 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), String> {
 }
 
 /// Runs the benchmark into `rec`.
-pub fn run(args: &DoorbellBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+pub fn run(args: &DoorbellBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     if args.rounds == 0 {
-        return Err("--rounds must be positive".into());
+        return Err(BenchError::Options("--rounds must be positive".into()));
     }
     if !pvkit_vmm_glue::kvm_usable() {
-        return Err("the doorbell benchmark runs the tiny guest on KVM, and /dev/kvm is not usable here".into());
+        return Err(BenchError::Measurement(
+            "the doorbell benchmark runs the tiny guest on KVM, and /dev/kvm is not usable here".into(),
+        ));
     }
     let setups = [true, false]
         .into_iter()
@@ -133,7 +136,8 @@ pub fn run(args: &DoorbellBenchArgs, rec: &mut Recorder) -> Result<(), String> {
                 } else if name.starts_with("request-") {
                     ("round trip at QD 1".to_string(), "round trip".to_string(), None)
                 } else if let Some(depth) = name.strip_prefix("qd").and_then(|r| r.split('-').next()) {
-                    let depth: f64 = depth.parse().map_err(|_| format!("odd doorbell line {name}"))?;
+                    let depth: f64 =
+                        depth.parse().map_err(|_| BenchError::Measurement(format!("odd doorbell line {name}")))?;
                     (format!("requests at QD {depth}"), "time per request by queue depth".to_string(), Some(depth))
                 } else {
                     continue;

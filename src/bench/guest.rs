@@ -3,6 +3,7 @@
 //! on KVM with pvkit's doorbell ports, the same with MMIO QueueNotify, and the software guest
 //! (the same drivers in a host thread). Contenders interleaved, round after round.
 
+use super::error::BenchError;
 use super::process::{ProcessUsage, own_usage, usage_of};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
@@ -53,13 +54,13 @@ fn devices(sockets: &[std::path::PathBuf; 3]) -> Vec<DeviceSpec> {
 
 /// One run: the serial log, the TSC rate its bench lines count in (kHz), and each process's
 /// usage (the three backends, and this process as the VMM or software guest).
-fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessStats>), String> {
+fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessStats>), BenchError> {
     let dir = std::env::temp_dir().join(format!("pvkit-bench-guest-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(BenchError::io(format!("cannot create {}", dir.display())))?;
     let result = (|| {
         let (backends, sockets, port) = start_backends(&dir, false)?;
         console_host(port, Arc::new(AtomicU64::new(0)));
-        let usage_now = || -> Result<Vec<(String, ProcessUsage)>, String> {
+        let usage_now = || -> Result<Vec<(String, ProcessUsage)>, BenchError> {
             let mut all = vec![("vmm".to_string(), own_usage()?)];
             for (name, pid) in backends.pids() {
                 all.push((name.to_string(), usage_of(pid, name)?));
@@ -69,7 +70,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
         let before = usage_now()?;
         let out = match contender {
             Contender::Software => {
-                let report = software_guest::run(&devices(&sockets), 256 << 20, Some(ms)).map_err(|e| e.to_string())?;
+                let report = software_guest::run(&devices(&sockets), 256 << 20, Some(ms))?;
                 (report.log, SOFTWARE_TICK_KHZ)
             }
             Contender::KvmPorts | Contender::KvmMmio => {
@@ -86,7 +87,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
                     doorbells: contender == Contender::KvmPorts,
                     completion: None,
                 };
-                let report = vm::run(config).map_err(|e| e.to_string())?;
+                let report = vm::run(config)?;
                 let log = String::from_utf8_lossy(&lock(&capture.bytes)).into_owned();
                 let khz = report.tsc_khz;
                 (log, khz)
@@ -106,9 +107,9 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
 }
 
 /// Runs the benchmark into `rec`.
-pub fn run(args: &GuestBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+pub fn run(args: &GuestBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     if args.rounds == 0 || !args.seconds.is_finite() || args.seconds < 0.01 || args.seconds > 600.0 {
-        return Err("--rounds must be positive and --seconds between 0.01 and 600".into());
+        return Err(BenchError::Options("--rounds must be positive and --seconds between 0.01 and 600".into()));
     }
     let ms = (args.seconds * 1000.0).round() as u64;
     let mut contenders = Vec::new();
@@ -133,7 +134,10 @@ pub fn run(args: &GuestBenchArgs, rec: &mut Recorder) -> Result<(), String> {
             rec.step(format!("round {}: {}", round + 1, contender.name()));
             let (log, khz, processes) = one_run(contender, ms)?;
             if !GuestResult::parse(&log).is_some_and(|r| r.all_passed()) {
-                return Err(format!("{}: the guest's self-test failed:\n{log}", contender.name()));
+                return Err(BenchError::Measurement(format!(
+                    "{}: the guest's self-test failed:\n{log}",
+                    contender.name()
+                )));
             }
             let lines = BenchLine::parse_all(&log);
             for (device, case, metric, scale) in [
@@ -142,7 +146,10 @@ pub fn run(args: &GuestBenchArgs, rec: &mut Recorder) -> Result<(), String> {
                 ("console", "console: 512-byte writes", "MB/s", 1e-6),
             ] {
                 let Some(line) = lines.iter().find(|l| l.name == device) else {
-                    return Err(format!("{}: the guest printed no {device} benchmark line:\n{log}", contender.name()));
+                    return Err(BenchError::Measurement(format!(
+                        "{}: the guest printed no {device} benchmark line:\n{log}",
+                        contender.name()
+                    )));
                 };
                 let seconds = line.seconds(khz).max(1e-9);
                 let count = if device == "console" { line.bytes } else { line.ops };

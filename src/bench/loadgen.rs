@@ -2,6 +2,7 @@
 //! frontend and virtio-blk driver) keeping a fixed queue depth of requests on each of one or
 //! more queues: 4 KiB random or 128 KiB sequential, reads or writes.
 
+use super::error::BenchError;
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -35,9 +36,11 @@ impl Pattern {
     }
 
     /// The pattern called `name`.
-    pub fn parse(name: &str) -> Result<Pattern, String> {
+    pub fn parse(name: &str) -> Result<Pattern, BenchError> {
         Pattern::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
-            format!("unknown pattern '{name}' (randread, randwrite: 4 KiB random; read, write: 128 KiB sequential)")
+            BenchError::Options(format!(
+                "unknown pattern '{name}' (randread, randwrite: 4 KiB random; read, write: 128 KiB sequential)"
+            ))
         })
     }
 
@@ -102,10 +105,10 @@ pub fn run(
     qd: usize,
     queues: usize,
     duration: Duration,
-) -> Result<LoadResult, String> {
+) -> Result<LoadResult, BenchError> {
     let err = |what: &str| {
         let what = what.to_string();
-        move |e: blkio::Error| format!("libblkio {what}: {}", e.message())
+        move |e: blkio::Error| BenchError::Blkio { what: what.clone(), message: e.message().to_string() }
     };
     let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err("new"))?;
     blkio.set_str("path", &socket.to_string_lossy()).map_err(err("set path"))?;
@@ -121,7 +124,7 @@ pub fn run(
     if let Ok(max_queues) = blkio.get_i32("max-queues")
         && queues > max_queues.max(1) as usize
     {
-        return Err(format!("the backend serves {max_queues} queue(s), {queues} asked for"));
+        return Err(BenchError::Measurement(format!("the backend serves {max_queues} queue(s), {queues} asked for")));
     }
     blkio.set_i32("num-queues", queues as i32).map_err(err("set num-queues"))?;
     let capacity = blkio.get_u64("capacity").map_err(err("capacity"))?;
@@ -132,11 +135,13 @@ pub fn run(
     blkio.map_mem_region(&region).map_err(err("map_mem_region"))?;
     let mut rings: Vec<Blkioq> = std::mem::take(&mut started.queues);
     if rings.len() != queues {
-        return Err(format!("libblkio started {} queue(s), {queues} asked for", rings.len()));
+        return Err(BenchError::Measurement(format!("libblkio started {} queue(s), {queues} asked for", rings.len())));
     }
     let blocks = capacity / block as u64;
     if blocks == 0 {
-        return Err(format!("disk of {capacity} bytes is smaller than one {block}-byte request"));
+        return Err(BenchError::Measurement(format!(
+            "disk of {capacity} bytes is smaller than one {block}-byte request"
+        )));
     }
     let mut offsets: Vec<Offsets> = (0..queues as u64)
         .map(|q| Offsets {
@@ -181,11 +186,11 @@ pub fn run(
                 // SAFETY: do_io initialised the first `n` completions.
                 let c = unsafe { c.assume_init_read() };
                 if c.ret < 0 {
-                    return Err(format!("{} request failed with {}", pattern.name(), c.ret));
+                    return Err(BenchError::Measurement(format!("{} request failed with {}", pattern.name(), c.ret)));
                 }
                 let slot = c.user_data;
                 let Some(start) = started_at.get_mut(slot) else {
-                    return Err(format!("completion for unknown slot {slot}"));
+                    return Err(BenchError::Measurement(format!("completion for unknown slot {slot}")));
                 };
                 latencies.push(now.duration_since(*start).as_nanos().min(u32::MAX as u128) as u32);
                 *start = now;
@@ -194,7 +199,7 @@ pub fn run(
             }
         }
         if last_completion.elapsed() > Duration::from_secs(5) {
-            return Err("no completion within 5 s".into());
+            return Err(BenchError::Measurement("no completion within 5 s".into()));
         }
     }
     let elapsed = begin.elapsed();

@@ -6,6 +6,7 @@ pub mod blk;
 pub mod compare;
 pub mod console;
 pub mod doorbell;
+pub mod error;
 pub mod guest;
 mod loadgen;
 pub mod net;
@@ -14,6 +15,7 @@ mod process;
 pub mod recorder;
 pub mod report;
 
+pub use error::BenchError;
 use std::path::PathBuf;
 
 /// Where results go besides the table on standard output.
@@ -63,19 +65,23 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Runs a scenario; returns whether everything passed (compare: no regression).
-pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, String> {
+pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, BenchError> {
     if let Scenario::Compare(args) = scenario {
         return compare::run(args);
     }
     // Refuse unwritable output places before spending minutes measuring.
     if let Some(dir) = &output.svg {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(BenchError::io(format!("cannot create {}", dir.display())))?;
     }
     if let Some(file) = &output.json
         && let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.is_dir()
     {
-        return Err(format!("cannot write {}: {} is not a directory", file.display(), parent.display()));
+        return Err(BenchError::Options(format!(
+            "cannot write {}: {} is not a directory",
+            file.display(),
+            parent.display()
+        )));
     }
     let mut rec = recorder::Recorder::new();
     let outcome = match scenario {
@@ -98,5 +104,5 @@ pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, String> {
         eprintln!("pvkit bench: wrote {} plot(s) to {}", written.len(), dir.display());
     }
     outcome?;
-    Ok(report.scenarios.iter().all(|s| s.status != "failed"))
+    Ok(report.scenarios.iter().all(|s| s.status != report::Outcome::Failed))
 }

@@ -2,6 +2,7 @@
 //! its `net_virtio_user` PMD as the generator (txonly), against pvkit `vhost-user-net --sink`
 //! (polling on, and `--poll-us 0`) and DPDK's own `net_vhost` PMD in rxonly mode, interleaved.
 
+use super::error::BenchError;
 use super::median;
 use super::process::{ProcessUsage, Spawned, usage_of};
 use super::recorder::Recorder;
@@ -82,7 +83,7 @@ fn pin_to_cpu0(cmd: &mut Command) {
     }
 }
 
-fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, String> {
+fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, BenchError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
     let mut cmd = match contender {
         Contender::DpdkVhost => {
@@ -121,7 +122,7 @@ fn generate(
     frame: u16,
     seconds: f64,
     child: &Spawned,
-) -> Result<(Vec<f64>, ProcessUsage, ProcessUsage), String> {
+) -> Result<(Vec<f64>, ProcessUsage, ProcessUsage), BenchError> {
     let mut cmd = testpmd_base("0@0,1@1", &format!("pvkit-bench-gen-{}", std::process::id()));
     cmd.args(["--vdev", &format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display()), "--"]);
     cmd.args(["--forward-mode=txonly", &format!("--txpkts={frame}"), "--stats-period", "1"]);
@@ -131,11 +132,11 @@ fn generate(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start dpdk-testpmd: {e}"))?;
+        .map_err(BenchError::io("cannot start dpdk-testpmd"))?;
     let readings = Arc::new(Mutex::new(Vec::new()));
     let reader = {
         let readings = readings.clone();
-        let stdout = generator.stdout.take().ok_or("no testpmd output")?;
+        let stdout = generator.stdout.take().ok_or_else(|| BenchError::Measurement("no testpmd output".into()))?;
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.trim().strip_prefix("Tx-pps:")
@@ -153,7 +154,7 @@ fn generate(
         waited += Duration::from_millis(50);
         if waited > Duration::from_secs(20) {
             let _ = generator.kill();
-            return Err("dpdk-testpmd printed no statistics within 20 s".into());
+            return Err(BenchError::Measurement("dpdk-testpmd printed no statistics within 20 s".into()));
         }
     }
     let before = child.usage()?;
@@ -165,7 +166,7 @@ fn generate(
     while lock(&readings).len() < skip + wanted {
         if std::time::Instant::now() > deadline {
             let _ = generator.kill();
-            return Err("dpdk-testpmd stopped printing statistics".into());
+            return Err(BenchError::Measurement("dpdk-testpmd stopped printing statistics".into()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -178,7 +179,7 @@ fn generate(
     let all = lock(&readings).clone();
     let measured: Vec<f64> = all.into_iter().skip(skip).take(wanted).collect();
     if measured.is_empty() {
-        return Err("dpdk-testpmd printed no readings while measuring".into());
+        return Err(BenchError::Measurement("dpdk-testpmd printed no readings while measuring".into()));
     }
     Ok((measured, usage, generator_usage))
 }
@@ -197,22 +198,22 @@ pub fn unavailable() -> Option<String> {
 }
 
 /// Runs the benchmark into `rec`.
-pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), String> {
+pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     if let Some(why) = unavailable() {
-        return Err(why);
+        return Err(BenchError::Options(why));
     }
     if args.rounds == 0 || args.frame_sizes.is_empty() || args.seconds <= 0.0 {
-        return Err("--rounds, --frame-sizes and --seconds must be positive".into());
+        return Err(BenchError::Options("--rounds, --frame-sizes and --seconds must be positive".into()));
     }
     if let Some(bad) = args.frame_sizes.iter().find(|s| !(60..=1514).contains(*s)) {
-        return Err(format!("frame size {bad} is outside 60..=1514"));
+        return Err(BenchError::Options(format!("frame size {bad} is outside 60..=1514")));
     }
     let mut contenders = vec![Contender::PvkitPolling, Contender::PvkitNoPoll];
     if !args.no_dpdk_peer {
         contenders.insert(0, Contender::DpdkVhost);
     }
     let work = std::env::temp_dir().join(format!("pvkit-bench-net-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(BenchError::io(format!("cannot create {}", work.display())))?;
     let total = args.rounds * contenders.len() * args.frame_sizes.len();
     rec.begin("net", format!("{args:?}"), total);
     rec.note(format!(
@@ -244,7 +245,7 @@ pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), String> {
                 }
             }
         }
-        Ok::<(), String>(())
+        Ok::<(), BenchError>(())
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;

@@ -3,6 +3,7 @@
 //! group's axis (queue depth, frame size, operation); and, where latencies were recorded, their
 //! 50th and 99th percentiles.
 
+use super::error::BenchError;
 use super::report::{Report, Sample, Spread, first_seen};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -95,8 +96,8 @@ fn draw(
     y_desc: &str,
     labels: &[String],
     series: &[Series],
-) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+) -> Result<(), BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Plot { path: path.into(), detail: e.to_string() };
     let top = series.iter().flat_map(|s| s.points.iter().map(|p| p.3)).fold(0.0f64, f64::max);
     let top = if top > 0.0 { top * 1.15 } else { 1.0 };
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
@@ -157,8 +158,8 @@ fn draw(
 }
 
 /// Writes every plot of `report` into `dir`; returns the files written.
-pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(BenchError::io(format!("cannot create {}", dir.display())))?;
     let mut written = Vec::new();
     let scenarios = first_seen(report.samples.iter().map(|s| s.scenario.as_str()));
     for scenario in scenarios {

@@ -1,8 +1,10 @@
 //! Backend processes under measurement: start, wait for the socket, CPU time and peak RSS
 //! from /proc, stop.
 
+use super::error::BenchError;
+use pvkit_host_devices::process::ServingChild;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// CPU time and memory of a process over an interval.
@@ -30,45 +32,32 @@ impl ProcessUsage {
 
 /// A backend process, killed on drop.
 pub struct Spawned {
-    name: String,
-    child: Child,
+    child: ServingChild,
 }
 
 impl Spawned {
     /// Starts `cmd` and waits (up to 10 s) for `socket` to appear.
     /// Its standard error goes to `log`.
-    pub fn start(name: &str, cmd: &mut Command, socket: &Path, log: &Path) -> Result<Spawned, String> {
+    pub fn start(name: &str, cmd: &mut Command, socket: &Path, log: &Path) -> Result<Spawned, BenchError> {
         let _ = std::fs::remove_file(socket);
-        let log_file = std::fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        let mut spawned = Spawned { name: name.to_string(), child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Ok(Some(status)) = spawned.child.try_wait() {
-                return Err(format!("{name} exited at start ({status})"));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{name} did not listen on {} within 10 s", socket.display()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(spawned)
+        let log_file =
+            std::fs::File::create(log).map_err(BenchError::io(format!("cannot create {}", log.display())))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log_file));
+        let mut child = ServingChild::spawn(name, cmd)?;
+        child.wait_for_socket(socket, Duration::from_secs(10))?;
+        Ok(Spawned { child })
     }
 
     /// The process's CPU time and peak RSS now.
-    pub fn usage(&self) -> Result<ProcessUsage, String> {
-        usage_of(self.child.id(), &self.name)
+    pub fn usage(&self) -> Result<ProcessUsage, BenchError> {
+        usage_of(self.child.id().unwrap_or(0), self.child.name())
     }
 }
 
 /// The CPU time (all threads) and peak RSS of process `pid` (`name` for messages) now.
-pub fn usage_of(pid: u32, name: &str) -> Result<ProcessUsage, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("{name}: {e}"))?;
+pub fn usage_of(pid: u32, name: &str) -> Result<ProcessUsage, BenchError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(BenchError::io(format!("reading the statistics of {name} (pid {pid})")))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -90,7 +79,7 @@ pub fn usage_of(pid: u32, name: &str) -> Result<ProcessUsage, String> {
 }
 
 /// This process's usage now (the load generators and VMMs that run inside pvkit).
-pub fn own_usage() -> Result<ProcessUsage, String> {
+pub fn own_usage() -> Result<ProcessUsage, BenchError> {
     usage_of(std::process::id(), "pvkit")
 }
 
@@ -98,27 +87,11 @@ impl Spawned {
     /// Asks the process to finish with SIGINT (DPDK releases its hugepages then), waiting up
     /// to `timeout` before killing it.
     pub fn interrupt(mut self, timeout: Duration) {
-        // SAFETY: sends a signal to the child we started.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child.signal_and_wait(libc::SIGINT, timeout);
     }
 
     /// Stops the process.
     pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_and_reap();
     }
 }

@@ -1,7 +1,7 @@
 //! Collects a run's samples into a [`Report`] while showing progress on standard error: a
 //! progress bar on a terminal (indicatif), one line per step otherwise (logs, CI).
 
-use super::report::{Report, Sample, ScenarioStatus};
+use super::report::{Outcome, Report, Sample, ScenarioStatus};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
 
@@ -80,7 +80,7 @@ impl Recorder {
     pub fn ran(&mut self, detail: impl Into<String>) {
         self.report.scenarios.push(ScenarioStatus {
             name: self.scenario.clone(),
-            status: "ran".into(),
+            status: Outcome::Ran,
             detail: detail.into(),
         });
         let table = super::report::table(&self.report, &self.scenario);
@@ -91,14 +91,14 @@ impl Recorder {
     pub fn skipped(&mut self, scenario: &str, why: impl Into<String>) {
         let why = why.into();
         self.progress.suspend(|| eprintln!("pvkit bench: skipping {scenario}: {why}"));
-        self.report.scenarios.push(ScenarioStatus { name: scenario.into(), status: "skipped".into(), detail: why });
+        self.report.scenarios.push(ScenarioStatus { name: scenario.into(), status: Outcome::Skipped, detail: why });
     }
 
     /// A scenario that failed (in `all`, the others still run).
     pub fn failed(&mut self, scenario: &str, why: impl Into<String>) {
         let why = why.into();
         self.progress.suspend(|| eprintln!("pvkit bench: {scenario} failed: {why}"));
-        self.report.scenarios.push(ScenarioStatus { name: scenario.into(), status: "failed".into(), detail: why });
+        self.report.scenarios.push(ScenarioStatus { name: scenario.into(), status: Outcome::Failed, detail: why });
     }
 
     /// Ends the progress display and hands over the report.

@@ -1,6 +1,7 @@
 //! What a benchmark run produces: raw samples (every round of every contender), the machine
 //! and versions they were taken on, the readable table, and the JSON file (`--json`).
 
+use super::error::BenchError;
 use super::median;
 use super::process::ProcessUsage;
 use serde::{Deserialize, Serialize};
@@ -85,10 +86,22 @@ pub struct Sample {
 pub struct ScenarioStatus {
     /// The scenario.
     pub name: String,
-    /// "ran" or "skipped".
-    pub status: String,
-    /// Why it was skipped, or what it measured.
+    /// Whether it ran.
+    pub status: Outcome,
+    /// Why it was skipped or failed, or what it measured.
     pub detail: String,
+}
+
+/// What became of a scenario (`"ran"`, `"skipped"` or `"failed"` in the JSON).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// It ran and recorded its samples.
+    Ran,
+    /// The machine lacks what it needs.
+    Skipped,
+    /// It started and failed; the other scenarios still ran.
+    Failed,
 }
 
 /// The machine a run was taken on.
@@ -213,20 +226,21 @@ impl Report {
     }
 
     /// Reads a report written by `--json`.
-    pub fn load(path: &Path) -> Result<Report, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Report, BenchError> {
+        let text = std::fs::read_to_string(path).map_err(BenchError::io(format!("cannot read {}", path.display())))?;
         let report: Report =
-            serde_json::from_str(&text).map_err(|e| format!("{} is not a pvkit bench report: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|source| BenchError::Report { path: path.into(), source })?;
         if report.format != FORMAT {
-            return Err(format!("{} has format {}, this pvkit reads {FORMAT}", path.display(), report.format));
+            return Err(BenchError::ReportFormat { path: path.into(), found: report.format, expected: FORMAT });
         }
         Ok(report)
     }
 
     /// Writes the report as JSON.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| format!("encoding the report: {e}"))?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+    pub fn save(&self, path: &Path) -> Result<(), BenchError> {
+        let text =
+            serde_json::to_string_pretty(self).map_err(|source| BenchError::Report { path: path.into(), source })?;
+        std::fs::write(path, text + "\n").map_err(BenchError::io(format!("cannot write {}", path.display())))
     }
 
     /// The cases of `scenario`, in the order they were first measured.

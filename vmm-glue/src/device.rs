@@ -196,7 +196,7 @@ impl VirtioDevice {
             .collect();
         let features = self.state.driver_features();
         match self.link.as_mut() {
-            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram),
+            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram).map(|_| ()),
             None => Ok(()),
         }
     }

@@ -178,7 +178,7 @@ impl BackendLink {
         kicks: &[EventFd],
         calls: &[EventFd],
         ram: &GuestRam,
-    ) -> Result<(), FrontendError> {
+    ) -> Result<u64, FrontendError> {
         let features = (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT);
         let socket = self.socket.display().to_string();
         let fail = |request: &'static str| {
@@ -215,7 +215,12 @@ impl BackendLink {
                 self.frontend.set_vring_enable(index, true).map_err(fail("SET_VRING_ENABLE"))?;
             }
         }
-        Ok(())
+        Ok(features)
+    }
+
+    /// Hands the backend request channel to the caller (a tool that reads it itself).
+    pub fn take_backend_requests(&mut self) -> Option<BackendRequests> {
+        self.requests.take()
     }
 
     /// Stops the rings of the queues in `queues` that were ready (GET_VRING_BASE).

@@ -1,32 +1,34 @@
-//! A vhost-user frontend with its own split-ring driver, for host-side tools that drive a
-//! backend without a guest (benchmarks, end-to-end tests): memfd-backed shared memory, real
-//! vrings, kick and call eventfds, built on the `vhost` crate's `Frontend`. It plays the part
-//! of a VMM plus a guest driver, one request at a time or many in flight.
+//! A vhost-user frontend with a small split-ring driver, for host-side tools that drive a
+//! backend without a guest (benchmarks, end-to-end tests): the VMM's own handshake
+//! ([`BackendLink`]: protocol features, memfd guest memory, rings) plus real vrings, kick and
+//! call eventfds. It plays the part of a VMM plus a guest driver, one request at a time or many
+//! in flight.
+//!
+//! The ring driver is its own rather than guest-driver's `VirtQueue`: that one allocates
+//! through a `Hal` of static functions (one DMA arena per process), while a test process runs
+//! many frontends at once, each over its own memory.
 
 use crate::backend_requests::BackendRequests;
+use crate::frontend::BackendLink;
+use crate::memory::GuestRam;
+use crate::mmio::QueueConfig;
 use pvkit_protocol::ring::{self, RingLayout, desc_flags};
-use std::fs::File;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors from the test frontend.
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    /// A vhost-user request failed.
-    #[error("vhost-user {step}: {source}")]
-    VhostUser {
-        /// Which step.
-        step: &'static str,
-        /// Why.
-        source: vhost::Error,
-    },
+    /// The handshake or a vhost-user request failed.
+    #[error(transparent)]
+    Link(#[from] crate::frontend::FrontendError),
+    /// The shared memory could not be made.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     /// Setting up memory or eventfds failed.
     #[error("{0}")]
     Setup(String),
@@ -36,10 +38,6 @@ pub enum FrontendError {
     /// The queue has no free descriptors, or the request is empty.
     #[error("queue {0}: {1}")]
     Queue(usize, String),
-}
-
-fn vu(step: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
-    move |source| FrontendError::VhostUser { step, source }
 }
 
 /// One buffer of a request: guest address, length, and whether the device writes it.
@@ -64,8 +62,8 @@ struct DriverQueue {
 
 /// A connected frontend with its rings set up and enabled.
 pub struct HostFrontend {
-    frontend: Frontend,
-    mem: GuestMemoryMmap,
+    link: BackendLink,
+    ram: GuestRam,
     queues: Vec<DriverQueue>,
     next_free: u64,
     mem_size: u64,
@@ -73,8 +71,6 @@ pub struct HostFrontend {
     pub features: u64,
 }
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 =
-    pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_USER_PROTOCOL_FEATURES]).0;
 use pvkit_protocol::virtio::feature::RING_EVENT_IDX;
 
 impl HostFrontend {
@@ -87,82 +83,32 @@ impl HostFrontend {
         queue_size: u16,
         wanted: u64,
     ) -> Result<HostFrontend, FrontendError> {
-        let mut frontend = Frontend::connect(socket, num_queues as u64).map_err(vu("connect"))?;
-        frontend.set_owner().map_err(vu("SET_OWNER"))?;
-        let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
-        if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            let protocol = frontend.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
-            let want = VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                | VhostUserProtocolFeatures::BACKEND_REQ;
-            frontend.set_protocol_features(protocol & want).map_err(vu("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                // Every request waits for the backend's answer: ordered, and errors visible.
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        let features = (offered & wanted) | (offered & VHOST_USER_F_PROTOCOL_FEATURES);
-        frontend.set_features(features).map_err(vu("SET_FEATURES"))?;
-
-        let file = memfd(mem_size)?;
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            mem_size as usize,
-            Some(FileOffset::new(file.try_clone().map_err(|e| FrontendError::Setup(e.to_string()))?, 0)),
-        )])
-        .map_err(|e| FrontendError::Setup(format!("mapping guest memory: {e}")))?;
-        let host_base = mem.get_host_address(GuestAddress(0)).map_err(|e| FrontendError::Setup(e.to_string()))? as u64;
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: mem_size,
-            userspace_addr: host_base,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        };
-        frontend.set_mem_table(&[region]).map_err(vu("SET_MEM_TABLE"))?;
-
-        let mut this = HostFrontend { frontend, mem, queues: Vec::new(), next_free: 0, mem_size, features };
-        for index in 0..num_queues {
+        let ram = GuestRam::shared(mem_size)?;
+        let link = BackendLink::connect(socket, &ram, num_queues)?;
+        let mut this = HostFrontend { link, ram, queues: Vec::new(), next_free: 0, mem_size, features: 0 };
+        let (mut configs, mut kicks, mut calls, mut layouts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..num_queues {
             let base = this.alloc(RingLayout::contiguous_size(queue_size, 4096), 4096)?;
             let layout = RingLayout::contiguous(base, queue_size, 4096)
                 .map_err(|e| FrontendError::Setup(format!("ring layout: {e}")))?;
             let new_eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| FrontendError::Setup(e.to_string()));
-            let (kick, call) = (new_eventfd()?, new_eventfd()?);
-            let fe = &mut this.frontend;
-            fe.set_vring_num(index, queue_size).map_err(vu("SET_VRING_NUM"))?;
-            let config = VringConfigData {
-                queue_max_size: queue_size,
-                queue_size,
-                flags: 0,
-                desc_table_addr: host_base + layout.desc,
-                used_ring_addr: host_base + layout.used,
-                avail_ring_addr: host_base + layout.avail,
-                log_addr: None,
-            };
-            fe.set_vring_addr(index, &config).map_err(vu("SET_VRING_ADDR"))?;
-            fe.set_vring_base(index, 0).map_err(vu("SET_VRING_BASE"))?;
-            fe.set_vring_call(index, &call).map_err(vu("SET_VRING_CALL"))?;
-            fe.set_vring_kick(index, &kick).map_err(vu("SET_VRING_KICK"))?;
-            if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-                fe.set_vring_enable(index, true).map_err(vu("SET_VRING_ENABLE"))?;
-            }
-            this.queues.push(DriverQueue {
-                layout,
-                next_avail: 0,
-                last_used: 0,
-                free: (0..queue_size).rev().collect(),
-                kick,
-                call,
-            });
+            kicks.push(new_eventfd()?);
+            calls.push(new_eventfd()?);
+            let (desc, avail, used) = (layout.desc, layout.avail, layout.used);
+            configs.push(QueueConfig { max_size: queue_size, size: queue_size, ready: true, desc, avail, used });
+            layouts.push(layout);
+        }
+        this.features = this.link.activate(wanted, &configs, &vec![0; num_queues], &kicks, &calls, &this.ram)?;
+        for ((layout, kick), call) in layouts.into_iter().zip(kicks).zip(calls) {
+            let free = (0..queue_size).rev().collect();
+            this.queues.push(DriverQueue { layout, next_avail: 0, last_used: 0, free, kick, call });
         }
         Ok(this)
     }
 
     /// The shared memory, for writing requests and reading results.
     pub fn mem(&self) -> &GuestMemoryMmap {
-        &self.mem
+        self.ram.memory()
     }
 
     /// Reserves `len` bytes of guest memory aligned to `align`; returns the guest address.
@@ -177,22 +123,21 @@ impl HostFrontend {
 
     /// Reads `size` bytes of the device's configuration space at `offset`.
     pub fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, FrontendError> {
-        let buf = vec![0u8; size as usize];
-        let (_, data) =
-            self.frontend.get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf).map_err(vu("GET_CONFIG"))?;
-        Ok(data)
+        Ok(self.link.read_config(offset, size)?)
     }
 
-    /// Opens the backend request channel (SET_BACKEND_REQ_FD), for a backend that offered
-    /// BACKEND_REQ; the caller reads it (configuration changes) with
+    /// The backend request channel (opened with SET_BACKEND_REQ_FD at connection, for a
+    /// backend that offered BACKEND_REQ); the caller reads it (configuration changes) with
     /// [`BackendRequests::wait_config_change`].
     pub fn open_backend_requests(&mut self) -> Result<BackendRequests, FrontendError> {
-        BackendRequests::open(&mut self.frontend, true).map_err(|e| FrontendError::Setup(e.to_string()))
+        self.link
+            .take_backend_requests()
+            .ok_or_else(|| FrontendError::Setup("the backend offers no backend request channel (BACKEND_REQ)".into()))
     }
 
     /// Writes `data` into the device's configuration space at `offset`.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
-        self.frontend.set_config(offset, VhostUserConfigFlags::WRITABLE, data).map_err(vu("SET_CONFIG"))
+        Ok(self.link.write_config(offset, data)?)
     }
 
     /// Posts a chain of `buffers` on queue `q` and kicks; returns the head index.
@@ -217,14 +162,15 @@ impl HostFrontend {
                 &mut ring::Descriptor::new_checked(&mut raw[..]).map_err(|e| FrontendError::Setup(e.to_string()))?,
             );
             let at = queue.layout.desc + u64::from(*id) * ring::DESCRIPTOR_SIZE as u64;
-            self.mem.write_slice(&raw, GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+            self.ram.memory().write_slice(&raw, GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
         }
         let size = queue.layout.size;
         let slot = queue.layout.avail + 4 + 2 * u64::from(queue.next_avail % size);
-        self.mem.write_obj(ids[0], GuestAddress(slot)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+        self.ram.memory().write_obj(ids[0], GuestAddress(slot)).map_err(|e| FrontendError::Setup(e.to_string()))?;
         queue.next_avail = queue.next_avail.wrapping_add(1);
         fence(Ordering::SeqCst);
-        self.mem
+        self.ram
+            .memory()
             .write_obj(queue.next_avail, GuestAddress(queue.layout.avail + 2))
             .map_err(|e| FrontendError::Setup(e.to_string()))?;
         fence(Ordering::SeqCst);
@@ -234,7 +180,7 @@ impl HostFrontend {
         let kick = if self.features & (1 << RING_EVENT_IDX) != 0 {
             let at = queue.layout.used + ring::avail_event_offset(size);
             let avail_event: u16 =
-                self.mem.read_obj(GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+                self.ram.memory().read_obj(GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
             ring::need_event(avail_event, queue.next_avail, queue.next_avail.wrapping_sub(1))
         } else {
             true
@@ -252,7 +198,8 @@ impl HostFrontend {
         loop {
             let queue = self.queues.get_mut(q).ok_or_else(|| FrontendError::Queue(q, "no such queue".into()))?;
             let used_idx: u16 = self
-                .mem
+                .ram
+                .memory()
                 .read_obj(GuestAddress(queue.layout.used + 2))
                 .map_err(|e| FrontendError::Setup(e.to_string()))?;
             if used_idx != queue.last_used {
@@ -260,13 +207,17 @@ impl HostFrontend {
                 let size = queue.layout.size;
                 let at = queue.layout.used + 4 + 8 * u64::from(queue.last_used % size);
                 let mut raw = [0u8; ring::USED_ELEM_SIZE];
-                self.mem.read_slice(&mut raw, GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+                self.ram
+                    .memory()
+                    .read_slice(&mut raw, GuestAddress(at))
+                    .map_err(|e| FrontendError::Setup(e.to_string()))?;
                 let elem = ring::UsedElemRepr::parse(&raw).map_err(|e| FrontendError::Setup(e.to_string()))?;
                 queue.last_used = queue.last_used.wrapping_add(1);
                 if self.features & (1 << RING_EVENT_IDX) != 0 {
                     // Ask for a call at the next completion.
                     let at = queue.layout.avail + ring::used_event_offset(size);
-                    self.mem
+                    self.ram
+                        .memory()
                         .write_obj(queue.last_used, GuestAddress(at))
                         .map_err(|e| FrontendError::Setup(e.to_string()))?;
                 }
@@ -278,7 +229,10 @@ impl HostFrontend {
                     queue.free.push(id);
                     let at = queue.layout.desc + u64::from(id) * ring::DESCRIPTOR_SIZE as u64;
                     let mut raw = [0u8; ring::DESCRIPTOR_SIZE];
-                    self.mem.read_slice(&mut raw, GuestAddress(at)).map_err(|e| FrontendError::Setup(e.to_string()))?;
+                    self.ram
+                        .memory()
+                        .read_slice(&mut raw, GuestAddress(at))
+                        .map_err(|e| FrontendError::Setup(e.to_string()))?;
                     let d = ring::Descriptor::new_checked(&raw[..]).map_err(|e| FrontendError::Setup(e.to_string()))?;
                     if d.flags() & desc_flags::NEXT == 0 || queue.free.len() > usize::from(size) {
                         break;
@@ -297,16 +251,4 @@ impl HostFrontend {
             let _ = queue.call.read();
         }
     }
-}
-
-fn memfd(size: u64) -> Result<File, FrontendError> {
-    // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"pvkit-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(FrontendError::Setup(format!("memfd_create: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: `fd` is a descriptor we just created and own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|e| FrontendError::Setup(format!("sizing the memfd: {e}")))?;
-    Ok(file)
 }

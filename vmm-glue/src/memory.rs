@@ -37,6 +37,15 @@ impl GuestRam {
         if !(MIN_SIZE..=MAX_SIZE).contains(&size) {
             return Err(MemoryError::BadSize(size));
         }
+        GuestRam::shared(size)
+    }
+
+    /// Shared memory of any whole number of pages up to [`MAX_SIZE`], for a frontend without a
+    /// VM (a host tool driving a backend directly, [`crate::host_frontend`]).
+    pub fn shared(size: u64) -> Result<GuestRam, MemoryError> {
+        if size == 0 || size > MAX_SIZE || !size.is_multiple_of(4096) {
+            return Err(MemoryError::BadSize(size));
+        }
         // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
         let fd = unsafe { libc::memfd_create(c"pvkit-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {

@@ -419,7 +419,7 @@ impl ConsoleDevice {
                 Ok(()) => self.on_control_message(&bytes),
                 Err(why) => self.refused(&format_args!("control chain dropped: {why}")),
             }
-        };
+        }
         let count = used.len();
         if used.publish(vq, &*mem, self.shared.core.services()).map_err(io::Error::other)? {
             drop(state);

@@ -32,7 +32,8 @@ fn rx_frame(
     used: &mut UsedBatch,
 ) -> RxOutcome {
     let mut popper = crate::queue::ring::Popper::new(0);
-    let outcome = rings::write_rx_frame((vq, &mut popper), mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices);
+    let outcome =
+        rings::write_rx_frame((vq, &mut popper), mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices);
     popper.finish(outcome).unwrap()
 }
 

@@ -1,70 +1,59 @@
 //! Child processes that are killed when the test drops them, and waiting for sockets.
 
 use crate::{HarnessError, Result, tail};
+use pvkit_host_devices::process::{ProcessError, ServingChild};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A child process killed (SIGKILL) and reaped on drop. Its standard error goes to a pipe that
 /// [`ChildGuard::stop`] and error messages read.
 pub struct ChildGuard {
-    name: String,
-    child: Option<Child>,
+    inner: ServingChild,
 }
 
 impl ChildGuard {
     /// Spawns `cmd` with stdin closed, stdout discarded and stderr captured.
     pub fn spawn(name: impl Into<String>, cmd: &mut Command) -> Result<ChildGuard> {
         let name = name.into();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(HarnessError::io(format!("starting {name}")))?;
-        Ok(ChildGuard { name, child: Some(child) })
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let inner = ServingChild::spawn(name.clone(), cmd).map_err(|e| match e {
+            ProcessError::Start { source, .. } => HarnessError::io(format!("starting {name}"))(source),
+            other => HarnessError::Unexpected { what: name.clone(), detail: other.to_string() },
+        })?;
+        Ok(ChildGuard { inner })
     }
 
     /// The process id.
     pub fn id(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.inner.id()
     }
 
     /// Fails if the process has exited already.
     pub fn check_running(&mut self) -> Result<()> {
-        let Some(child) = self.child.as_mut() else { return Ok(()) };
-        if let Ok(Some(status)) = child.try_wait() {
-            let stderr = read_stderr(child);
-            self.child = None;
-            return Err(HarnessError::ExitedEarly { what: self.name.clone(), status, stderr: tail(&stderr, 20) });
-        }
-        Ok(())
+        let Some(status) = self.inner.exited() else { return Ok(()) };
+        let stderr = self.inner.kill_and_reap().map(|mut child| read_stderr(&mut child)).unwrap_or_default();
+        Err(HarnessError::ExitedEarly { what: self.inner.name().to_string(), status, stderr: tail(&stderr, 20) })
     }
 
     /// Waits until `path` exists (a listening socket), failing if the process exits first.
     pub fn wait_for_socket(&mut self, path: &Path, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while !path.exists() {
-            self.check_running()?;
-            if Instant::now() > deadline {
-                return Err(HarnessError::SocketNotReady(path.to_path_buf(), timeout));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match self.inner.wait_for_socket(path, timeout) {
+            Ok(()) => Ok(()),
+            Err(ProcessError::NotListening { .. }) => Err(HarnessError::SocketNotReady(path.to_path_buf(), timeout)),
+            Err(_) => self.check_running(),
         }
-        Ok(())
     }
 
     /// Reads the process's standard error up to the first line that contains `needle` and
     /// returns that line (what it read is no longer in [`ChildGuard::stop`]'s text); fails if
     /// the process closes standard error first.
     pub fn stderr_line_with(&mut self, needle: &str) -> Result<String> {
-        let stderr = self.child.as_mut().and_then(|c| c.stderr.as_mut());
+        let name = self.inner.name().to_string();
+        let stderr = self.inner.child_mut().and_then(|c| c.stderr.as_mut());
         let Some(stderr) = stderr else {
-            return Err(HarnessError::Unexpected {
-                what: self.name.clone(),
-                detail: "standard error is not captured".into(),
-            });
+            return Err(HarnessError::Unexpected { what: name, detail: "standard error is not captured".into() });
         };
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -80,7 +69,7 @@ impl ChildGuard {
                 Ok(1) => line.push(byte[0]),
                 _ => {
                     return Err(HarnessError::Unexpected {
-                        what: self.name.clone(),
+                        what: name,
                         detail: format!("standard error ended without a line containing {needle:?}"),
                     });
                 }
@@ -96,25 +85,12 @@ impl ChildGuard {
     /// Sends SIGTERM, waits up to `timeout` for the process to exit (killing it after that),
     /// and returns what it wrote to standard error.
     pub fn terminate(mut self, timeout: Duration) -> String {
-        if let Some(child) = self.child.as_mut() {
-            // SAFETY: kill only sends a signal to the process we started.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        self.inner.signal_and_wait(libc::SIGTERM, timeout);
         self.kill_and_reap()
     }
 
     fn kill_and_reap(&mut self) -> String {
-        let Some(mut child) = self.child.take() else { return String::new() };
-        let _ = child.kill();
-        let _ = child.wait();
-        read_stderr(&mut child)
+        self.inner.kill_and_reap().map(|mut child| read_stderr(&mut child)).unwrap_or_default()
     }
 }
 
@@ -124,12 +100,6 @@ fn read_stderr(child: &mut Child) -> String {
         let _ = stderr.read_to_string(&mut text);
     }
     text
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill_and_reap();
-    }
 }
 
 /// Runs `cmd` to completion, returning its standard output, or an error with its stderr.

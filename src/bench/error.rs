@@ -40,14 +40,17 @@ pub enum BenchError {
     /// Guest memory could not be written or read.
     #[error("guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
-    /// A report could not be encoded or is not a pvkit bench report.
-    #[error("{}: {source}", path.display())]
-    Report {
-        /// The report's path (empty while encoding).
+    /// A file that is not a pvkit bench report.
+    #[error("{} is not a pvkit bench report: {source}", path.display())]
+    NotAReport {
+        /// The file.
         path: PathBuf,
-        /// Why.
+        /// What the JSON parser found.
         source: serde_json::Error,
     },
+    /// A report could not be encoded.
+    #[error("encoding the report: {0}")]
+    Encode(serde_json::Error),
     /// A report of another format version.
     #[error("{} has format {found}, this pvkit reads {expected}", path.display())]
     ReportFormat {

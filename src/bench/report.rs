@@ -229,7 +229,7 @@ impl Report {
     pub fn load(path: &Path) -> Result<Report, BenchError> {
         let text = std::fs::read_to_string(path).map_err(BenchError::io(format!("cannot read {}", path.display())))?;
         let report: Report =
-            serde_json::from_str(&text).map_err(|source| BenchError::Report { path: path.into(), source })?;
+            serde_json::from_str(&text).map_err(|source| BenchError::NotAReport { path: path.into(), source })?;
         if report.format != FORMAT {
             return Err(BenchError::ReportFormat { path: path.into(), found: report.format, expected: FORMAT });
         }
@@ -238,8 +238,7 @@ impl Report {
 
     /// Writes the report as JSON.
     pub fn save(&self, path: &Path) -> Result<(), BenchError> {
-        let text =
-            serde_json::to_string_pretty(self).map_err(|source| BenchError::Report { path: path.into(), source })?;
+        let text = serde_json::to_string_pretty(self).map_err(BenchError::Encode)?;
         std::fs::write(path, text + "\n").map_err(BenchError::io(format!("cannot write {}", path.display())))
     }
 

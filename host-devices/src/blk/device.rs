@@ -167,11 +167,8 @@ impl BlkDevice {
         for (head, used_len) in heads.into_iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
             used.push(head, used_len);
         }
-        let services = self.shared.core.services();
-        if used.publish(vq, &*ring_mem, services).map_err(io::Error::other)? {
-            drop(state);
-            vring.signal_used_queue()?;
-        }
+        drop(state);
+        used.publish_on(vring, &*ring_mem, self.shared.core.services())?;
         popper.finish(count)
     }
 

@@ -279,9 +279,8 @@ impl ConsoleDevice {
         let Some(port) = ports.get_mut(p) else { return Ok((0, false)) };
         let mut closed = port.flush();
         let services = self.shared.core.services();
-        let (full, taken);
         let (mut used, mut rewound, mut popper) = (UsedBatch::default(), false, ring::Popper::new(queue));
-        {
+        let (full, taken) = {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
@@ -309,13 +308,12 @@ impl ConsoleDevice {
             }
             // Full: chains wait that the port cannot take until its host side drains (which
             // wakes the worker: output writable, or a client connecting).
-            full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
-            taken = used.len();
-            if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
-                drop(state);
-                vring.signal_used_queue()?;
-            }
-        }
+            let full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
+            drop(state);
+            let taken = used.len();
+            used.publish_on(vring, &*mem, services)?;
+            (full, taken)
+        };
         let (fd, want) = (port.output_fd(), !port.pending.is_empty());
         drop(ports);
         self.watch(p, 2, fd, want);
@@ -334,8 +332,7 @@ impl ConsoleDevice {
         let services = self.shared.core.services();
         let (mut used, mut closed, mut has_buffers) = (UsedBatch::default(), false, false);
         let mut popper = ring::Popper::new(queue);
-        let mut moved = 0;
-        {
+        let returned = {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
@@ -353,7 +350,6 @@ impl ConsoleDevice {
                     Ok(Some(n)) => {
                         let written = buffers.write(&*mem, &data[..n], services);
                         used.push(head, written as u32);
-                        moved += 1;
                     }
                     Ok(None) => {
                         vq.go_to_previous_position();
@@ -367,20 +363,18 @@ impl ConsoleDevice {
                     }
                 }
             }
+            drop(state);
             let returned = used.len();
-            if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
-                drop(state);
-                vring.signal_used_queue()?;
-            }
-            moved = moved.max(returned);
-        }
+            used.publish_on(vring, &*mem, services)?;
+            returned
+        };
         let fd = port.input_fd();
         drop(ports);
         self.watch(p, 1, fd, has_buffers);
         if closed {
             self.host_side_closed(p);
         }
-        popper.finish(moved)
+        popper.finish(returned)
     }
 
     /// Logs a refused chain (the first of each connection; the rest are counted).
@@ -420,11 +414,9 @@ impl ConsoleDevice {
                 Err(why) => self.refused(&format_args!("control chain dropped: {why}")),
             }
         }
+        drop(state);
         let count = used.len();
-        if used.publish(vq, &*mem, self.shared.core.services()).map_err(io::Error::other)? {
-            drop(state);
-            vring.signal_used_queue()?;
-        }
+        used.publish_on(vring, &*mem, self.shared.core.services())?;
         popper.finish(count)
     }
 
@@ -475,11 +467,9 @@ impl ConsoleDevice {
             };
             used.push(head, written as u32);
         }
+        drop(state);
         let count = used.len();
-        if used.publish(vq, &*mem, services).map_err(io::Error::other)? {
-            drop(state);
-            vring.signal_used_queue()?;
-        }
+        used.publish_on(vring, &*mem, services)?;
         popper.finish(count)
     }
 }

@@ -234,9 +234,8 @@ impl NetDevice {
         let count = used.len();
         if count > 0 {
             self.shared.stats.transmitted(packets, bytes);
-            if used.publish(vring.get_queue_mut(), &*ring_mem, services).map_err(io::Error::other)? {
-                vring.signal_used_queue()?;
-            }
+            drop(vring);
+            used.publish_on(tx, &*ring_mem, services)?;
         }
         popper.finish(count)
     }
@@ -330,9 +329,8 @@ impl NetDevice {
             self.shared.stats.received(packets, bytes);
         }
         let entries = used.len();
-        if used.publish(vring.get_queue_mut(), &*ring_mem, services).map_err(io::Error::other)? {
-            vring.signal_used_queue()?;
-        }
+        drop(vring);
+        used.publish_on(rx, &*ring_mem, services)?;
         popper.finish(entries)
     }
 

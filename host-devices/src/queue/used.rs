@@ -11,6 +11,7 @@
 use super::services::QueueServices;
 use pvkit_protocol::ring::{AVAIL_F_NO_INTERRUPT, USED_ELEM_SIZE, need_event, used_event_offset};
 use std::sync::atomic::{Ordering, fence};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
@@ -39,6 +40,21 @@ impl UsedBatch {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Publishes the batch on `vring` and signals the driver if it asked: what every pass ends
+    /// with (the caller no longer holds the vring's lock).
+    pub fn publish_on<M: GuestMemory>(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &M,
+        services: &dyn QueueServices,
+    ) -> std::io::Result<()> {
+        let notify = self.publish(vring.get_mut().get_queue_mut(), mem, services).map_err(std::io::Error::other)?;
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
     }
 
     /// Writes the entries into the used ring, then the used index once, and says whether the

@@ -86,8 +86,9 @@ fn dpdk_virtio_user_sends_into_the_sink() {
     let prefix = format!("pvkit-sink-{}", std::process::id());
     let (_, sent) = testpmd(&prefix, &socket, &["--forward-mode=txonly"], 3);
     std::thread::sleep(Duration::from_millis(200));
-    let (taken, _) = backend_counts(&backend.terminate(WAIT));
-    assert!(sent > 1000, "testpmd sent only {sent} packets");
+    let log = backend.terminate(WAIT);
+    let (taken, _) = backend_counts(&log);
+    assert!(sent > 1000, "testpmd sent only {sent} packets; the backend's log:\n{log}");
     // Everything testpmd counted as sent was taken, except what was still in the ring (at most
     // its size) when testpmd stopped.
     assert!(taken <= sent && taken + 1024 >= sent, "testpmd sent {sent}, the sink took {taken}");
@@ -106,8 +107,9 @@ fn dpdk_virtio_user_exchanges_frames_with_the_loopback() {
     let prefix = format!("pvkit-loop-{}", std::process::id());
     let (received, sent) = testpmd(&prefix, &socket, &["--forward-mode=io", "--tx-first"], 3);
     std::thread::sleep(Duration::from_millis(200));
-    let (taken, returned) = backend_counts(&backend.terminate(WAIT));
-    assert!(received > 1000, "testpmd received only {received} frames back");
+    let log = backend.terminate(WAIT);
+    let (taken, returned) = backend_counts(&log);
+    assert!(received > 1000, "testpmd received only {received} frames back; the backend's log:\n{log}");
     assert!(returned >= received, "the loopback returned {returned}, testpmd received {received}");
     assert!(taken <= sent, "the loopback took {taken}, more than the {sent} testpmd sent");
     println!("{test}: testpmd sent {sent} and received {received}; the loopback took {taken}, returned {returned}");

@@ -149,6 +149,10 @@ impl BlkDevice {
     fn process_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> Result<usize, PassError> {
         let ring_mem = memory.memory();
         let mut state = vring.get_mut();
+        // The worker's check that the queue may be served, under the lock the pass takes anyway.
+        if !state.is_enabled() || self.shared.core.is_broken(queue) {
+            return Ok(0);
+        }
         let vq = state.get_queue_mut();
         let mut chains = Vec::new();
         let mut popper = ring::Popper::new(queue);
@@ -158,7 +162,8 @@ impl BlkDevice {
         if chains.is_empty() {
             return popper.finish(0);
         }
-        let started = Instant::now();
+        // Only services need the time a batch was taken.
+        let started = self.shared.core.services().is_active().then(Instant::now);
         let data_mem = memory.memory();
         let mut used = UsedBatch::default();
         let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
@@ -180,7 +185,7 @@ impl BlkDevice {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let parsed = request::parse(chain, mem, &self.shared.limits);
-        self.complete_batch(mem, 0, vec![parsed], Instant::now()).pop().unwrap_or(0)
+        self.complete_batch(mem, 0, vec![parsed], None).pop().unwrap_or(0)
     }
 
     /// Runs a batch: its reads and writes together through the engine, everything else one by
@@ -190,7 +195,7 @@ impl BlkDevice {
         mem: &GuestMemoryMmap,
         queue: usize,
         batch: Vec<request::Parsed>,
-        started: Instant,
+        started: Option<Instant>,
     ) -> Vec<u32> {
         let services = self.shared.core.services();
         let mut batch = batch;
@@ -254,7 +259,7 @@ impl BlkDevice {
         queue: usize,
         parsed: request::Parsed,
         rw: Option<io::Result<()>>,
-        started: Instant,
+        started: Option<Instant>,
     ) -> u32 {
         let stats = &self.shared.stats;
         let services = self.shared.core.services();
@@ -274,7 +279,7 @@ impl BlkDevice {
                     }),
                     None => self.execute(mem, &req),
                 };
-                if services.is_active() {
+                if let Some(started) = started {
                     report_completion(services, queue, &req, &outcome, started);
                 }
                 match outcome {
@@ -456,9 +461,8 @@ struct QueuePass<'a> {
 
 impl QueueService for QueuePass<'_> {
     fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
-        if !ctx.serviceable(self.queue, self.vring) {
-            return Ok(0);
-        }
+        // `process_queue` checks that the queue may be served (enabled, not broken) under the
+        // vring's lock, saving the worker's separate look on every poll.
         self.device.process_queue(self.vring, self.queue, ctx.memory)
     }
 }

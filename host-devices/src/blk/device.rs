@@ -146,7 +146,13 @@ impl BlkDevice {
     /// The requests' buffers are looked up in a memory map loaded *after* the requests were
     /// seen: a frontend adds a region (ADD_MEM_REG, acknowledged) before it posts requests that
     /// use it, so a map loaded later always holds it, while one loaded before the pop may not.
-    fn process_queue(&self, vring: &VringRwLock, queue: usize, memory: &Memory) -> Result<usize, PassError> {
+    fn process_queue(
+        &self,
+        vring: &VringRwLock,
+        queue: usize,
+        memory: &Memory,
+        reused: &mut PassBuffers,
+    ) -> Result<usize, PassError> {
         let ring_mem = memory.memory();
         let mut state = vring.get_mut();
         // The worker's check that the queue may be served, under the lock the pass takes anyway.
@@ -165,16 +171,20 @@ impl BlkDevice {
         // Only services need the time a batch was taken.
         let started = self.shared.core.services().is_active().then(Instant::now);
         let data_mem = memory.memory();
-        let mut used = UsedBatch::default();
-        let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+        let PassBuffers { heads, used } = reused;
+        heads.clear();
+        heads.extend(chains.iter().map(|c| c.head_index()));
         let batch = chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
-        let count = heads.len();
-        for (head, used_len) in heads.into_iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
-            used.push(head, used_len);
+        for (head, used_len) in heads.iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
+            used.push(*head, used_len);
         }
+        // Published under the vring's lock; the signal takes it again, so after dropping it.
+        let notify = used.publish(vq, &*ring_mem, self.shared.core.services()).map_err(io::Error::other)?;
         drop(state);
-        used.publish_on(vring, &*ring_mem, self.shared.core.services())?;
-        popper.finish(count)
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        popper.finish(heads.len())
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.
@@ -447,9 +457,17 @@ impl VhostUserBackend for BlkDevice {
                 return Err(io::Error::other(format!("event for unknown queue {device_event}")));
             };
             let queues = [WorkerQueue { index: thread, vring }];
-            self.shared.core.serve(thread, &queues, &mut QueuePass { device: self, vring, queue: thread })
+            let mut pass = QueuePass { device: self, vring, queue: thread, reused: PassBuffers::default() };
+            self.shared.core.serve(thread, &queues, &mut pass)
         })
     }
+}
+
+/// What a queue's passes reuse instead of allocating per batch.
+#[derive(Default)]
+struct PassBuffers {
+    heads: Vec<u16>,
+    used: UsedBatch,
 }
 
 /// One request queue's pass: every available request as one batch.
@@ -457,13 +475,14 @@ struct QueuePass<'a> {
     device: &'a BlkDevice,
     vring: &'a VringRwLock,
     queue: usize,
+    reused: PassBuffers,
 }
 
 impl QueueService for QueuePass<'_> {
     fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
         // `process_queue` checks that the queue may be served (enabled, not broken) under the
         // vring's lock, saving the worker's separate look on every poll.
-        self.device.process_queue(self.vring, self.queue, ctx.memory)
+        self.device.process_queue(self.vring, self.queue, ctx.memory, &mut self.reused)
     }
 }
 

@@ -287,7 +287,7 @@ impl ConsoleDevice {
             while port.has_room() {
                 let Some(chain) = popper.next(vq, &*mem) else { break };
                 let head = chain.head_index();
-                match transmit_buffers(chain) {
+                match transmit_buffers(chain, MAX_TX_CHAIN) {
                     // Backpressure: the chain waits in the ring until the port has room for it.
                     Ok(buffers) if !port.has_room_for(buffers.readable_len()) => {
                         vq.go_to_previous_position();
@@ -404,12 +404,7 @@ impl ConsoleDevice {
         while let Some(chain) = popper.next(vq, &*mem) {
             used.push(chain.head_index(), 0);
             let mut bytes = Vec::new();
-            match transmit_buffers(chain).and_then(|b| {
-                if b.readable_len() > MAX_CONTROL_MESSAGE as u64 {
-                    return Err(ChainError::TooLong { cap: MAX_CONTROL_MESSAGE as u64 });
-                }
-                b.read_all(&*mem, &mut bytes)
-            }) {
+            match transmit_buffers(chain, MAX_CONTROL_MESSAGE as u64).and_then(|b| b.read_all(&*mem, &mut bytes)) {
                 Ok(()) => self.on_control_message(&bytes),
                 Err(why) => self.refused(&format_args!("control chain dropped: {why}")),
             }
@@ -452,16 +447,12 @@ impl ConsoleDevice {
             let Some(msg) = control.outbox.pop_front() else { break };
             let written = match ChainBuffers::collect(chain, MAX_RX_CHAIN) {
                 Ok(buffers) if buffers.writable_len() >= msg.len() as u64 => buffers.write(&*mem, &msg, services),
-                Ok(buffers) => {
-                    let room = buffers.writable_len();
+                other => {
+                    let room = other.map_or(0, |b| b.writable_len());
                     self.refused(&format_args!(
-                        "control buffer of {room} bytes too small for a {}-byte message",
+                        "control receive chain of {room} bytes refused a {}-byte message",
                         msg.len()
                     ));
-                    0
-                }
-                Err(why) => {
-                    self.refused(&format_args!("control receive chain dropped: {why}"));
                     0
                 }
             };
@@ -522,9 +513,9 @@ impl QueueService for ConsolePass<'_> {
 }
 
 /// The readable buffers of a transmit chain, refused when it has writable ones or holds more
-/// than one chain may.
-fn transmit_buffers(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<ChainBuffers, ChainError> {
-    let buffers = ChainBuffers::collect(chain, MAX_TX_CHAIN)?;
+/// than `cap` bytes.
+fn transmit_buffers(chain: DescriptorChain<&GuestMemoryMmap>, cap: u64) -> Result<ChainBuffers, ChainError> {
+    let buffers = ChainBuffers::collect(chain, cap)?;
     if !buffers.writable.is_empty() || buffers.misordered {
         return Err(ChainError::ReadableAfterWritable);
     }

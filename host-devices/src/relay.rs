@@ -1,13 +1,16 @@
-//! A relay between a frontend and the vhost-user library's request handler, for one thing the
-//! handler refuses that QEMU does: QEMU's virtio-net sends SET_VRING_ENABLE while it sets the
-//! device up, before SET_FEATURES has acknowledged VHOST_USER_F_PROTOCOL_FEATURES, and the
-//! handler ends the whole connection on it ("inactive feature").
+//! A relay between every frontend and the vhost-user library's request handler, for two things
+//! the handler gets wrong:
+//! - memory tables whose regions reach past the end of their file: the handler maps them, and
+//!   the first access past the file's end kills the backend with SIGBUS. The relay refuses
+//!   them ([`crate::region_check`]), with a failure reply when the frontend asks for one;
+//! - QEMU's virtio-net sends SET_VRING_ENABLE while it sets the device up, before SET_FEATURES
+//!   has acknowledged VHOST_USER_F_PROTOCOL_FEATURES, and the handler ends the whole
+//!   connection on it ("inactive feature"). The relay remembers the last state asked for each
+//!   ring, answers the frontend itself when it wants a reply, and replays the states to the
+//!   handler right after SET_FEATURES, when they are valid.
 //!
-//! The relay passes every message through unchanged (file descriptors included), except such
-//! early SET_VRING_ENABLE messages: it remembers the last state asked for each ring, answers
-//! the frontend itself when it wants a reply, and replays the states to the handler right after
-//! SET_FEATURES, when they are valid. Only the control channel goes through the relay; the
-//! rings, kicks and calls never do.
+//! Every other message passes through unchanged (file descriptors included). Only the control
+//! channel goes through the relay; the rings, kicks and calls never do.
 //!
 //! It also keeps a duplicate of the backend request channel handed over with
 //! SET_BACKEND_REQ_FD, for devices that send requests the library cannot
@@ -116,6 +119,12 @@ fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Answers `request` for the handler: the u64 of a REPLY_ACK reply (0 success, else failure).
+fn reply(frontend_writer: &Mutex<UnixStream>, request: u32, value: u64) -> io::Result<()> {
+    let reply = message(request, FLAG_VERSION | FLAG_REPLY, &value.to_le_bytes());
+    send_message(&lock(frontend_writer), &reply, &[])
+}
+
 /// Frontend to handler: messages one by one, holding back early SET_VRING_ENABLE.
 fn requests(
     frontend: &UnixStream,
@@ -146,9 +155,7 @@ fn requests(
             // Mapping it would kill the backend with SIGBUS at the first access: refuse it.
             warn!("refused a memory table from the frontend: {e}");
             if flags & FLAG_NEED_REPLY != 0 {
-                let reply = message(request, FLAG_VERSION | FLAG_REPLY, &1u64.to_le_bytes());
-                let writer = lock(frontend_writer);
-                send_message(&writer, &reply, &[])?;
+                reply(frontend_writer, request, 1)?;
             }
             continue;
         }
@@ -156,9 +163,7 @@ fn requests(
             // Too early for the handler: remember it, answer it here if asked to.
             held.insert(u32_at(&payload, 0), u32_at(&payload, 4));
             if flags & FLAG_NEED_REPLY != 0 {
-                let reply = message(request, FLAG_VERSION | FLAG_REPLY, &0u64.to_le_bytes());
-                let writer = lock(frontend_writer);
-                send_message(&writer, &reply, &[])?;
+                reply(frontend_writer, request, 0)?;
             }
             continue;
         }

@@ -5,10 +5,12 @@
 use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
+use crate::queue::chain::stream_len;
 use crate::queue::services::{Completion, Work};
 use crate::queue::worker::PassContext;
 use crate::queue::{
-    DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, UsedBatch, Verdict, WorkerQueue, ring,
+    DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, UsedBatch, Verdict, WorkerQueue,
+    ring,
 };
 use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
 use pvkit_protocol::virtio::{Features, feature as vf};
@@ -70,6 +72,17 @@ impl BlkDevice {
         stats: Arc<Stats>,
         gates: Arc<Gates>,
     ) -> io::Result<BlkDevice> {
+        BlkDevice::with_services(engine, options, stats, gates, Arc::new(NoServices))
+    }
+
+    /// [`BlkDevice::new`] with `services` attached to its queues.
+    pub fn with_services(
+        engine: Arc<Engine>,
+        options: BlkOptions,
+        stats: Arc<Stats>,
+        gates: Arc<Gates>,
+        services: Arc<dyn QueueServices>,
+    ) -> io::Result<BlkDevice> {
         let capacity_sectors = engine.size() / blk::SECTOR_SIZE;
         let block_exp = options.logical_block_size.trailing_zeros().saturating_sub(blk::SECTOR_SHIFT);
         let config = ConfigRepr {
@@ -98,7 +111,7 @@ impl BlkDevice {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
         };
         let queues = usize::from(options.num_queues);
-        let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?;
+        let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?.with_services(services);
         let shared = Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
@@ -204,11 +217,10 @@ impl BlkDevice {
         &self,
         mem: &GuestMemoryMmap,
         queue: usize,
-        batch: Vec<request::Parsed>,
+        mut batch: Vec<request::Parsed>,
         started: Option<Instant>,
     ) -> Vec<u32> {
         let services = self.shared.core.services();
-        let mut batch = batch;
         if services.is_active() {
             for parsed in &mut batch {
                 admit(services, queue, parsed);
@@ -281,7 +293,7 @@ impl BlkDevice {
         };
         let (status, data_written) = match parsed.result {
             Ok(req) => {
-                let bytes: u64 = req.data.iter().map(|s| s.len).sum();
+                let bytes = stream_len(&req.data);
                 let outcome = match rw {
                     Some(result) => result.map(|()| match req.operation {
                         Operation::Read { .. } => bytes,
@@ -360,8 +372,7 @@ impl BlkDevice {
 /// Asks the services whether a parsed request may be served; a refused one fails.
 fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed) {
     let Ok(req) = &parsed.result else { return };
-    let work = Work { queue, kind: req.request_type.name(), bytes: req.data.iter().map(|s| s.len).sum() };
-    if services.admit(&work) == Verdict::Fail {
+    if services.admit(&work_of(queue, req)) == Verdict::Fail {
         parsed.result = Err(RequestError::FailedByService);
     }
 }
@@ -386,8 +397,12 @@ fn report_completion(
             left -= len;
         }
     }
-    let work = Work { queue, kind: req.request_type.name(), bytes: req.data.iter().map(|s| s.len).sum() };
-    services.completed(&Completion { work, started, ok: outcome.is_ok() });
+    services.completed(&Completion { work: work_of(queue, req), started, ok: outcome.is_ok() });
+}
+
+/// What the services are told a request is.
+fn work_of(queue: usize, req: &Request) -> Work {
+    Work { queue, kind: req.request_type.name(), bytes: stream_len(&req.data) }
 }
 
 fn slices<'a>(mem: &'a GuestMemoryMmap, data: &[Segment]) -> io::Result<Vec<vm_memory::VolatileSlice<'a, ()>>> {

@@ -167,7 +167,7 @@ impl From<ChainError> for RequestError {
     fn from(error: ChainError) -> RequestError {
         match error {
             ChainError::Malformed => RequestError::BadChain,
-            ChainError::ReadableAfterWritable => RequestError::ReadableAfterWritable,
+            ChainError::WritableInReadOnlyChain => RequestError::WrongDirection("chain"),
             ChainError::AddressWraps(addr) | ChainError::BadAddress(addr) => RequestError::BadAddress(addr),
             ChainError::TooLong { cap } => RequestError::OverLimit { what: "chain bytes", value: cap + 1, limit: cap },
         }

@@ -515,11 +515,7 @@ impl QueueService for ConsolePass<'_> {
 /// The readable buffers of a transmit chain, refused when it has writable ones or holds more
 /// than `cap` bytes.
 fn transmit_buffers(chain: DescriptorChain<&GuestMemoryMmap>, cap: u64) -> Result<ChainBuffers, ChainError> {
-    let buffers = ChainBuffers::collect(chain, cap)?;
-    if !buffers.writable.is_empty() || buffers.misordered {
-        return Err(ChainError::ReadableAfterWritable);
-    }
-    Ok(buffers)
+    ChainBuffers::collect(chain, cap)?.readable_only()
 }
 
 impl VhostUserBackend for ConsoleDevice {

@@ -71,9 +71,7 @@ pub fn read_tx_chain<M: GuestMemory>(
         }
         other => Refused::new(DropReason::ShortChain, format!("transmit chain: {other}")),
     })?;
-    if !buffers.writable.is_empty() || buffers.misordered {
-        return Err(Refused::new(DropReason::ShortChain, "a transmit chain holds a device-writable buffer"));
-    }
+    buffers.check_readable_only().map_err(|e| Refused::new(DropReason::ShortChain, format!("transmit chain: {e}")))?;
     let total = buffers.readable_len();
     if total < header_len as u64 {
         return Err(Refused::new(

@@ -20,9 +20,9 @@ pub enum ChainError {
     /// No descriptor could be read (a bad head index, a loop, a bad indirect table).
     #[error("the descriptor chain is malformed")]
     Malformed,
-    /// A device-readable descriptor after a device-writable one.
-    #[error("a device-readable descriptor follows a device-writable one")]
-    ReadableAfterWritable,
+    /// A device-writable buffer in a chain the device only reads (a transmit chain).
+    #[error("a chain the device only reads holds a device-writable buffer")]
+    WritableInReadOnlyChain,
     /// A descriptor whose buffer wraps around the address space.
     #[error("the buffer at {0:#x} wraps around the address space")]
     AddressWraps(u64),
@@ -109,6 +109,16 @@ impl ChainBuffers {
             return Err(ChainError::Malformed);
         }
         Ok(())
+    }
+
+    /// This chain, if it holds device-readable buffers only (what a transmit chain must).
+    pub fn readable_only(self) -> Result<ChainBuffers, ChainError> {
+        self.check_readable_only().map(|()| self)
+    }
+
+    /// Whether this chain holds device-readable buffers only.
+    pub fn check_readable_only(&self) -> Result<(), ChainError> {
+        if self.writable.is_empty() && !self.misordered { Ok(()) } else { Err(ChainError::WritableInReadOnlyChain) }
     }
 
     /// Bytes the device may read.

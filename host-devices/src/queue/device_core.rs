@@ -64,11 +64,6 @@ impl DeviceCore {
         self
     }
 
-    /// The device's name, for log lines.
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     /// The services' hooks.
     pub fn services(&self) -> &dyn QueueServices {
         &*self.services

@@ -284,3 +284,56 @@ fn a_disconnect_waits_for_the_pass_under_way_and_no_pass_starts_after_it() {
     assert!(finished.load(std::sync::atomic::Ordering::SeqCst), "stop returned while a pass was under way");
     assert_eq!(worker.join().unwrap(), 1, "a pass ran after the stop");
 }
+
+/// A read on a block queue with recording services attached: admitted, completed, every byte
+/// the device wrote reported; with the services failing everything, the read ends in IOERR.
+#[test]
+fn services_see_every_block_request_and_every_guest_write() {
+    use crate::queue::services::RecordingServices;
+    let (mem, atomic) = memory();
+    let services = Arc::new(RecordingServices::default());
+    let options = BlkOptions {
+        num_queues: 1,
+        queue_size: 256,
+        serial: "core-test".into(),
+        logical_block_size: 512,
+        read_only: false,
+        poll_us: 0,
+    };
+    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
+    let device = BlkDevice::with_services(
+        Arc::new(engine),
+        options,
+        Arc::new(Stats::default()),
+        Arc::new(Gates::new(1)),
+        services.clone(),
+    )
+    .unwrap();
+    device.update_memory(atomic.clone()).unwrap();
+    let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
+    let mut header = [0u8; 16];
+    RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
+    mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
+    let read = [
+        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 512, WRITE | NEXT, 2)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_2000, 1, WRITE, 0)),
+    ];
+    queue.add_desc_chains(&read, 0).unwrap();
+    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "status OK");
+    let admitted = crate::lock(&services.admitted).clone();
+    assert_eq!(admitted.iter().map(|w| (w.queue, w.kind, w.bytes)).collect::<Vec<_>>(), [(0, "read", 512)]);
+    let completed = crate::lock(&services.completed).clone();
+    assert!(completed.len() == 1 && completed[0].ok, "one successful completion: {completed:?}");
+    assert!(services.covers(0x80_1000, 512), "the read's data was reported written");
+    assert!(services.covers(0x80_2000, 1), "the status byte was reported written");
+    assert!(services.covers(queue.used_addr().0 + 2, 2), "the used index was reported written");
+    // A service that fails everything: the next read is refused with IOERR, still reported.
+    services.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
+    queue.add_desc_chains(&read, 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
+    assert_eq!(used_idx(&mem, &queue), 2);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 1, "status IOERR");
+    assert_eq!(crate::lock(&services.completed).len(), 1, "a failed admission does not complete");
+}

@@ -46,13 +46,6 @@ pub enum PassError {
     Io(#[from] io::Error),
 }
 
-impl PassError {
-    /// A broken ring on queue `queue`.
-    pub fn ring(queue: usize) -> impl FnOnce(RingError) -> PassError {
-        move |error| PassError::Ring { queue, error }
-    }
-}
-
 /// What a pass sees: the memory holder (load a map *after* popping a chain from it) and
 /// which queues may be touched.
 pub struct PassContext<'a> {

@@ -56,7 +56,7 @@ pub(crate) struct Backends {
 impl Backends {
     /// Each backend's name and process id.
     pub(crate) fn pids(&self) -> Vec<(&'static str, u32)> {
-        self.children.iter().map(|(kind, child)| (kind.program_name(), child.id().unwrap_or(0))).collect()
+        self.children.iter().filter_map(|(kind, child)| Some((kind.program_name(), child.id()?))).collect()
     }
 }
 

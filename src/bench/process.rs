@@ -50,7 +50,9 @@ impl Spawned {
 
     /// The process's CPU time and peak RSS now.
     pub fn usage(&self) -> Result<ProcessUsage, BenchError> {
-        usage_of(self.child.id().unwrap_or(0), self.child.name())
+        let pid =
+            self.child.id().ok_or_else(|| BenchError::Measurement(format!("{} was stopped", self.child.name())))?;
+        usage_of(pid, self.child.name())
     }
 }
 

@@ -212,7 +212,7 @@ impl NetDevice {
         let copy = self.shared.side.needs_frame_bytes();
         let services = self.shared.core.services();
         let (mut packets, mut bytes) = (0u64, 0u64);
-        let mut popper = ring::Popper::new(2 * pair + 1);
+        let mut popper = ring::Popper::new(tx_queue(pair));
         while used.len() < TX_BATCH {
             let Some(chain) = popper.next(vring.get_queue_mut(), &*ring_mem) else { break };
             used.push(chain.head_index(), 0);
@@ -221,7 +221,7 @@ impl NetDevice {
             let PairState { tx_buffers, tx_frame, .. } = state;
             let buffer = if copy { Some(tx_frame) } else { None };
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
-                Ok(frame) if admitted(services, 2 * pair + 1, "tx", frame.frame_len) => {
+                Ok(frame) if admitted(services, tx_queue(pair), "tx", frame.frame_len) => {
                     if self.pass_on(pair, state, frame.header, format) {
                         packets += 1;
                         bytes += frame.frame_len as u64;
@@ -295,7 +295,7 @@ impl NetDevice {
         let (mut packets, mut bytes) = (0u64, 0u64);
         let inbox = self.inbox(pair);
         let services = self.shared.core.services();
-        let mut popper = ring::Popper::new(2 * pair);
+        let mut popper = ring::Popper::new(rx_queue(pair));
         loop {
             let next = state.held.take().or_else(|| state.loopback.pop_front()).or_else(|| inbox.pop());
             let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
@@ -303,7 +303,7 @@ impl NetDevice {
                 self.shared.stats.dropped(refused.reason, &refused);
                 continue;
             }
-            if !admitted(services, 2 * pair, "rx", frame.data.len()) {
+            if !admitted(services, rx_queue(pair), "rx", frame.data.len()) {
                 self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
                 continue;
             }
@@ -391,7 +391,8 @@ impl NetDevice {
         };
         let Some(state) = self.shared.pairs.get(thread) else { return Ok(()) };
         let mut state = lock(state);
-        let queues = [WorkerQueue { index: 2 * thread, vring: rx }, WorkerQueue { index: 2 * thread + 1, vring: tx }];
+        let queues =
+            [WorkerQueue { index: rx_queue(thread), vring: rx }, WorkerQueue { index: tx_queue(thread), vring: tx }];
         let mut pass = PairPass { device: self, pair: thread, state: &mut state, rx, tx };
         self.shared.core.serve(thread, &queues, &mut pass)
     }
@@ -410,12 +411,12 @@ struct PairPass<'a> {
 impl QueueService for PairPass<'_> {
     fn pass(&mut self, ctx: &PassContext<'_>) -> Result<usize, PassError> {
         let format = self.device.frame_format();
-        let (rx_queue, tx_queue) = (2 * self.pair, 2 * self.pair + 1);
+        let (rx, tx) = (rx_queue(self.pair), tx_queue(self.pair));
         let mut work = 0;
-        if ctx.serviceable(tx_queue, self.tx) {
+        if ctx.serviceable(tx, self.tx) {
             work += self.device.transmit(self.pair, self.state, self.tx, ctx.memory, &format)?;
         }
-        if ctx.serviceable(rx_queue, self.rx) {
+        if ctx.serviceable(rx, self.rx) {
             work += self.device.receive(self.pair, self.state, self.rx, ctx.memory, &format)?;
         }
         Ok(work)
@@ -425,8 +426,18 @@ impl QueueService for PairPass<'_> {
     fn rearm(&self, queue: usize) -> Rearm {
         let waiting =
             self.state.held.is_some() || !self.state.loopback.is_empty() || !self.device.inbox(self.pair).is_empty();
-        if queue % 2 == 1 || waiting { Rearm::Work } else { Rearm::Parked }
+        if queue == tx_queue(self.pair) || waiting { Rearm::Work } else { Rearm::Parked }
     }
+}
+
+/// The device's index of pair `pair`'s receive queue.
+fn rx_queue(pair: usize) -> usize {
+    usize::from(net::rx_queue_index(pair as u16))
+}
+
+/// The device's index of pair `pair`'s transmit queue.
+fn tx_queue(pair: usize) -> usize {
+    usize::from(net::tx_queue_index(pair as u16))
 }
 
 /// Whether the services let a frame of `len` bytes on queue `queue` through.

@@ -14,7 +14,7 @@
 //! ```no_run
 //! use core::ptr::NonNull;
 //! use pvkit_guest_driver::device::blk::{BlkError, VirtIOBlk};
-//! use pvkit_guest_driver::hal::{Hal, PhysAddr};
+//! use pvkit_guest_driver::hal::{DmaMemory, Hal, PhysAddr};
 //! use pvkit_guest_driver::hypercall::Shim;
 //! use pvkit_guest_driver::transport::mmio::MmioTransport;
 //!
@@ -22,7 +22,7 @@
 //!
 //! // SAFETY: this kernel identity-maps all memory, and `alloc_pages` returns zeroed,
 //! // physically contiguous, page-aligned pages that nothing else uses.
-//! unsafe impl Hal for KernelHal {
+//! unsafe impl DmaMemory for KernelHal {
 //!     fn dma_alloc(pages: usize) -> Option<(PhysAddr, NonNull<u8>)> {
 //!         let ptr = alloc_pages(pages)?;
 //!         Some((ptr.as_ptr() as PhysAddr, ptr))
@@ -30,6 +30,11 @@
 //!     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) {
 //!         free_pages(vaddr, pages)
 //!     }
+//! }
+//!
+//! // SAFETY: the kernel identity-maps all memory, device registers included, so
+//! // both are casts.
+//! unsafe impl Hal for KernelHal {
 //!     fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
 //!         NonNull::new(paddr as *mut u8).expect("device memory is never at address 0")
 //!     }

@@ -9,10 +9,10 @@
 //! - A used element whose id or length makes no sense is an error ([`QueueError::BadUsed`]),
 //!   never undefined behaviour.
 
-use crate::hal::{Dma, Hal, PhysAddr};
+use crate::hal::{Dma, DmaMemory, Hal, PhysAddr};
 use crate::hypercall::{Doorbell, Shim};
 use crate::protocol::ring::{self, RingLayout, UsedElemRepr, desc_flags, need_event};
-use crate::transport::{RingPlacement, Transport, TransportError};
+use crate::transport::{QueueRegisters, RingPlacement, Transport, TransportError};
 use core::sync::atomic::{Ordering, fence};
 
 /// Most descriptors in one indirect table (one chain with RING_INDIRECT_DESC).
@@ -24,7 +24,8 @@ pub enum QueueError {
     /// The transport refused.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The queue does not exist, or is smaller than the driver's fixed size.
+    /// The queue does not exist, is smaller than the size asked for, or the size is not a
+    /// power of two within the driver's capacity.
     #[error("queue {queue} holds at most {max} entries; the driver needs {wanted}")]
     TooSmall {
         /// Queue index.
@@ -82,6 +83,17 @@ pub struct Used {
     pub len: u32,
 }
 
+/// Which queue to set up, how big, and whether RING_EVENT_IDX was negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSetup {
+    /// Queue index on the device.
+    pub index: u16,
+    /// Entries: a power of two, at most the queue's `SIZE`.
+    pub size: u16,
+    /// Whether RING_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+}
+
 /// Counters for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -91,8 +103,49 @@ pub struct QueueStats {
     pub kicks: u64,
 }
 
-/// A split virtqueue of `SIZE` entries (a power of two), with rings in DMA memory from `H`.
-pub struct VirtQueue<H: Hal, const SIZE: usize> {
+/// DMA pages a queue's rings and indirect tables take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueMemory {
+    /// Pages for the descriptor table and the two rings, one block.
+    pub ring_pages: usize,
+    /// Pages for the per-slot indirect tables (0 without RING_INDIRECT_DESC).
+    pub indirect_pages: usize,
+}
+
+impl QueueMemory {
+    /// What a queue of `size` entries needs on a transport with `placement`.
+    pub fn for_queue(size: u16, placement: RingPlacement, indirect: bool) -> QueueMemory {
+        let bytes = RingLayout::contiguous_size(size, used_align(placement)) as usize;
+        let indirect_bytes = if indirect { usize::from(size) * MAX_INDIRECT * ring::DESCRIPTOR_SIZE } else { 0 };
+        QueueMemory {
+            ring_pages: Dma::<NoDma>::pages_for(bytes),
+            indirect_pages: Dma::<NoDma>::pages_for(indirect_bytes),
+        }
+    }
+}
+
+fn used_align(placement: RingPlacement) -> u64 {
+    match placement {
+        RingPlacement::Separate => ring::USED_ALIGN,
+        RingPlacement::Contiguous { used_align } => used_align,
+    }
+}
+
+/// A `DmaMemory` with none to give, for page arithmetic only.
+struct NoDma;
+
+// SAFETY: it never hands out memory, so there is nothing to promise about it.
+unsafe impl DmaMemory for NoDma {
+    fn dma_alloc(_pages: usize) -> Option<(PhysAddr, core::ptr::NonNull<u8>)> {
+        None
+    }
+    unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: core::ptr::NonNull<u8>, _pages: usize) {}
+}
+
+/// A split virtqueue of up to `SIZE` entries (a power of two: the driver's capacity, which
+/// sizes its bookkeeping), with rings in DMA memory from `H`. [`VirtQueue::new`] uses all of
+/// it; [`VirtQueue::with_memory`] a smaller power of two chosen at run time.
+pub struct VirtQueue<H: DmaMemory, const SIZE: usize> {
     rings: Dma<H>,
     indirect: Option<Dma<H>>,
     layout: RingLayout,
@@ -114,14 +167,15 @@ pub struct VirtQueue<H: Hal, const SIZE: usize> {
 
 // SAFETY: the queue owns its DMA memory and refers to device registers only through its
 // doorbell; nothing in it is tied to the creating thread.
-unsafe impl<H: Hal, const SIZE: usize> Send for VirtQueue<H, SIZE> {}
+unsafe impl<H: DmaMemory, const SIZE: usize> Send for VirtQueue<H, SIZE> {}
 
-impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
+impl<H: DmaMemory, const SIZE: usize> VirtQueue<H, SIZE> {
     const SIZE_OK: () = assert!(SIZE.is_power_of_two() && SIZE <= ring::MAX_QUEUE_SIZE as usize);
 
-    /// Sets up queue `index` of `transport`: allocates its rings, gives them to the device and
-    /// resolves its doorbell once (`choose` picks the mechanism from the transport's notify
-    /// register). `indirect` and `event_idx` say whether those features were negotiated.
+    /// Sets up queue `index` of `transport` with `SIZE` entries: allocates its rings, gives
+    /// them to the device and resolves its doorbell once (`choose` picks the mechanism from the
+    /// transport's notify register). `indirect` and `event_idx` say whether those features
+    /// were negotiated.
     pub fn new<T: Transport + ?Sized>(
         transport: &mut T,
         index: u16,
@@ -131,30 +185,45 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
     ) -> Result<Self, QueueError> {
         let () = Self::SIZE_OK;
         let size = SIZE as u16;
+        let memory = QueueMemory::for_queue(size, Transport::ring_placement(transport), indirect);
+        let rings = Dma::<H>::new(memory.ring_pages).ok_or(QueueError::NoMemory(index))?;
+        let indirect = match indirect {
+            true => Some(Dma::<H>::new(memory.indirect_pages).ok_or(QueueError::NoMemory(index))?),
+            false => None,
+        };
+        let setup = QueueSetup { index, size, event_idx };
+        Self::with_memory(transport, setup, rings, indirect, choose)
+    }
+
+    /// Sets up a queue as [`VirtQueue::new`] does, with `setup.size` entries (a power of two,
+    /// at most `SIZE`) in memory the caller provides: `rings` of at least
+    /// [`QueueMemory::for_queue`]'s `ring_pages`, and `indirect` tables (RING_INDIRECT_DESC) of
+    /// at least its `indirect_pages`.
+    pub fn with_memory<T: QueueRegisters + ?Sized>(
+        transport: &mut T,
+        setup: QueueSetup,
+        rings: Dma<H>,
+        indirect: Option<Dma<H>>,
+        choose: impl FnOnce(crate::transport::NotifyTarget) -> Shim,
+    ) -> Result<Self, QueueError> {
+        let () = Self::SIZE_OK;
+        let QueueSetup { index, size, event_idx } = setup;
         let max = transport.max_queue_size(index);
-        if max < size {
-            return Err(QueueError::TooSmall { queue: index, max, wanted: size });
+        if max < size || !size.is_power_of_two() || usize::from(size) > SIZE {
+            return Err(QueueError::TooSmall { queue: index, max: max.min(SIZE as u16), wanted: size });
         }
-        let used_align = match transport.ring_placement() {
-            RingPlacement::Separate => ring::USED_ALIGN,
-            RingPlacement::Contiguous { used_align } => used_align,
-        };
-        let bytes = RingLayout::contiguous_size(size, used_align) as usize;
-        let rings = Dma::<H>::new(Dma::<H>::pages_for(bytes)).ok_or(QueueError::NoMemory(index))?;
-        let layout = RingLayout::contiguous(rings.paddr(), size, used_align)
+        let placement = transport.ring_placement();
+        let memory = QueueMemory::for_queue(size, placement, indirect.is_some());
+        let short = |dma: &Dma<H>, pages: usize| dma.len() < pages * crate::hal::PAGE_SIZE;
+        if short(&rings, memory.ring_pages) || indirect.as_ref().is_some_and(|t| short(t, memory.indirect_pages)) {
+            return Err(QueueError::NoMemory(index));
+        }
+        let layout = RingLayout::contiguous(rings.paddr(), size, used_align(placement))
             .map_err(|_| QueueError::Transport(TransportError::BadLayout(index)))?;
-        let indirect = if indirect {
-            Some(
-                Dma::<H>::new(Dma::<H>::pages_for(SIZE * MAX_INDIRECT * ring::DESCRIPTOR_SIZE))
-                    .ok_or(QueueError::NoMemory(index))?,
-            )
-        } else {
-            None
-        };
         let target = transport.notify_target(index)?;
         transport.queue_set(index, &layout)?;
         let mut next = [0u16; SIZE];
-        for (i, n) in next.iter_mut().enumerate() {
+        for (i, n) in next.iter_mut().enumerate().take(usize::from(size)) {
             *n = (i as u16).wrapping_add(1);
         }
         Ok(VirtQueue {
@@ -176,6 +245,11 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
             suppress_interrupts: false,
             stats: QueueStats::default(),
         })
+    }
+
+    /// The number of entries.
+    pub fn size(&self) -> u16 {
+        self.layout.size
     }
 
     /// The queue's index on its device.
@@ -259,7 +333,7 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
     /// chain comes back from [`VirtQueue::pop_used`].
     pub unsafe fn add(&mut self, buffers: &[Buffer]) -> Result<u16, QueueError> {
         let count = buffers.len();
-        let fits = count <= SIZE || (self.indirect.is_some() && count <= MAX_INDIRECT);
+        let fits = count <= usize::from(self.size()) || (self.indirect.is_some() && count <= MAX_INDIRECT);
         if count == 0 || !fits || buffers.iter().any(|b| b.len == 0) {
             return Err(QueueError::BadChain(count));
         }
@@ -321,7 +395,7 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
         self.chain_len[h] = needed as u16;
         self.writable[h] = buffers.iter().filter(|b| b.device_writes).map(|b| b.len).fold(0u32, u32::saturating_add);
         self.in_flight[h] = true;
-        let slot = u64::from(self.avail_idx % SIZE as u16);
+        let slot = u64::from(self.avail_idx % self.size());
         self.write_u16(self.layout.avail + 4 + 2 * slot, head);
         // The descriptors and the ring entry must be visible before the index moves.
         fence(Ordering::Release);
@@ -342,7 +416,7 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
         // The new index must be visible before the device's wish is read.
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let avail_event = self.read_u16(self.layout.used + ring::avail_event_offset(SIZE as u16));
+            let avail_event = self.read_u16(self.layout.used + ring::avail_event_offset(self.size()));
             need_event(avail_event, new, old)
         } else {
             self.read_u16(self.layout.used) & ring::USED_F_NO_NOTIFY == 0
@@ -372,14 +446,14 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
         }
         // Read the element only after seeing the index that published it.
         fence(Ordering::Acquire);
-        let slot = u64::from(self.last_used % SIZE as u16);
+        let slot = u64::from(self.last_used % self.size());
         let at = self.layout.used + 4 + ring::USED_ELEM_SIZE as u64 * slot;
         let elem = UsedElemRepr { id: self.read_u32(at), len: self.read_u32(at + 4) };
         self.last_used = self.last_used.wrapping_add(1);
         self.update_used_event();
         let id = elem.id as usize;
         let bad = QueueError::BadUsed { id: elem.id, len: elem.len };
-        if elem.check(SIZE as u16, u32::MAX).is_err() || !self.in_flight[id] {
+        if elem.check(self.size(), u32::MAX).is_err() || !self.in_flight[id] {
             return Err(bad);
         }
         let writable = self.writable[id];
@@ -425,7 +499,7 @@ impl<H: Hal, const SIZE: usize> VirtQueue<H, SIZE> {
             // Suppressed: keep the wish half a ring-index space ahead, so the device skips
             // the signal; else ask for the very next completion.
             let event = if self.suppress_interrupts { self.last_used.wrapping_add(0x8000) } else { self.last_used };
-            self.write_u16(self.layout.avail + ring::used_event_offset(SIZE as u16), event);
+            self.write_u16(self.layout.avail + ring::used_event_offset(self.size()), event);
         }
     }
 }

@@ -125,6 +125,12 @@ impl BackendLink {
         self.offered & TRANSPORT_MASK
     }
 
+    /// The features [`BackendLink::activate`] sets for a driver that acknowledges
+    /// `driver_features`: those the backend offers, plus PROTOCOL_FEATURES when it offers that.
+    pub fn features_for(&self, driver_features: u64) -> u64 {
+        (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT)
+    }
+
     /// Queues the backend serves.
     pub fn num_queues(&self) -> usize {
         self.num_queues
@@ -179,7 +185,7 @@ impl BackendLink {
         calls: &[EventFd],
         ram: &GuestRam,
     ) -> Result<u64, FrontendError> {
-        let features = (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT);
+        let features = self.features_for(driver_features);
         let socket = self.socket.display().to_string();
         let fail = |request: &'static str| {
             let socket = socket.clone();

@@ -13,7 +13,7 @@ use crate::vm::DeviceSpec;
 use pvkit_guest_driver::device::blk::{BlkRequest, VirtIOBlk};
 use pvkit_guest_driver::device::console::VirtIOConsole;
 use pvkit_guest_driver::device::net::VirtIONet;
-use pvkit_guest_driver::hal::{Dma, Hal, PAGE_SIZE, PhysAddr};
+use pvkit_guest_driver::hal::{Dma, DmaMemory, Hal, PAGE_SIZE, PhysAddr};
 use pvkit_guest_driver::hypercall::{Doorbell, Shim};
 use pvkit_guest_driver::transport::{NotifyTarget, RingPlacement, Transport, TransportError};
 use pvkit_protocol::mmio::Register;
@@ -70,7 +70,7 @@ pub struct SoftHal;
 // (fresh memfd memory), and valid for the device (the backends map the same memfd) and the
 // driver (this process's mapping) for as long as the guest runs; `virt_to_phys` is the inverse
 // of that mapping for addresses inside it, the only ones the software guest passes.
-unsafe impl Hal for SoftHal {
+unsafe impl DmaMemory for SoftHal {
     fn dma_alloc(pages: usize) -> Option<(PhysAddr, NonNull<u8>)> {
         let arena = arena()?;
         let bytes = (pages * PAGE_SIZE) as u64;
@@ -82,7 +82,12 @@ unsafe impl Hal for SoftHal {
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) {}
+}
 
+// SAFETY: the software transport has no register window (its registers are
+// function calls), so no driver maps one; `virt_to_phys` inverts the arena's mapping for the
+// addresses inside it, the only ones the software guest passes.
+unsafe impl Hal for SoftHal {
     fn mmio_phys_to_virt(_paddr: PhysAddr, _size: usize) -> NonNull<u8> {
         // The software transport has no register window; nothing maps one.
         NonNull::dangling()

@@ -4,7 +4,7 @@
 use crate::boot;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
-use pvkit_guest_driver::hal::{Hal, PAGE_SIZE, PhysAddr};
+use pvkit_guest_driver::hal::{DmaMemory, Hal, PAGE_SIZE, PhysAddr};
 
 const POOL_PAGES: usize = 1024;
 
@@ -20,7 +20,7 @@ pub struct GuestHal;
 // (the pool is in .bss and never reused), and identity-mapped, so the physical address equals
 // the pointer; device registers below 4 GiB are identity-mapped too, and higher ones are
 // mapped on demand before their pointer is returned.
-unsafe impl Hal for GuestHal {
+unsafe impl DmaMemory for GuestHal {
     fn dma_alloc(pages: usize) -> Option<(PhysAddr, NonNull<u8>)> {
         let first = NEXT_PAGE.fetch_add(pages, Ordering::SeqCst);
         if first + pages > POOL_PAGES {
@@ -31,7 +31,11 @@ unsafe impl Hal for GuestHal {
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) {}
+}
 
+// SAFETY: identity-mapped (physical = virtual); device registers below 4 GiB are
+// mapped at boot and higher ones by `map_gib_region` before their pointer is returned.
+unsafe impl Hal for GuestHal {
     fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
         if !boot::map_gib_region(paddr) {
             crate::println!("tiny-guest: cannot map device memory at {paddr:#x}");

@@ -1,7 +1,7 @@
 //! Test doubles: a `Hal` over the host allocator (physical = virtual), a fake transport that
 //! records what the driver set up, and a thread that plays the device on the same memory.
 
-use crate::hal::{Hal, PAGE_SIZE, PhysAddr};
+use crate::hal::{DmaMemory, Hal, PAGE_SIZE, PhysAddr};
 use crate::protocol::ring::{self, RingLayout, desc_flags};
 use crate::transport::{NotifyTarget, RingPlacement, Transport, TransportError};
 use core::ptr::NonNull;
@@ -17,7 +17,7 @@ pub struct TestHal;
 // SAFETY: memory from the global allocator, page-aligned and zeroed, is valid for the test
 // "device" thread too (same address space, physical = virtual), and is freed with the same
 // layout.
-unsafe impl Hal for TestHal {
+unsafe impl DmaMemory for TestHal {
     fn dma_alloc(pages: usize) -> Option<(PhysAddr, NonNull<u8>)> {
         let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).ok()?;
         // SAFETY: the layout has a non-zero size (pages >= 1, checked by Dma::new).
@@ -30,7 +30,11 @@ unsafe impl Hal for TestHal {
         // SAFETY: the caller passes what dma_alloc returned, with the same size.
         unsafe { std::alloc::dealloc(vaddr.as_ptr(), layout) };
     }
+}
 
+// SAFETY: physical = virtual in this address space, so a register's
+// address is its pointer and `virt_to_phys` is the identity.
+unsafe impl Hal for TestHal {
     fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
         NonNull::new(paddr as *mut u8).expect("non-null")
     }

@@ -3,11 +3,13 @@
 mod fake;
 
 use crate::device::blk::{BlkError, VirtIOBlk};
+use crate::hal::Dma;
 use crate::hypercall::Shim;
 use crate::protocol::blk::{self as pblk, RequestHeaderRepr, RequestType, SegmentRepr};
 use crate::protocol::ring;
 use crate::protocol::virtio::{DeviceId, Features, feature as vf};
-use crate::queue::{Buffer, QueueError, VirtQueue};
+use crate::queue::{Buffer, QueueError, QueueMemory, QueueSetup, VirtQueue};
+use crate::transport::RingPlacement;
 use fake::{DeviceThread, FakeTransport, Seen, TestHal, read_bytes, write_bytes};
 use std::sync::{Arc, Mutex};
 use std::vec;
@@ -77,6 +79,38 @@ fn ring_wraps_around_many_times_without_losing_data() {
     assert_eq!(q.free(), 8, "every descriptor came back");
     // 5,000 chains went round an 8-entry ring 625 times; the device asked for every kick.
     assert_eq!(q.stats().added, 5_000);
+}
+
+#[test]
+fn a_queue_sized_at_run_time_uses_only_its_size_in_memory_it_was_given() {
+    let mut t = transport(&[], 1);
+    let memory = QueueMemory::for_queue(8, RingPlacement::Separate, false);
+    let rings = || Dma::<TestHal>::new(memory.ring_pages).unwrap();
+    let setup = |size| QueueSetup { index: 0, size, event_idx: false };
+    let refused = |r: Result<VirtQueue<TestHal, 64>, QueueError>| matches!(r, Err(QueueError::TooSmall { .. }));
+    assert!(refused(VirtQueue::with_memory(&mut t, setup(6), rings(), None, Shim::Transport)), "not a power of two");
+    assert!(refused(VirtQueue::with_memory(&mut t, setup(128), rings(), None, Shim::Transport)), "above capacity");
+    let big = QueueMemory::for_queue(256, RingPlacement::Separate, false);
+    let too_small = VirtQueue::<TestHal, 256>::with_memory(&mut t, setup(256), rings(), None, Shim::Transport);
+    assert!(big.ring_pages > memory.ring_pages && matches!(too_small, Err(QueueError::NoMemory(0))), "rings too small");
+    let mut q = VirtQueue::<TestHal, 64>::with_memory(&mut t, setup(8), rings(), None, Shim::Transport).unwrap();
+    assert_eq!((q.size(), q.free()), (8, 8));
+    assert_eq!(t.state.queues.lock().unwrap()[0].map(|l| l.size), Some(8), "the device was told 8 entries");
+    let _device = DeviceThread::spawn(t.state.clone(), 0, echo);
+    for round in 0..100u8 {
+        let input = [round; 5];
+        let outputs = [[0u8; 5]; 4];
+        let chain = |out: &[u8; 5]| [buf(&input, false), buf(out, true)];
+        let tokens: Vec<u16> = outputs.iter().map(|out| add(&mut q, &chain(out)).unwrap()).collect();
+        assert!(matches!(add(&mut q, &[buf(&input, false)]), Err(QueueError::Full { .. })), "4 chains of 2 fill it");
+        assert!(tokens.iter().all(|&t| t < 8), "heads stay inside the 8 entries: {tokens:?}");
+        q.notify();
+        for _ in 0..4 {
+            assert_eq!(wait_used(&mut q).len, 5);
+        }
+        assert_eq!(outputs, [input; 4]);
+    }
+    assert_eq!(q.free(), 8);
 }
 
 #[test]

@@ -132,6 +132,35 @@ pub trait Transport {
     }
 }
 
+/// The part of a transport that setting up a queue uses: its size limit, where rings go, the
+/// registers that take them, and where notifications go. Every [`Transport`] is one; a host
+/// tool whose device is reached another way (a vhost-user frontend) implements just this.
+pub trait QueueRegisters {
+    /// The largest size queue `queue` accepts; 0 when it does not exist.
+    fn max_queue_size(&mut self, queue: u16) -> u16;
+    /// How rings must be placed.
+    fn ring_placement(&self) -> RingPlacement;
+    /// Gives queue `queue` its rings and enables it.
+    fn queue_set(&mut self, queue: u16, layout: &RingLayout) -> Result<(), TransportError>;
+    /// Where notifications for `queue` go.
+    fn notify_target(&mut self, queue: u16) -> Result<NotifyTarget, TransportError>;
+}
+
+impl<T: Transport + ?Sized> QueueRegisters for T {
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        Transport::max_queue_size(self, queue)
+    }
+    fn ring_placement(&self) -> RingPlacement {
+        Transport::ring_placement(self)
+    }
+    fn queue_set(&mut self, queue: u16, layout: &RingLayout) -> Result<(), TransportError> {
+        Transport::queue_set(self, queue, layout)
+    }
+    fn notify_target(&mut self, queue: u16) -> Result<NotifyTarget, TransportError> {
+        Transport::notify_target(self, queue)
+    }
+}
+
 /// Resets the device and negotiates features: the ones in `supported` the device offers (plus
 /// VERSION_1 on modern transports). Leaves the device in FEATURES_OK (or DRIVER for a legacy
 /// device); queues come next, then [`finish_init`].
@@ -201,19 +230,19 @@ impl Transport for AnyTransport {
         delegate!(self, t => t.write_driver_features(features))
     }
     fn max_queue_size(&mut self, queue: u16) -> u16 {
-        delegate!(self, t => t.max_queue_size(queue))
+        delegate!(self, t => Transport::max_queue_size(t, queue))
     }
     fn ring_placement(&self) -> RingPlacement {
-        delegate!(self, t => t.ring_placement())
+        delegate!(self, t => Transport::ring_placement(t))
     }
     fn queue_set(&mut self, queue: u16, layout: &RingLayout) -> Result<(), TransportError> {
-        delegate!(self, t => t.queue_set(queue, layout))
+        delegate!(self, t => Transport::queue_set(t, queue, layout))
     }
     fn queue_used(&mut self, queue: u16) -> bool {
         delegate!(self, t => t.queue_used(queue))
     }
     fn notify_target(&mut self, queue: u16) -> Result<NotifyTarget, TransportError> {
-        delegate!(self, t => t.notify_target(queue))
+        delegate!(self, t => Transport::notify_target(t, queue))
     }
     fn status(&self) -> u8 {
         delegate!(self, t => t.status())

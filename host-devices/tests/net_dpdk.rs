@@ -4,8 +4,10 @@
 
 use pvkit_test_support::facility;
 use pvkit_test_support::process::ChildGuard;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -24,11 +26,20 @@ fn hugepages_ready(test: &str) -> bool {
     false
 }
 
-/// Runs testpmd against `socket` in `mode` for `seconds`, then stops it with SIGINT; returns
-/// its accumulated (RX-packets, TX-packets).
+/// The two tests pin testpmd to the same cores: one at a time.
+static TESTPMD: Mutex<()> = Mutex::new(());
+
+/// How long testpmd may take to start forwarding (hugepage set-up, the vhost-user handshake)
+/// on a loaded machine.
+const TESTPMD_START: Duration = Duration::from_secs(60);
+
+/// Runs testpmd against `socket` in `mode` for `seconds` after it started forwarding (its first
+/// periodic statistics), then stops it with SIGINT; returns its accumulated (RX-packets,
+/// TX-packets).
 fn testpmd(prefix: &str, socket: &Path, mode: &[&str], seconds: u64) -> (u64, u64) {
+    let _one_at_a_time = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
     let vdev = format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display());
-    let child = Command::new("dpdk-testpmd")
+    let mut child = Command::new("dpdk-testpmd")
         .args(["--lcores", "0@0,1@1", "--no-pci", "--single-file-segments", "-m", "256", "--file-prefix", prefix])
         .args(["--vdev", &vdev, "--"])
         .args(mode)
@@ -38,14 +49,33 @@ fn testpmd(prefix: &str, socket: &Path, mode: &[&str], seconds: u64) -> (u64, u6
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting dpdk-testpmd");
-    std::thread::sleep(Duration::from_secs(seconds));
+    let (started_tx, started) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Port statistics") {
+                let _ = started_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let forwarding = started.recv_timeout(TESTPMD_START).is_ok();
+    if forwarding {
+        std::thread::sleep(Duration::from_secs(seconds));
+    }
     // SAFETY: sends a signal to the child we started.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let accumulated = stdout.split("Accumulated forward statistics").nth(1).unwrap_or_else(|| {
-        panic!("testpmd printed no statistics:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
-    });
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(forwarding, "testpmd did not start forwarding within {TESTPMD_START:?}:\n{stdout}\n{stderr}");
+    let accumulated = stdout
+        .split("Accumulated forward statistics")
+        .nth(1)
+        .unwrap_or_else(|| panic!("testpmd printed no statistics:\n{stdout}\n{stderr}"));
     let count = |key: &str| -> u64 {
         accumulated
             .split(key)

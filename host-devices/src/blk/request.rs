@@ -6,7 +6,7 @@
 //! Everything a guest controls is checked here, before any I/O.
 
 pub use crate::queue::chain::Segment;
-use crate::queue::chain::{ChainBuffers, ChainError, read_stream, split_stream, stream_len};
+use crate::queue::chain::{ChainBuffers, ChainError, drop_front, pop_last_byte, read_stream, stream_len};
 use pvkit_protocol::blk::{self, RequestHeaderRepr, RequestType, SECTOR_SIZE, SEGMENT_SIZE, SegmentRepr};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
@@ -181,31 +181,28 @@ where
     G: GuestMemoryBackend,
 {
     match ChainBuffers::collect(chain, MAX_CHAIN_BYTES) {
-        Ok(buffers) => parse_buffers(&buffers, mem, limits),
+        Ok(buffers) => parse_buffers(buffers, mem, limits),
         Err(e) => Parsed { status: None, result: Err(e.into()) },
     }
 }
 
-/// Checks the request in an already walked chain.
-pub fn parse_buffers<G: GuestMemoryBackend>(buffers: &ChainBuffers, mem: &G, limits: &Limits) -> Parsed {
-    let writable_len = buffers.writable_len();
-    if writable_len == 0 {
-        return Parsed { status: None, result: Err(RequestError::NoStatusByte) };
-    }
-    let (out_data, status_stream) = split_stream(&buffers.writable, writable_len - 1);
-    let status = status_stream.first().map(|s| s.addr);
-    let Some(status_addr) = status else {
+/// Checks the request in an already walked chain; its segment lists become the request's
+/// data in place (no copy, no allocation).
+pub fn parse_buffers<G: GuestMemoryBackend>(buffers: ChainBuffers, mem: &G, limits: &Limits) -> Parsed {
+    let misordered = buffers.misordered;
+    let ChainBuffers { readable, mut writable, .. } = buffers;
+    let Some(status_addr) = pop_last_byte(&mut writable) else {
         return Parsed { status: None, result: Err(RequestError::NoStatusByte) };
     };
     if !mem.check_range(status_addr, 1) {
         return Parsed { status: None, result: Err(RequestError::BadAddress(status_addr.raw_value())) };
     }
-    let result = if buffers.misordered {
+    let result = if misordered {
         Err(RequestError::ReadableAfterWritable)
     } else {
-        check(mem, &buffers.readable, out_data, status_addr, limits)
+        check(mem, readable, writable, status_addr, limits)
     };
-    Parsed { status, result }
+    Parsed { status: Some(status_addr), result }
 }
 
 fn check_range(offset_sector: u64, bytes: u64, capacity: u64) -> Result<(), RequestError> {
@@ -218,18 +215,18 @@ fn check_range(offset_sector: u64, bytes: u64, capacity: u64) -> Result<(), Requ
 
 fn check<M: GuestMemoryBackend>(
     mem: &M,
-    readable: &[Segment],
+    mut readable_data: Vec<Segment>,
     writable_data: Vec<Segment>,
     status: GuestAddress,
     limits: &Limits,
 ) -> Result<Request, RequestError> {
-    let readable_len = stream_len(readable);
+    let readable_len = stream_len(&readable_data);
     if readable_len < blk::REQUEST_HEADER_SIZE as u64 {
         return Err(RequestError::HeaderTooShort(readable_len));
     }
     let mut header_bytes = [0u8; blk::REQUEST_HEADER_SIZE];
-    let (header_stream, readable_data) = split_stream(readable, header_bytes.len() as u64);
-    read_stream(mem, &header_stream, &mut header_bytes).map_err(RequestError::from)?;
+    read_stream(mem, &readable_data, &mut header_bytes).map_err(RequestError::from)?;
+    drop_front(&mut readable_data, header_bytes.len() as u64);
     let header =
         RequestHeaderRepr::parse_bytes(&header_bytes).map_err(|_| RequestError::HeaderTooShort(readable_len))?;
     let in_len = stream_len(&writable_data);
@@ -318,9 +315,8 @@ fn parse_segments<M: GuestMemoryBackend>(
     let mut rest = stream.to_vec();
     for _ in 0..count {
         let mut raw = [0u8; SEGMENT_SIZE];
-        let (this, next) = split_stream(&rest, SEGMENT_SIZE as u64);
-        read_stream(mem, &this, &mut raw).map_err(RequestError::from)?;
-        rest = next;
+        read_stream(mem, &rest, &mut raw).map_err(RequestError::from)?;
+        drop_front(&mut rest, SEGMENT_SIZE as u64);
         let seg = SegmentRepr::parse(&raw).map_err(RequestError::BadSegment)?;
         if is_discard && seg.unmap {
             // The UNMAP flag is reserved for discard (virtio 1.2, 5.2.6.2).

@@ -161,23 +161,42 @@ impl ChainBuffers {
     }
 }
 
-/// Splits the first `n` bytes off a stream of segments (none of which wraps the address
-/// space, as [`ChainBuffers`] guarantees).
-pub fn split_stream(stream: &[Segment], n: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let (mut head, mut tail, mut left) = (Vec::new(), Vec::new(), n);
-    for seg in stream {
+/// Removes the first `n` bytes of a stream in place (segments none of which wraps the
+/// address space, as [`ChainBuffers`] guarantees); all of it when it is shorter.
+pub fn drop_front(stream: &mut Vec<Segment>, n: u64) {
+    let (mut left, mut whole) = (n, 0);
+    for seg in stream.iter_mut() {
+        if left == 0 {
+            break;
+        }
         if left >= seg.len {
-            head.push(*seg);
             left -= seg.len;
-        } else if left > 0 {
-            head.push(Segment { addr: seg.addr, len: left });
-            tail.push(Segment { addr: seg.addr.unchecked_add(left), len: seg.len - left });
-            left = 0;
+            whole += 1;
         } else {
-            tail.push(*seg);
+            seg.addr = seg.addr.unchecked_add(left);
+            seg.len -= left;
+            left = 0;
         }
     }
-    (head, tail)
+    stream.drain(..whole);
+}
+
+/// Removes the last byte of a stream in place and returns its address; `None` when the stream
+/// holds no byte.
+pub fn pop_last_byte(stream: &mut Vec<Segment>) -> Option<GuestAddress> {
+    while let Some(last) = stream.last_mut() {
+        if last.len == 0 {
+            stream.pop();
+            continue;
+        }
+        last.len -= 1;
+        let addr = last.addr.unchecked_add(last.len);
+        if last.len == 0 {
+            stream.pop();
+        }
+        return Some(addr);
+    }
+    None
 }
 
 /// Total bytes of a stream.
@@ -246,6 +265,27 @@ mod tests {
         mock.add_desc_chains(&raw, 0).unwrap();
         let queue = mock.create_queue().unwrap();
         (mock, queue)
+    }
+
+    #[test]
+    fn streams_are_trimmed_in_place_at_any_split() {
+        let seg = |addr, len| Segment { addr: GuestAddress(addr), len };
+        let stream = vec![seg(0x1000, 10), seg(0x2000, 0), seg(0x3000, 6)];
+        let mut s = stream.clone();
+        drop_front(&mut s, 4);
+        assert_eq!(s, [seg(0x1004, 6), seg(0x2000, 0), seg(0x3000, 6)]);
+        drop_front(&mut s, 6);
+        assert_eq!(s, [seg(0x2000, 0), seg(0x3000, 6)], "a whole segment goes, not a zero-length one after it");
+        drop_front(&mut s, 100);
+        assert!(s.is_empty(), "more than the stream: all of it");
+        let mut s = stream.clone();
+        assert_eq!(pop_last_byte(&mut s), Some(GuestAddress(0x3005)));
+        assert_eq!(s, [seg(0x1000, 10), seg(0x2000, 0), seg(0x3000, 5)]);
+        let mut s = vec![seg(0x1000, 1), seg(0x2000, 0)];
+        assert_eq!(pop_last_byte(&mut s), Some(GuestAddress(0x1000)), "trailing empty segments are skipped");
+        assert!(s.is_empty());
+        assert_eq!(pop_last_byte(&mut s), None);
+        assert_eq!(stream_len(&stream), 16);
     }
 
     #[test]

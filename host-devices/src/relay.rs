@@ -32,6 +32,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const HEADER_LEN: usize = 12;
 /// The largest payload the relay accepts (a memory table with 509 regions is under 16 KiB).
 const MAX_PAYLOAD: usize = 64 * 1024;
+/// The most rings whose early SET_VRING_ENABLE the relay holds (more than any device has; a
+/// frontend naming more rings gets the rest dropped, not memory without bound).
+const MAX_HELD_RINGS: usize = 1024;
 /// The most file descriptors one message carries.
 const MAX_FDS: usize = 32;
 const FLAG_VERSION: u32 = 0x1;
@@ -161,7 +164,12 @@ fn requests(
         }
         if request == set_vring_enable && !protocol_features_acked && size == 8 {
             // Too early for the handler: remember it, answer it here if asked to.
-            held.insert(u32_at(&payload, 0), u32_at(&payload, 4));
+            let index = u32_at(&payload, 0);
+            if held.len() < MAX_HELD_RINGS || held.contains_key(&index) {
+                held.insert(index, u32_at(&payload, 4));
+            } else {
+                warn!("early SET_VRING_ENABLE for ring {index} dropped: {MAX_HELD_RINGS} rings are held already");
+            }
             if flags & FLAG_NEED_REPLY != 0 {
                 reply(frontend_writer, request, 0)?;
             }
@@ -269,6 +277,21 @@ mod tests {
         let mut handler_writer = &handler;
         handler_writer.write_all(&message(GET_FEATURES, FLAG_VERSION | FLAG_REPLY, &7u64.to_le_bytes())).unwrap();
         assert_eq!(read_message(&frontend).2, 7u64.to_le_bytes());
+    }
+
+    #[test]
+    fn early_ring_enables_for_endless_ring_numbers_are_held_up_to_a_bound() {
+        let (frontend, handler) = relayed();
+        let mut writer = &frontend;
+        for index in 0..(MAX_HELD_RINGS as u32 + 500) {
+            writer.write_all(&enable(index, FLAG_VERSION)).unwrap();
+        }
+        writer.write_all(&message(SET_FEATURES, FLAG_VERSION, &PROTOCOL_FEATURES_BIT.to_le_bytes())).unwrap();
+        assert_eq!(read_message(&handler).0, SET_FEATURES);
+        let replayed: Vec<u32> = (0..MAX_HELD_RINGS).map(|_| u32_at(&read_message(&handler).2, 0)).collect();
+        assert_eq!(replayed, (0..MAX_HELD_RINGS as u32).collect::<Vec<_>>(), "the first rings, each once");
+        writer.write_all(&message(GET_FEATURES, FLAG_VERSION, &[])).unwrap();
+        assert_eq!(read_message(&handler).0, GET_FEATURES, "nothing beyond the bound was held");
     }
 
     #[test]

@@ -12,9 +12,27 @@ fn pvkit() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pvkit"))
 }
 
+/// Benchmarks measure: two at once on a small machine starve each other (and DPDK's hugepages),
+/// so the tests of this file take turns.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `cmd`, which must succeed; on failure the message leads with the end of its standard
+/// error (where a failed scenario says why), then its standard output.
 fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        panic!(
+            "pvkit exited with {}; end of its stderr:\n{tail}\nstdout:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     out
 }
 
@@ -93,6 +111,7 @@ fn assert_svgs(dir: &Path, at_least: usize) {
 
 #[test]
 fn bench_all_writes_a_complete_report_and_well_formed_plots() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (json, svg) = (dir.path().join("all.json"), dir.path().join("plots"));
     let out = run_ok(
@@ -149,6 +168,7 @@ fn bench_all_writes_a_complete_report_and_well_formed_plots() {
 
 #[test]
 fn bench_blk_measures_engines_peers_and_queue_counts() {
+    let _turn = one_at_a_time();
     if !facility::require_programs("bench_blk", &["qemu-storage-daemon"]) {
         return;
     }
@@ -198,6 +218,7 @@ fn bench_blk_measures_engines_peers_and_queue_counts() {
 
 #[test]
 fn bench_net_compares_the_sink_with_dpdk_vhost() {
+    let _turn = one_at_a_time();
     if !facility::require_programs("bench_net", &["dpdk-testpmd"]) {
         return;
     }
@@ -219,6 +240,7 @@ fn bench_net_compares_the_sink_with_dpdk_vhost() {
 
 #[test]
 fn bench_guest_and_compare_catch_a_regression() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (dir.path().join("old.json"), dir.path().join("new.json"));
     run_ok(pvkit().args(["bench", "guest", "--rounds", "1", "--seconds", "0.1", "--json"]).arg(&old));

@@ -104,5 +104,10 @@ pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, BenchError>
         eprintln!("pvkit bench: wrote {} plot(s) to {}", written.len(), dir.display());
     }
     outcome?;
-    Ok(report.scenarios.iter().all(|s| s.status != report::Outcome::Failed))
+    let failed: Vec<_> = report.scenarios.iter().filter(|s| s.status == report::Outcome::Failed).collect();
+    // Repeated last, so the reason is at the end of the output, where a reader looks first.
+    for scenario in &failed {
+        eprintln!("pvkit bench: scenario {} failed: {}", scenario.name, scenario.detail);
+    }
+    Ok(failed.is_empty())
 }

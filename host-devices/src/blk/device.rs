@@ -221,9 +221,10 @@ impl BlkDevice {
         started: Option<Instant>,
     ) -> Vec<u32> {
         let services = self.shared.core.services();
-        if services.is_active() {
+        let started = started.or_else(|| services.is_active().then(Instant::now));
+        if let Some(started) = started {
             for parsed in &mut batch {
-                admit(services, queue, parsed);
+                admit(services, queue, parsed, started);
             }
         }
         let mut ops = Vec::new();
@@ -369,10 +370,13 @@ impl BlkDevice {
     }
 }
 
-/// Asks the services whether a parsed request may be served; a refused one fails.
-fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed) {
+/// Asks the services whether a parsed request may be served; a refused one fails, and its
+/// completion (not ok) is reported at once.
+fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed, started: Instant) {
     let Ok(req) = &parsed.result else { return };
-    if services.admit(&work_of(queue, req)) == Verdict::Fail {
+    let work = work_of(queue, req);
+    if services.admit(&work) == Verdict::Fail {
+        services.completed(&Completion { work, started, ok: false });
         parsed.result = Err(RequestError::FailedByService);
     }
 }

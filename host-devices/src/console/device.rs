@@ -7,9 +7,11 @@ use super::port::HostPort;
 use super::port::PENDING_LIMIT;
 use crate::backend_channel::BackendChannel;
 use crate::lock;
+use crate::queue::services::{Work, admit, complete, is_served};
 use crate::queue::worker::PassContext;
 use crate::queue::{
-    ChainBuffers, ChainError, DeviceCore, Gates, Memory, PassError, QueueService, Rearm, UsedBatch, WorkerQueue, ring,
+    ChainBuffers, ChainError, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm,
+    UsedBatch, WorkerQueue, ring,
 };
 use log::warn;
 use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
@@ -133,6 +135,15 @@ pub struct ConsoleDevice {
 impl ConsoleDevice {
     /// A device over `host`'s ports; `gates` (one worker) is shared by every connection.
     pub fn new(host: Arc<ConsoleHost>, gates: Arc<Gates>) -> io::Result<ConsoleDevice> {
+        ConsoleDevice::with_services(host, gates, Arc::new(NoServices))
+    }
+
+    /// As [`ConsoleDevice::new`], with `services` attached to every queue.
+    pub fn with_services(
+        host: Arc<ConsoleHost>,
+        gates: Arc<Gates>,
+        services: Arc<dyn QueueServices>,
+    ) -> io::Result<ConsoleDevice> {
         let (port_count, size) = {
             let ports = host.lock();
             (ports.len(), ports.first().and_then(HostPort::size))
@@ -140,7 +151,7 @@ impl ConsoleDevice {
         let num_queues = usize::from(cq::count(port_count as u16, port_count > 1));
         Ok(ConsoleDevice {
             shared: Arc::new(Shared {
-                core: DeviceCore::new("vhost-user-console", num_queues, 1, gates, 0)?,
+                core: DeviceCore::new("vhost-user-console", num_queues, 1, gates, 0)?.with_services(services),
                 host,
                 port_count,
                 num_queues,
@@ -295,11 +306,19 @@ impl ConsoleDevice {
                         break;
                     }
                     Ok(buffers) => {
+                        let admission = admit(services, work(queue, "tx", buffers.readable_len()));
                         let mut bytes = Vec::with_capacity(buffers.readable_len() as usize);
-                        match buffers.read_all(&*mem, &mut bytes) {
-                            Ok(()) => port.pending.extend(bytes),
-                            Err(why) => self.refused(&format_args!("port {p}: transmit chain dropped: {why}")),
-                        }
+                        let taken = if !is_served(&admission) {
+                            self.refused(&format_args!("port {p}: a service failed a transmit chain"));
+                            false
+                        } else if let Err(why) = buffers.read_all(&*mem, &mut bytes) {
+                            self.refused(&format_args!("port {p}: transmit chain dropped: {why}"));
+                            false
+                        } else {
+                            port.pending.extend(bytes);
+                            true
+                        };
+                        complete(services, admission, taken);
                     }
                     Err(why) => self.refused(&format_args!("port {p}: transmit chain dropped: {why}")),
                 }
@@ -332,6 +351,7 @@ impl ConsoleDevice {
         let services = self.shared.core.services();
         let (mut used, mut closed, mut has_buffers) = (UsedBatch::default(), false, false);
         let mut popper = ring::Popper::new(queue);
+        let mut failed_reads = 0;
         let returned = {
             let mem = memory.memory();
             let mut state = vring.get_mut();
@@ -348,8 +368,23 @@ impl ConsoleDevice {
                 let mut data = vec![0u8; (buffers.writable_len() as usize).min(MAX_RX_CHUNK)];
                 match port.read(&mut data) {
                     Ok(Some(n)) => {
+                        let admission = admit(services, work(queue, "rx", n as u64));
+                        if !is_served(&admission) {
+                            // The input is dropped; the chain waits for the next, in a later
+                            // pass once enough input was dropped in this one.
+                            self.refused(&format_args!("port {p}: a service failed {n} bytes of input"));
+                            complete(services, admission, false);
+                            vq.go_to_previous_position();
+                            failed_reads += 1;
+                            if failed_reads >= MAX_FAILED_READS_PER_PASS {
+                                has_buffers = true;
+                                break;
+                            }
+                            continue;
+                        }
                         let written = buffers.write(&*mem, &data[..n], services);
                         used.push(head, written as u32);
+                        complete(services, admission, true);
                     }
                     Ok(None) => {
                         vq.go_to_previous_position();
@@ -463,6 +498,14 @@ impl ConsoleDevice {
         used.publish_on(vring, &*mem, services)?;
         popper.finish(count)
     }
+}
+
+/// Host reads a pass drops for its services before it yields to the other queues.
+const MAX_FAILED_READS_PER_PASS: usize = 64;
+
+/// What the services are told a chain is.
+fn work(queue: usize, kind: &'static str, bytes: u64) -> Work {
+    Work { queue, kind, bytes }
 }
 
 /// One pass over every queue of the console's one worker.

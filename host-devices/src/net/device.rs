@@ -8,10 +8,10 @@ use super::rings::{self, FrameFormat, Refused, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
 use crate::lock;
-use crate::queue::services::Work;
+use crate::queue::services::{Admission, Work, admit, complete, is_served};
 use crate::queue::worker::PassContext;
 use crate::queue::{
-    ChainBuffers, DeviceCore, Gates, Memory, PassError, QueueService, QueueServices, Rearm, UsedBatch, Verdict,
+    ChainBuffers, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch,
     WorkerQueue, ring,
 };
 use log::warn;
@@ -58,7 +58,7 @@ struct PairState {
     /// Loopback frames on their way back.
     loopback: VecDeque<Frame>,
     /// A frame that found the receive queue without buffers, first in line.
-    held: Option<Frame>,
+    held: Option<(Frame, Option<Admission>)>,
 }
 
 struct Shared {
@@ -94,8 +94,20 @@ impl NetDevice {
         stats: Arc<NetStats>,
         gates: Arc<Gates>,
     ) -> io::Result<NetDevice> {
+        NetDevice::with_services(options, side, stats, gates, Arc::new(NoServices))
+    }
+
+    /// As [`NetDevice::new`], with `services` attached to every queue.
+    pub fn with_services(
+        options: NetOptions,
+        side: NetworkSide,
+        stats: Arc<NetStats>,
+        gates: Arc<Gates>,
+        services: Arc<dyn QueueServices>,
+    ) -> io::Result<NetDevice> {
         let pairs = options.pairs.max(1);
-        let core = DeviceCore::new("vhost-user-net", usize::from(pairs) * 2, pairs.into(), gates, options.poll_us)?;
+        let core = DeviceCore::new("vhost-user-net", usize::from(pairs) * 2, pairs.into(), gates, options.poll_us)?
+            .with_services(services);
         let inboxes = Arc::new((0..pairs).map(|_| Inbox::new()).collect::<io::Result<Vec<_>>>()?);
         if let NetworkSide::Switch { hub, port } = &side {
             hub.connect(*port, inboxes.clone());
@@ -221,13 +233,17 @@ impl NetDevice {
             let PairState { tx_buffers, tx_frame, .. } = state;
             let buffer = if copy { Some(tx_frame) } else { None };
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
-                Ok(frame) if admitted(services, tx_queue(pair), "tx", frame.frame_len) => {
-                    if self.pass_on(pair, state, frame.header, format) {
+                Ok(frame) => {
+                    let admission = admit(services, work(tx_queue(pair), "tx", frame.frame_len));
+                    let sent = is_served(&admission) && self.pass_on(pair, state, frame.header, format);
+                    if sent {
                         packets += 1;
                         bytes += frame.frame_len as u64;
+                    } else if !is_served(&admission) {
+                        self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
                     }
+                    complete(services, admission, sent);
                 }
-                Ok(_) => self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame"),
                 Err(refused) => self.shared.stats.dropped(refused.reason, &refused),
             }
         }
@@ -297,16 +313,25 @@ impl NetDevice {
         let services = self.shared.core.services();
         let mut popper = ring::Popper::new(rx_queue(pair));
         loop {
-            let next = state.held.take().or_else(|| state.loopback.pop_front()).or_else(|| inbox.pop());
-            let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
-            if let Err(refused) = self.prepare_for_guest(&mut frame) {
-                self.shared.stats.dropped(refused.reason, &refused);
-                continue;
-            }
-            if !admitted(services, rx_queue(pair), "rx", frame.data.len()) {
-                self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
-                continue;
-            }
+            // A held frame was prepared and admitted before it waited for buffers.
+            let (frame, admission) = match state.held.take() {
+                Some(held) => held,
+                None => {
+                    let next = state.loopback.pop_front().or_else(|| inbox.pop());
+                    let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
+                    if let Err(refused) = self.prepare_for_guest(&mut frame) {
+                        self.shared.stats.dropped(refused.reason, &refused);
+                        continue;
+                    }
+                    let admission = admit(services, work(rx_queue(pair), "rx", frame.data.len()));
+                    if !is_served(&admission) {
+                        self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
+                        complete(services, admission, false);
+                        continue;
+                    }
+                    (frame, admission)
+                }
+            };
             let data_mem = memory.memory();
             let queue = vring.get_queue_mut();
             let frame_parts = (&frame.header, &frame.data[..]);
@@ -314,12 +339,16 @@ impl NetDevice {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
                     bytes += frame.data.len() as u64;
+                    complete(services, admission, true);
                 }
                 RxOutcome::NoBuffers => {
-                    state.held = Some(frame);
+                    state.held = Some((frame, admission));
                     break;
                 }
-                RxOutcome::Refused(refused) => self.shared.stats.dropped(refused.reason, &refused),
+                RxOutcome::Refused(refused) => {
+                    self.shared.stats.dropped(refused.reason, &refused);
+                    complete(services, admission, false);
+                }
             }
             if used.len() >= TX_BATCH {
                 break;
@@ -441,8 +470,8 @@ fn tx_queue(pair: usize) -> usize {
 }
 
 /// Whether the services let a frame of `len` bytes on queue `queue` through.
-fn admitted(services: &dyn QueueServices, queue: usize, kind: &'static str, len: usize) -> bool {
-    !services.is_active() || services.admit(&Work { queue, kind, bytes: len as u64 }) == Verdict::Serve
+fn work(queue: usize, kind: &'static str, len: usize) -> Work {
+    Work { queue, kind, bytes: len as u64 }
 }
 
 impl VhostUserBackend for NetDevice {

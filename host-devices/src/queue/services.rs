@@ -45,6 +45,9 @@ pub struct Completion {
 }
 
 /// The hooks; every method has a default that does nothing.
+///
+/// The contract every device keeps: each [`Work`] given to `admit` is reported to `completed`
+/// exactly once, with `ok: false` when a service failed it or the device could not serve it.
 pub trait QueueServices: Send + Sync {
     /// Before `work` is served.
     fn admit(&self, _work: &Work) -> Verdict {
@@ -60,6 +63,37 @@ pub trait QueueServices: Send + Sync {
     /// Whether any hook does something (lets a hot path skip building [`Work`]).
     fn is_active(&self) -> bool {
         true
+    }
+}
+
+/// One request or frame between its admission and its completion (see [`admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    work: Work,
+    started: Instant,
+    served: bool,
+}
+
+/// Asks the services whether `work` may be served. `None` when no service is active (serve it,
+/// report nothing); otherwise the admission, to be passed to [`complete`] exactly once.
+pub fn admit(services: &dyn QueueServices, work: Work) -> Option<Admission> {
+    if !services.is_active() {
+        return None;
+    }
+    let served = services.admit(&work) == Verdict::Serve;
+    Some(Admission { work, started: Instant::now(), served })
+}
+
+/// Whether an admission from [`admit`] lets the work be served.
+pub fn is_served(admission: &Option<Admission>) -> bool {
+    admission.is_none_or(|a| a.served)
+}
+
+/// Reports the end of admitted work: `ok` when it was served successfully (never for work a
+/// service failed).
+pub fn complete(services: &dyn QueueServices, admission: Option<Admission>, ok: bool) {
+    if let Some(Admission { work, started, served }) = admission {
+        services.completed(&Completion { work, started, ok: ok && served });
     }
 }
 

@@ -335,5 +335,81 @@ fn services_see_every_block_request_and_every_guest_write() {
     device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
     assert_eq!(used_idx(&mem, &queue), 2);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 1, "status IOERR");
-    assert_eq!(crate::lock(&services.completed).len(), 1, "a failed admission does not complete");
+    let completed = crate::lock(&services.completed).clone();
+    assert!(completed.len() == 2 && !completed[1].ok, "the failed read completes, not ok: {completed:?}");
+}
+
+/// The admitted work and completions a recording service saw, as (queue, kind, bytes, ok).
+fn balance(services: &crate::queue::services::RecordingServices) -> (Vec<(usize, &'static str, u64)>, Vec<bool>) {
+    let admitted = crate::lock(&services.admitted).iter().map(|w| (w.queue, w.kind, w.bytes)).collect();
+    let completed: Vec<_> = crate::lock(&services.completed).iter().map(|c| c.ok).collect();
+    (admitted, completed)
+}
+
+/// A frame through the loopback: admitted and completed once on the transmit queue and once
+/// on the receive queue, the received frame reported written; failed by a service, the next
+/// frame is dropped (not looped back) and completes not ok.
+#[test]
+fn services_see_every_net_frame_both_ways() {
+    use crate::queue::services::RecordingServices;
+    let (mem, atomic) = memory();
+    let services = Arc::new(RecordingServices::default());
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
+    let stats = Arc::new(NetStats::default());
+    let device =
+        NetDevice::with_services(options, NetworkSide::Loopback, stats, Arc::new(Gates::new(1)), services.clone())
+            .unwrap();
+    device.acked_features(device.features());
+    device.update_memory(atomic.clone()).unwrap();
+    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
+    rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000)], 0).unwrap();
+    let mut frame = vec![0u8; 12 + 60];
+    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    frame[24..26].copy_from_slice(&[0x08, 0x00]);
+    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
+    let send = RawDescriptor::from(SplitDescriptor::new(0x80_0000, frame.len() as u32, 0, 0));
+    tx_mock.add_desc_chains(&[send], 0).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    assert_eq!((used_idx(&mem, &tx_mock), used_idx(&mem, &rx_mock)), (1, 1), "sent and looped back");
+    assert_eq!(balance(&services), (vec![(1, "tx", 60), (0, "rx", 60)], vec![true, true]));
+    assert!(services.covers(0x90_0000, 72), "the received frame was reported written");
+    services.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
+    tx_mock.add_desc_chains(&[send], 1).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert_eq!((used_idx(&mem, &tx_mock), used_idx(&mem, &rx_mock)), (2, 1), "taken from the ring, not looped back");
+    assert_eq!(balance(&services).1, [true, true, false]);
+}
+
+/// Guest output to a file port: each chain admitted and completed once; failed by a service,
+/// the chain is returned and its bytes are not written.
+#[test]
+fn services_see_every_console_chain_both_ways() {
+    use crate::queue::services::RecordingServices;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let host = Arc::new(ConsoleHost::new(vec![
+        HostPort::open(PortSpec { kind: PortKind::File(out.clone()), name: None }).unwrap(),
+    ]));
+    let services = Arc::new(RecordingServices::default());
+    let device = ConsoleDevice::with_services(host, Arc::new(Gates::new(1)), services.clone()).unwrap();
+    let (mem, atomic) = memory();
+    device.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    mem.write_slice(b"hello", GuestAddress(0x80_0000)).unwrap();
+    let chain = RawDescriptor::from(SplitDescriptor::new(0x80_0000, 5, 0, 0));
+    tx_mock.add_desc_chains(&[chain], 0).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), b"hello");
+    assert_eq!(balance(&services), (vec![(1, "tx", 5)], vec![true]));
+    services.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
+    tx_mock.add_desc_chains(&[chain], 1).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 2, "the failed chain is returned");
+    assert_eq!(std::fs::read(&out).unwrap(), b"hello", "and its bytes are not written");
+    assert_eq!(balance(&services).1, [true, false]);
 }

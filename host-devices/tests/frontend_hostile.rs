@@ -1,7 +1,9 @@
 //! What a frontend can send that used to end or exhaust a backend, tried over real sockets
 //! against the backend programs: a memory region larger than its file (the first access past
 //! the file's end killed the backend with SIGBUS), and connection after connection (each one
-//! leaked an eventfd per worker thread until the backend ran out of descriptors).
+//! leaked an eventfd per worker thread until the backend ran out of descriptors); and, against
+//! each of the three backends, `hostile_frontend.py`: protocol garbage and hostile rings, with
+//! the backend checked alive, answering and bounded in memory after each attack.
 
 mod common;
 
@@ -122,4 +124,65 @@ fn connections_leak_no_descriptors() {
     let after = settle(Some(before + 2));
     backend.check_running().unwrap();
     assert!(after <= before + 2, "open descriptors went from {before} to {after} over 300 connections");
+}
+
+/// Runs `hostile_frontend.py` (an independent frontend in Python, see its docstring) against a
+/// running backend; it attacks, checks the backend after each attack, and moves real data at
+/// the end. Its verdict and what it measured are printed.
+fn run_hostile_frontend(device: &str, backend: &mut ChildGuard, socket: &Path, extra: &[&Path]) {
+    if !pvkit_test_support::facility::require_programs(&format!("hostile frontend ({device})"), &["python3"]) {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile_frontend.py");
+    let pid = backend.id().unwrap().to_string();
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(device).arg(socket).arg(&pid);
+    if let Some(file) = extra.first() {
+        cmd.arg("--console-file").arg(file);
+    }
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    backend.check_running().unwrap();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    println!("{stdout}");
+}
+
+/// Starts `program` with `args`, listening on `dir/<device>.sock`.
+fn start_backend(program: &str, device: &str, dir: &Path, args: &[&str]) -> (ChildGuard, std::path::PathBuf) {
+    let socket = dir.join(format!("{device}.sock"));
+    let mut child = ChildGuard::spawn(
+        program,
+        Command::new(program).env("RUST_LOG", "warn").args(args).arg("--socket-path").arg(&socket),
+    )
+    .unwrap();
+    child.wait_for_socket(&socket, WAIT).unwrap();
+    (child, socket)
+}
+
+#[test]
+fn the_block_backend_survives_a_hostile_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let image_arg = image.to_str().unwrap();
+    let (mut backend, socket) =
+        start_backend(env!("CARGO_BIN_EXE_vhost-user-blk"), "blk", dir.path(), &["--blk-file", image_arg]);
+    run_hostile_frontend("blk", &mut backend, &socket, &[]);
+}
+
+#[test]
+fn the_net_backend_survives_a_hostile_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut backend, socket) = start_backend(env!("CARGO_BIN_EXE_vhost-user-net"), "net", dir.path(), &["--loopback"]);
+    run_hostile_frontend("net", &mut backend, &socket, &[]);
+}
+
+#[test]
+fn the_console_backend_survives_a_hostile_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("console.out");
+    let port = format!("file:{}", out.display());
+    let (mut backend, socket) =
+        start_backend(env!("CARGO_BIN_EXE_vhost-user-console"), "console", dir.path(), &["--port", &port]);
+    run_hostile_frontend("console", &mut backend, &socket, &[&out]);
 }

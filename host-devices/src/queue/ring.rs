@@ -29,6 +29,14 @@ pub enum RingError {
     /// The available ring cannot be read (its address is outside guest memory).
     #[error("the available ring at {0:#x} is outside guest memory")]
     Unreadable(u64),
+    /// The driver made a head available that is not a descriptor of the ring.
+    #[error("available head {head} is not a descriptor of a ring of {size}")]
+    HeadOutOfRange {
+        /// The head the driver wrote.
+        head: u16,
+        /// The ring size.
+        size: u16,
+    },
 }
 
 /// The next available chain of `queue`, `Ok(None)` when there is none (or the queue is not
@@ -39,7 +47,13 @@ where
     M::Target: GuestMemory,
 {
     match queue.iter(mem.clone()) {
-        Ok(mut chains) => Ok(chains.next()),
+        Ok(mut chains) => match chains.next() {
+            // The chain cannot even be returned unused (its id is no descriptor of the ring).
+            Some(chain) if chain.head_index() >= queue.size() => {
+                Err(RingError::HeadOutOfRange { head: chain.head_index(), size: queue.size() })
+            }
+            next => Ok(next),
+        },
         Err(virtio_queue::Error::QueueNotReady) => Ok(None),
         Err(virtio_queue::Error::InvalidAvailRingIndex) => {
             let avail = queue.avail_idx(mem.deref(), std::sync::atomic::Ordering::Acquire).map(|a| a.0).unwrap_or(0);
@@ -127,5 +141,18 @@ mod tests {
             Err(RingError::AvailIndex { avail: 1000, next: 1, ahead: 999, size: 16 })
         );
         assert!(!has_available(&queue, &mem), "a broken ring offers nothing");
+    }
+
+    #[test]
+    fn a_head_outside_the_ring_is_a_broken_ring() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x8000, 16, 0, 0))], 0).unwrap();
+        mem.write_obj(5000u16, mock.avail_addr().unchecked_add(4)).unwrap();
+        assert_eq!(
+            pop(&mut queue, &mem).map(|c| c.map(|c| c.head_index())),
+            Err(RingError::HeadOutOfRange { head: 5000, size: 16 })
+        );
     }
 }

@@ -59,7 +59,8 @@ impl UsedBatch {
 
     /// Writes the entries into the used ring, then the used index once, and says whether the
     /// driver wants a notification for them. Entries whose head is not a descriptor of the
-    /// ring are left out (a device bug, never a guest's), so the driver never sees one.
+    /// ring are left out (a device bug: a guest offering such a head breaks its ring when it is
+    /// popped, see [`super::ring::pop`]), so the driver never sees one.
     pub fn publish<M: GuestMemory>(
         &mut self,
         vq: &mut Queue,

@@ -16,6 +16,7 @@ pub mod process;
 pub mod queue;
 pub mod region_check;
 pub mod relay;
+pub mod sandbox;
 pub mod server;
 
 use std::fmt;

@@ -49,6 +49,9 @@ pub enum ServerError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The sandbox could not be entered.
+    #[error("entering the sandbox: {0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 impl From<vhost_user_backend::Error> for ServerError {
@@ -222,11 +225,14 @@ fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
 
 /// Serves devices made by `make_device` on every address in `listens` (one thread each;
 /// `make_device` gets the address's index) until SIGTERM/SIGINT, listening again after each
-/// disconnect. `quiesce` is called on a signal and must return only when no request is in
-/// flight (and keep new ones from starting); `summary` gives the statistics line.
+/// disconnect. Once the listening sockets exist, and before any thread starts, the process
+/// enters `sandbox` (which is also allowed to remove the sockets at exit). `quiesce` is called
+/// on a signal and must return only when no request is in flight (and keep new ones from
+/// starting); `summary` gives the statistics line.
 pub fn serve<D, M, Q, S>(
     name: &str,
     listens: Vec<ListenOn>,
+    sandbox: crate::sandbox::Sandbox,
     stats_ms: u64,
     summary: S,
     quiesce: Q,
@@ -250,6 +256,7 @@ where
             ListenOn::Fd(_) => None,
         })
         .collect();
+    socket_paths.iter().fold(sandbox, |sandbox, path| sandbox.removable(path)).enter_and_log()?;
     {
         let summary = summary.clone();
         let name = name.to_string();

@@ -135,6 +135,9 @@ fn run_hostile_frontend(device: &str, backend: &mut ChildGuard, socket: &Path, e
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile_frontend.py");
     let pid = backend.id().unwrap().to_string();
+    // Sandboxed by default: seccomp in filter mode.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{device} backend not in seccomp filter mode:\n{status}");
     let mut cmd = Command::new("python3");
     cmd.arg(script).arg(device).arg(socket).arg(&pid);
     if let Some(file) = extra.first() {

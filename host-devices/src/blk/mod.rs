@@ -50,6 +50,9 @@ pub struct BlkArgs {
     #[command(flatten)]
     /// Where to listen.
     pub listen: server::ListenArgs,
+    #[command(flatten)]
+    /// Confinement once everything is open.
+    pub sandbox: crate::sandbox::SandboxArgs,
     /// Raw image file or block device to serve.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]
     pub blk_file: Option<String>,
@@ -162,7 +165,11 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
         let gates = gates.clone();
         move || gates.close()
     };
-    server::serve("vhost-user-blk", vec![listen], args.stats_ms, summary, quiesce, |_| {
+    let mut sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Blk, args.sandbox.sandbox);
+    if let Some(path) = &args.blk_file {
+        sandbox = sandbox.file(std::path::Path::new(path), args.read_only || engine_name == "null");
+    }
+    server::serve("vhost-user-blk", vec![listen], sandbox, args.stats_ms, summary, quiesce, |_| {
         BlkDevice::new(engine.clone(), options.clone(), stats.clone(), gates.clone())
     })?;
     Ok(())

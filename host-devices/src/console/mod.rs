@@ -9,7 +9,7 @@ mod tests;
 use crate::server::{self, ListenOn, ServerError};
 use clap::Parser;
 use device::{ConsoleDevice, ConsoleHost};
-use port::{HostPort, PortError, PortSpec};
+use port::{HostPort, PortError, PortKind, PortSpec};
 use std::sync::Arc;
 
 /// Errors from starting the console backend.
@@ -33,6 +33,9 @@ pub struct ConsoleArgs {
     #[command(flatten)]
     /// Where to listen.
     pub listen: server::ListenArgs,
+    #[command(flatten)]
+    /// Confinement once everything is open.
+    pub sandbox: crate::sandbox::SandboxArgs,
     /// A port: stdio, pty, unix:PATH, tcp:[HOST:]PORT or file:PATH, optionally ,name=NAME.
     /// Repeat for more ports; the first is the console. More than one offers MULTIPORT.
     #[arg(long = "port", value_name = "KIND[,name=NAME]", default_value = "stdio")]
@@ -79,7 +82,15 @@ pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
             host.flush_all();
         }
     };
-    server::serve("vhost-user-console", vec![listen], args.stats_ms, summary, quiesce, |_| {
+    let sandbox = args.ports.iter().fold(
+        crate::sandbox::Sandbox::new(crate::BackendKind::Console, args.sandbox.sandbox),
+        |sandbox, port| match &port.kind {
+            PortKind::File(path) => sandbox.file(path, false),
+            PortKind::Unix(path) => sandbox.removable(path),
+            PortKind::Stdio | PortKind::Pty | PortKind::Tcp(_) => sandbox,
+        },
+    );
+    server::serve("vhost-user-console", vec![listen], sandbox, args.stats_ms, summary, quiesce, |_| {
         ConsoleDevice::new(host.clone(), gates.clone())
     })?;
     Ok(())

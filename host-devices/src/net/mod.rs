@@ -74,6 +74,9 @@ pub struct NetArgs {
     /// Print the backend's capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    #[command(flatten)]
+    /// Confinement once everything is open.
+    pub sandbox: crate::sandbox::SandboxArgs,
     /// Send and receive through this tap (opened, or created when missing, which needs
     /// CAP_NET_ADMIN); one tap queue per queue pair.
     #[arg(long, value_name = "NAME", group = "side")]
@@ -181,7 +184,8 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
         let gates = gates.clone();
         move || gates.iter().for_each(|g| g.close())
     };
-    server::serve("vhost-user-net", listens, args.stats_ms, summary, quiesce, |port| {
+    let sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Net, args.sandbox.sandbox);
+    server::serve("vhost-user-net", listens, sandbox, args.stats_ms, summary, quiesce, |port| {
         let mut options = options.clone();
         let side = match (&hub, &side) {
             (Some(hub), _) => {

@@ -1,7 +1,9 @@
 //! `pvkit run`: boot a guest on KVM (or the software guest) with vhost-user backends attached.
 
+use pvkit_host_devices::sandbox::SandboxMode;
 use pvkit_protocol::abi::{self, CompletionMode};
 use pvkit_protocol::virtio::DeviceId;
+use pvkit_vmm_glue::seccomp::ThreadSandbox;
 use pvkit_vmm_glue::vcpu::Outcome;
 use pvkit_vmm_glue::vm::{self, DeviceSpec, VmConfig};
 use std::path::PathBuf;
@@ -60,6 +62,10 @@ pub struct RunArgs {
     /// benchmark).
     #[arg(long, conflicts_with_all = ["kernel", "vcpus", "completion"])]
     pub software_guest: bool,
+    /// seccomp filters on the vCPU and event threads: on (a call outside the list kills the
+    /// VMM), log (the kernel logs it) or off.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "on")]
+    pub sandbox: pvkit_host_devices::sandbox::SandboxMode,
 }
 
 /// A `pvkit run` option value that cannot be used (clap prints it with the option's name).
@@ -224,6 +230,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         reconnect: (args.reconnect_ms > 0).then(|| Duration::from_millis(args.reconnect_ms)),
         doorbells: !args.no_doorbells,
         completion: args.completion,
+        sandbox: match args.sandbox {
+            SandboxMode::On => ThreadSandbox::On,
+            SandboxMode::Log => ThreadSandbox::Log,
+            SandboxMode::Off => ThreadSandbox::Off,
+        },
     };
     match vm::run(config) {
         Ok(report) => {

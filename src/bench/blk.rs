@@ -43,6 +43,10 @@ pub struct BlkBenchArgs {
     /// Leave qemu-storage-daemon out even when it is installed.
     #[arg(long)]
     pub no_qsd: bool,
+    /// Also run each pvkit engine with `--sandbox off`, as a contender of its own (the
+    /// sandbox's cost).
+    #[arg(long)]
+    pub compare_sandbox: bool,
     /// Image size in MiB (created in --image-dir, filled with data, removed afterwards).
     #[arg(long, default_value_t = 1024)]
     pub image_mib: u64,
@@ -53,7 +57,8 @@ pub struct BlkBenchArgs {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    Pvkit(String),
+    /// An engine, sandboxed or not.
+    Pvkit(String, bool),
     Qsd,
     Peer(String),
 }
@@ -67,10 +72,13 @@ struct Contender {
 impl Contender {
     fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, BenchError> {
         Ok(match &self.kind {
-            Kind::Pvkit(engine) => {
+            Kind::Pvkit(engine, sandboxed) => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
                 let mut cmd = backend_command(&exe, BackendKind::Blk);
                 cmd.arg("--socket-path").arg(socket).args(["--num-queues", &queues.to_string()]);
+                if !sandboxed {
+                    cmd.args(["--sandbox", "off"]);
+                }
                 if engine == "null" {
                     cmd.args(["--engine", "null", "--size", &size.to_string()]);
                 } else {
@@ -152,7 +160,14 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
         if !["io_uring", "sync", "null"].contains(&engine.as_str()) {
             return Err(BenchError::Options(format!("unknown engine '{engine}' (io_uring, sync, null)")));
         }
-        list.push(Contender { name: format!("pvkit vhost-user-blk ({engine})"), kind: Kind::Pvkit(engine.clone()) });
+        list.push(Contender {
+            name: format!("pvkit vhost-user-blk ({engine})"),
+            kind: Kind::Pvkit(engine.clone(), true),
+        });
+        if args.compare_sandbox {
+            let name = format!("pvkit vhost-user-blk ({engine}, sandbox off)");
+            list.push(Contender { name, kind: Kind::Pvkit(engine.clone(), false) });
+        }
     }
     if !args.no_qsd {
         if super::find_program("qemu-storage-daemon").is_some() {

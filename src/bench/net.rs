@@ -30,6 +30,10 @@ pub struct NetBenchArgs {
     /// Leave DPDK's net_vhost out (measure pvkit alone).
     #[arg(long)]
     pub no_dpdk_peer: bool,
+    /// Also run pvkit (polling) with `--sandbox off`, as a contender of its own (the
+    /// sandbox's cost).
+    #[arg(long)]
+    pub compare_sandbox: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,7 @@ enum Contender {
     DpdkVhost,
     PvkitPolling,
     PvkitNoPoll,
+    PvkitUnsandboxed,
 }
 
 impl Contender {
@@ -45,6 +50,7 @@ impl Contender {
             Contender::DpdkVhost => "DPDK net_vhost rxonly",
             Contender::PvkitPolling => "pvkit --sink (--poll-us 50)",
             Contender::PvkitNoPoll => "pvkit --sink --poll-us 0",
+            Contender::PvkitUnsandboxed => "pvkit --sink --sandbox off",
         }
     }
 }
@@ -102,9 +108,12 @@ fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, B
             ]);
             cmd
         }
-        Contender::PvkitPolling | Contender::PvkitNoPoll => {
+        Contender::PvkitPolling | Contender::PvkitNoPoll | Contender::PvkitUnsandboxed => {
             let mut cmd = backend_command(&exe, BackendKind::Net);
             cmd.arg("--sink").arg("--socket-path").arg(socket);
+            if contender == Contender::PvkitUnsandboxed {
+                cmd.args(["--sandbox", "off"]);
+            }
             if contender == Contender::PvkitNoPoll {
                 cmd.args(["--poll-us", "0"]);
             }
@@ -209,6 +218,9 @@ pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
         return Err(BenchError::Options(format!("frame size {bad} is outside 60..=1514")));
     }
     let mut contenders = vec![Contender::PvkitPolling, Contender::PvkitNoPoll];
+    if args.compare_sandbox {
+        contenders.push(Contender::PvkitUnsandboxed);
+    }
     if !args.no_dpdk_peer {
         contenders.insert(0, Contender::DpdkVhost);
     }

@@ -72,15 +72,19 @@ impl MutEventSubscriber for BackendWatch {
     }
 }
 
-/// Runs the event loop in a thread until `stop` is set; with `reconnect`, tries every lost
-/// backend that often.
+/// Runs the event loop in a thread (confined by `sandbox`) until `stop` is set; with
+/// `reconnect`, tries every lost backend that often.
 pub(crate) fn spawn(
     devices: Vec<Arc<Mutex<VirtioDevice>>>,
     ram: Arc<GuestRam>,
     reconnect: Option<Duration>,
     stop: Arc<AtomicBool>,
+    sandbox: crate::seccomp::ThreadSandbox,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("events".into()).spawn(move || {
+        if let Err(e) = crate::seccomp::confine_this_thread(crate::seccomp::VmmThread::Events, sandbox) {
+            warn!("event loop: {e}; running without a filter");
+        }
         let mut manager = match EventManager::<BackendWatch>::new() {
             Ok(m) => m,
             Err(e) => {

@@ -14,6 +14,7 @@ pub mod host_frontend;
 pub mod loader;
 pub mod memory;
 pub mod mmio;
+pub mod seccomp;
 pub mod serial;
 pub mod software_guest;
 pub mod sync;

@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub doorbells: bool,
     /// Completion mode to announce (`None`: polling on a PVM-based KVM, else interrupts).
     pub completion: Option<CompletionMode>,
+    /// seccomp filters on the vCPU and event threads.
+    pub sandbox: crate::seccomp::ThreadSandbox,
 }
 
 /// What a run produced.
@@ -244,6 +246,7 @@ impl Vm {
         bus: Arc<VmBus>,
         stop: &Arc<AtomicBool>,
         done: std::sync::mpsc::Sender<Outcome>,
+        sandbox: crate::seccomp::ThreadSandbox,
     ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
         let loaded = loader::load(&self.ram, kernel, &self.cmdline)?;
         vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
@@ -263,6 +266,9 @@ impl Vm {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    if let Err(e) = crate::seccomp::confine_this_thread(crate::seccomp::VmmThread::Vcpu, sandbox) {
+                        log::error!("vCPU {id}: {e}; running without a filter");
+                    }
                     let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop);
                     if id == 0 {
                         let _ = done.send(outcome);
@@ -317,9 +323,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
-    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx)?;
-    let events = crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone())
-        .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
+    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx, config.sandbox)?;
+    let events =
+        crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone(), config.sandbox)
+            .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
 
     let outcome = done_rx.recv_timeout(config.timeout).unwrap_or(Outcome::TimedOut);
     stop.store(true, Ordering::SeqCst);

@@ -46,8 +46,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let services = Arc::new(CheckingServices::new(input.u64()));
     let gates = Arc::new(Gates::new(queues));
-    let device = BlkDevice::with_services(Arc::new(engine), options, Arc::new(Stats::default()), gates, services.clone())
-        .expect("a device");
+    let device =
+        BlkDevice::with_services(Arc::new(engine), options, Arc::new(Stats::default()), gates, services.clone())
+            .expect("a device");
     device.acked_features(input.u64() & device.features());
     let mut guest = Guest::new(queues, mode & 8 != 0);
     device.update_memory(guest.atomic.clone()).expect("memory");

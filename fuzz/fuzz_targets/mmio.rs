@@ -17,7 +17,10 @@ fn check_ready_queue(index: usize, size: u16, max: u16, rings: [(u64, u64, u64);
     assert!(size != 0 && size.is_power_of_two() && size <= max, "queue {index}: ready with size {size} (max {max})");
     for (addr, align, len) in rings {
         assert!(addr.is_multiple_of(align), "queue {index}: ring at {addr:#x} not {align}-aligned");
-        assert!(addr.checked_add(len).is_some_and(|end| end <= RAM), "queue {index}: ring at {addr:#x}+{len} outside RAM");
+        assert!(
+            addr.checked_add(len).is_some_and(|end| end <= RAM),
+            "queue {index}: ring at {addr:#x}+{len} outside RAM"
+        );
     }
 }
 

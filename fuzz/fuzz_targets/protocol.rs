@@ -21,8 +21,14 @@ macro_rules! round_trip {
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else { return };
     match which % 12 {
-        0 => round_trip!(bytes, blk::REQUEST_HEADER_SIZE, blk::RequestHeaderRepr::parse_bytes, |r: &blk::RequestHeaderRepr, b: &mut [u8]| r.emit(b)),
-        1 => round_trip!(bytes, blk::SEGMENT_SIZE, blk::SegmentRepr::parse, |r: &blk::SegmentRepr, b: &mut [u8]| r.emit(b)),
+        0 => round_trip!(
+            bytes,
+            blk::REQUEST_HEADER_SIZE,
+            blk::RequestHeaderRepr::parse_bytes,
+            |r: &blk::RequestHeaderRepr, b: &mut [u8]| r.emit(b)
+        ),
+        1 => round_trip!(bytes, blk::SEGMENT_SIZE, blk::SegmentRepr::parse, |r: &blk::SegmentRepr, b: &mut [u8]| r
+            .emit(b)),
         2 => round_trip!(bytes, bytes.len(), blk::ConfigRepr::parse, |r: &blk::ConfigRepr, b: &mut [u8]| r.emit(b)),
         3 => {
             for len in [net::HEADER_SIZE, net::LEGACY_HEADER_SIZE] {
@@ -40,13 +46,20 @@ fuzz_target!(|data: &[u8]| {
         5 => {
             let _ = net::ControlCommand::parse(bytes);
         }
-        6 => round_trip!(bytes, bytes.len(), console::ConfigRepr::parse, |r: &console::ConfigRepr, b: &mut [u8]| r.emit(b)),
+        6 => round_trip!(bytes, bytes.len(), console::ConfigRepr::parse, |r: &console::ConfigRepr, b: &mut [u8]| r
+            .emit(b)),
         7 => {
-            round_trip!(bytes, console::CONTROL_SIZE, console::ControlRepr::parse, |r: &console::ControlRepr, b: &mut [u8]| r.emit(b));
+            round_trip!(
+                bytes,
+                console::CONTROL_SIZE,
+                console::ControlRepr::parse,
+                |r: &console::ControlRepr, b: &mut [u8]| r.emit(b)
+            );
             let ports = bytes.first().map_or(1, |p| u32::from(*p));
             let _ = console::ControlRepr::parse_for(bytes, ports);
         }
-        8 => round_trip!(bytes, bytes.len(), console::ResizeRepr::parse, |r: &console::ResizeRepr, b: &mut [u8]| r.emit(b)),
+        8 => round_trip!(bytes, bytes.len(), console::ResizeRepr::parse, |r: &console::ResizeRepr, b: &mut [u8]| r
+            .emit(b)),
         9 => {
             if let Ok(desc) = ring::Descriptor::new_checked(bytes) {
                 let _ = (desc.addr(), desc.len(), desc.flags(), desc.next());
@@ -59,7 +72,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         10 => {
-            round_trip!(bytes, ring::USED_ELEM_SIZE, ring::UsedElemRepr::parse, |r: &ring::UsedElemRepr, b: &mut [u8]| r.emit(b));
+            round_trip!(
+                bytes,
+                ring::USED_ELEM_SIZE,
+                ring::UsedElemRepr::parse,
+                |r: &ring::UsedElemRepr, b: &mut [u8]| r.emit(b)
+            );
             if let (Ok(elem), Some(size)) = (ring::UsedElemRepr::parse(bytes), bytes.get(8..12)) {
                 let size = u16::from_le_bytes([size[0], size[1]]);
                 let _ = elem.check(size, u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]));

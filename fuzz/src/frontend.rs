@@ -79,14 +79,13 @@ impl<D: ServedDevice> Frontend<D> {
     pub fn connect(name: &str, device: D) -> io::Result<Frontend<D>> {
         use std::os::linux::net::SocketAddrExt;
         static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let mut daemon = VhostUserDaemon::new(name.into(), device.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut daemon =
+            VhostUserDaemon::new(name.into(), device.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+                .map_err(|e| io::Error::other(e.to_string()))?;
         device.attach(daemon.get_epoll_handlers())?;
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let address = std::os::unix::net::SocketAddr::from_abstract_name(format!(
-            "pvkit-fuzz-{}-{serial}",
-            std::process::id()
-        ))?;
+        let address =
+            std::os::unix::net::SocketAddr::from_abstract_name(format!("pvkit-fuzz-{}-{serial}", std::process::id()))?;
         let private = UnixListener::bind_addr(&address)?;
         let handler_side = UnixStream::connect_addr(&address)?;
         let (socket, relay_side) = UnixStream::pair()?;
@@ -228,7 +227,12 @@ impl<D: ServedDevice> Frontend<D> {
         let regions: Vec<(u64, u64, u64, u64)> = (0..count)
             .map(|_| {
                 let size = if input.byte() & 1 == 0 { u64::from(input.u16()) << 12 } else { input.u64() };
-                (input.u64() % (1 << 40), size, USER_BASE + (u64::from(input.u16()) << 12), u64::from(input.byte()) << 12)
+                (
+                    input.u64() % (1 << 40),
+                    size,
+                    USER_BASE + (u64::from(input.u16()) << 12),
+                    u64::from(input.byte()) << 12,
+                )
             })
             .collect();
         let files: Vec<std::fs::File> = regions.iter().map(|_| shared_file(u64::from(input.byte()) << 12)).collect();
@@ -247,8 +251,9 @@ impl<D: ServedDevice> Frontend<D> {
         let which = input.byte();
         let index = if which & 0x80 == 0 { u32::from(which) % (queues as u32 + 1) } else { input.u32() };
         let value = input.u32();
-        let request = [request::SET_VRING_NUM, request::SET_VRING_BASE, request::GET_VRING_BASE, request::SET_VRING_ENABLE]
-            [usize::from(which >> 4 & 3)];
+        let request =
+            [request::SET_VRING_NUM, request::SET_VRING_BASE, request::GET_VRING_BASE, request::SET_VRING_ENABLE]
+                [usize::from(which >> 4 & 3)];
         self.send(request, VERSION | NEED_REPLY, &pair(index, value), &[])
     }
 

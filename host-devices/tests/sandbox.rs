@@ -11,14 +11,20 @@ use std::process::{Command, Output};
 const CHILD_MODE: &str = "PVKIT_SANDBOX_CHILD_MODE";
 const CHILD_FILE: &str = "PVKIT_SANDBOX_CHILD_FILE";
 
-/// Runs [`sandboxed_child`] in a new process with the sandbox in `mode`, allowed `file`.
-fn run_child(mode: &str, file: &std::path::Path) -> Output {
-    Command::new(std::env::current_exe().unwrap())
+/// Runs [`sandboxed_child`] in a new process with the sandbox in `mode`, allowed an image of
+/// its own; returns how it ended and what it printed.
+fn run_child(mode: &str) -> (Output, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, [0u8; 512]).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "sandboxed_child", "--nocapture", "--test-threads", "1"])
         .env(CHILD_MODE, mode)
-        .env(CHILD_FILE, file)
+        .env(CHILD_FILE, &image)
         .output()
-        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, stdout)
 }
 
 /// Not a test of its own: the child's body, which does nothing unless [`run_child`] started it.
@@ -38,11 +44,7 @@ fn sandboxed_child() {
 
 #[test]
 fn a_call_outside_the_list_kills_the_sandboxed_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, [0u8; 512]).unwrap();
-    let out = run_child("on", &image);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = run_child("on");
     assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("GIVEN true"), "the given file can be opened: {stdout}");
     assert!(!stdout.contains("SPAWNED"), "a program was started: {stdout}");
@@ -55,11 +57,7 @@ fn a_call_outside_the_list_kills_the_sandboxed_process() {
 
 #[test]
 fn in_log_mode_the_call_goes_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, [0u8; 512]).unwrap();
-    let out = run_child("log", &image);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = run_child("log");
     assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("SPAWNED Ok(ExitStatus(unix_wait_status(0)))"), "{stdout}");
     assert!(stdout.contains("OTHER Ok"), "log mode applies no Landlock rules: {stdout}");

@@ -225,10 +225,15 @@ fn bench_net_compares_the_sink_with_dpdk_vhost() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("net.json");
     run_ok(
-        pvkit().args(["bench", "net", "--rounds", "1", "--seconds", "1", "--frame-sizes", "64", "--json"]).arg(&json),
+        pvkit()
+            .args(["bench", "net", "--rounds", "1", "--seconds", "1", "--frame-sizes", "64", "--compare-sandbox"])
+            .arg("--json")
+            .arg(&json),
     );
     let report = load(&json);
     assert_complete(&report, 1);
+    let samples = report["samples"].as_array().unwrap();
+    assert!(samples.iter().any(|s| s["contender"] == "pvkit --sink --sandbox off"), "no unsandboxed contender");
     for s in report["samples"].as_array().unwrap() {
         let roles: Vec<&str> = s["processes"].as_array().unwrap().iter().map(|p| p["role"].as_str().unwrap()).collect();
         assert_eq!(roles, ["backend", "testpmd generator"]);

@@ -59,6 +59,9 @@ struct PairState {
     loopback: VecDeque<Frame>,
     /// A frame that found the receive queue without buffers, first in line.
     held: Option<(Frame, Option<Admission>)>,
+    /// The driver's available index when the held frame found too few buffers: only buffers
+    /// added after it can take the frame.
+    rx_blocked_at: Option<u16>,
 }
 
 struct Shared {
@@ -120,6 +123,7 @@ impl NetDevice {
                     tap_buffer: if matches!(side, NetworkSide::Tap(_)) { vec![0; TAP_BUFFER] } else { Vec::new() },
                     loopback: VecDeque::new(),
                     held: None,
+                    rx_blocked_at: None,
                 })
             })
             .collect();
@@ -339,9 +343,12 @@ impl NetDevice {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
                     bytes += frame.data.len() as u64;
+                    state.rx_blocked_at = None;
                     complete(services, admission, true);
                 }
                 RxOutcome::NoBuffers => {
+                    let avail = virtio_queue::QueueT::avail_idx(vring.get_queue(), &*ring_mem, Ordering::Acquire);
+                    state.rx_blocked_at = avail.ok().map(|a| a.0);
                     state.held = Some((frame, admission));
                     break;
                 }
@@ -451,11 +458,18 @@ impl QueueService for PairPass<'_> {
         Ok(work)
     }
 
-    /// The receive queue's kicks are wanted only while frames wait for its buffers.
+    /// The receive queue's kicks are wanted only while frames wait for its buffers, and
+    /// while the first of them waits for more buffers than the ring holds, only new ones count.
     fn rearm(&self, queue: usize) -> Rearm {
+        if queue == tx_queue(self.pair) {
+            return Rearm::Work;
+        }
+        if let (Some(_), Some(seen)) = (&self.state.held, self.state.rx_blocked_at) {
+            return Rearm::Blocked { seen };
+        }
         let waiting =
             self.state.held.is_some() || !self.state.loopback.is_empty() || !self.device.inbox(self.pair).is_empty();
-        if queue == tx_queue(self.pair) || waiting { Rearm::Work } else { Rearm::Parked }
+        if waiting { Rearm::Work } else { Rearm::Parked }
     }
 }
 

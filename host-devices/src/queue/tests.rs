@@ -413,3 +413,44 @@ fn services_see_every_console_chain_both_ways() {
     assert_eq!(std::fs::read(&out).unwrap(), b"hello", "and its bytes are not written");
     assert_eq!(balance(&services).1, [true, false]);
 }
+
+/// A frame larger than every receive buffer the guest posted (MRG_RXBUF, event index on) waits
+/// without spinning: the worker returns, the driver is asked to kick for the next buffer it
+/// adds (`avail_event` at its index), and once that buffer comes the frame is delivered.
+#[test]
+fn a_frame_larger_than_all_receive_buffers_waits_without_spinning() {
+    use pvkit_protocol::net::feature as netf;
+    use pvkit_protocol::ring::avail_event_offset;
+    use pvkit_protocol::virtio::feature as vf;
+    let (mem, atomic) = memory();
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
+    let stats = Arc::new(NetStats::default());
+    let device = NetDevice::new(options, NetworkSide::Loopback, stats, Arc::new(Gates::new(1))).unwrap();
+    let wanted = pvkit_protocol::virtio::Features::from_bits(&[vf::VERSION_1, vf::RING_EVENT_IDX, netf::MRG_RXBUF]);
+    device.acked_features(device.features() & wanted.0);
+    device.update_memory(atomic.clone()).unwrap();
+    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    for vring in [&rx, &tx] {
+        vring.set_queue_event_idx(true);
+    }
+    let small = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 16, WRITE, 0));
+    rx_mock.add_desc_chains(&[small(0x90_0000), small(0x90_1000)], 0).unwrap();
+    let mut frame = vec![0u8; 12 + 60];
+    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
+    let send = RawDescriptor::from(SplitDescriptor::new(0x80_0000, frame.len() as u32, 0, 0));
+    tx_mock.add_desc_chains(&[send], 0).unwrap();
+    for queue in [1, 0] {
+        let (device, rx, tx) = (device.clone(), rx.clone(), tx.clone());
+        within_five_seconds("a frame too large for the receive buffers", move || {
+            device.handle_event(queue, EventSet::IN, &[rx, tx], 0).unwrap();
+        });
+    }
+    assert_eq!(used_idx(&mem, &rx_mock), 0, "nothing delivered into buffers too small");
+    let avail_event: u16 = mem.read_obj(rx_mock.used_addr().unchecked_add(avail_event_offset(RING_SIZE))).unwrap();
+    assert_eq!(avail_event, 2, "the driver is asked to kick for the next buffer");
+    rx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x90_2000, 2048, WRITE, 0))], 2).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert!(used_idx(&mem, &rx_mock) >= 1, "the held frame is delivered once a large enough buffer comes");
+}

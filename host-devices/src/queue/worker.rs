@@ -28,6 +28,13 @@ pub enum Rearm {
     /// Neither: the device cannot take more from this queue until something else happens
     /// (a console port whose host side is full wakes the worker when it drains).
     Parked,
+    /// Kicks, and only buffers added after the driver's available index reached `seen` are
+    /// work: the buffers up to it could not take what waits (a receive queue whose buffers
+    /// are too small for the held frame). Counting those as work would spin forever.
+    Blocked {
+        /// The driver's available index when the device found its buffers too few.
+        seen: u16,
+    },
 }
 
 /// Why a pass ended early.
@@ -59,6 +66,30 @@ impl PassContext<'_> {
     pub fn serviceable(&self, queue: usize, vring: &VringRwLock) -> bool {
         serviceable(self.core, queue, vring)
     }
+}
+
+/// Re-enables kicks on a queue blocked at available index `seen` and says whether the driver
+/// has added buffers since. With RING_EVENT_IDX the driver kicks only once its index passes
+/// `avail_event`, which `enable_notification` puts at the device's position, behind `seen`
+/// (the chains up to `seen` were looked at and put back): `avail_event` moves to `seen`, so the
+/// next buffer added is kicked.
+fn rearm_blocked(core: &DeviceCore, vring: &VringRwLock, memory: &Memory, seen: u16) -> io::Result<bool> {
+    use std::sync::atomic::{Ordering, fence};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+    vring.enable_notification().map_err(io::Error::other)?;
+    let mem = memory.memory();
+    let mut state = vring.get_mut();
+    let vq = state.get_queue_mut();
+    if vq.event_idx_enabled() {
+        let at = GuestAddress(vq.used_ring()).checked_add(pvkit_protocol::ring::avail_event_offset(vq.size()));
+        if let Some(at) = at
+            && mem.write_obj(seen.to_le(), at).is_ok()
+        {
+            core.services().guest_written(at, 2);
+        }
+        fence(Ordering::SeqCst);
+    }
+    Ok(vq.avail_idx(&*mem, Ordering::Acquire).is_ok_and(|now| now.0 != seen))
 }
 
 fn serviceable(core: &DeviceCore, queue: usize, vring: &VringRwLock) -> bool {
@@ -125,6 +156,7 @@ impl DeviceCore {
                         q.vring.enable_notification().map_err(io::Error::other)?;
                     }
                     Rearm::Parked => {}
+                    Rearm::Blocked { seen } => more |= rearm_blocked(self, q.vring, &memory, seen)?,
                 }
             }
             if !more {

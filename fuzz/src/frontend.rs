@@ -89,7 +89,8 @@ impl<D: ServedDevice> Frontend<D> {
         let private = UnixListener::bind_addr(&address)?;
         let handler_side = UnixStream::connect_addr(&address)?;
         let (socket, relay_side) = UnixStream::pair()?;
-        pvkit_host_devices::relay::start(name, relay_side, handler_side, device.backend_channel())?;
+        let dirty = Some(device.core().dirty_log().clone());
+        pvkit_host_devices::relay::start(name, relay_side, handler_side, device.backend_channel(), dirty)?;
         daemon.start(&mut Listener::from(private)).map_err(|e| io::Error::other(e.to_string()))?;
         socket.set_nonblocking(true)?;
         Ok(Frontend { socket, daemon, memory: shared_file(GUEST_MEM), kicks: Vec::new() })

@@ -14,10 +14,15 @@
 //!
 //! It also keeps a duplicate of the backend request channel handed over with
 //! SET_BACKEND_REQ_FD, for devices that send requests the library cannot
-//! ([`crate::backend_channel`]).
+//! ([`crate::backend_channel`]), and it takes dirty-page logging over from the library, which
+//! can only log through a bitmap in the guest memory type: SET_LOG_BASE gives the connection's
+//! [`DirtyLog`] its bitmap (answered here, as the specification asks), SET_LOG_FD is accepted
+//! and closed, and SET_FEATURES tells the log whether VHOST_F_LOG_ALL is on. A log that cannot
+//! be taken ends the connection: a migration must fail rather than lose pages.
 
 use crate::backend_channel::BackendChannel;
 use crate::lock;
+use crate::queue::dirty_log::DirtyLog;
 use log::{debug, warn};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -42,15 +47,18 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES_BIT: u64 =
     pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_USER_PROTOCOL_FEATURES]).0;
+const LOG_ALL_BIT: u64 =
+    pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_LOG_ALL]).0;
 
 /// Starts relaying between `frontend` and `handler` in two threads; they end when either side
 /// closes, closing the other. A backend request channel the frontend hands over goes to
-/// `channel` too, when given.
+/// `channel` too, when given; the dirty log, to `dirty`.
 pub fn start(
     name: &str,
     frontend: UnixStream,
     handler: UnixStream,
     channel: Option<Arc<BackendChannel>>,
+    dirty: Option<Arc<DirtyLog>>,
 ) -> io::Result<()> {
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let handler_reader = handler.try_clone()?;
@@ -59,7 +67,8 @@ pub fn start(
     let handler_closer = handler.try_clone()?;
     let label = name.to_string();
     std::thread::Builder::new().name("relay-requests".into()).spawn(move || {
-        if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies, channel.as_deref()) {
+        let sinks = Sinks { channel: channel.as_deref(), dirty: dirty.as_deref() };
+        if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies, sinks) {
             debug!("{label}: relay from the frontend ended: {e}");
         }
         let _ = handler_closer.shutdown(std::net::Shutdown::Both);
@@ -129,12 +138,49 @@ fn reply(frontend_writer: &Mutex<UnixStream>, request: u32, value: u64) -> io::R
 }
 
 /// Frontend to handler: messages one by one, holding back early SET_VRING_ENABLE.
+/// Where the relay passes what it keeps of the control channel.
+#[derive(Clone, Copy)]
+struct Sinks<'a> {
+    channel: Option<&'a BackendChannel>,
+    dirty: Option<&'a DirtyLog>,
+}
+
+/// Takes SET_LOG_BASE (payload: size, offset; one descriptor) or SET_LOG_FD for the dirty log
+/// and answers; an error ends the connection.
+fn take_log_message(
+    request: u32,
+    payload: &[u8],
+    fds: &mut Vec<OwnedFd>,
+    dirty: Option<&DirtyLog>,
+    frontend_writer: &Mutex<UnixStream>,
+) -> io::Result<()> {
+    if request == FrontendReq::SET_LOG_FD as u32 {
+        // The log's eventfd: nothing is ever signalled through it (no IOTLB, no log syncing).
+        fds.clear();
+        return Ok(());
+    }
+    let (Some(dirty), [_], Some(raw)) = (dirty, fds.as_slice(), payload.get(..16)) else {
+        return Err(io::Error::other(format!(
+            "a SET_LOG_BASE with {} payload bytes and {} descriptor(s) cannot be taken",
+            payload.len(),
+            fds.len()
+        )));
+    };
+    let size = u64::from_le_bytes(raw[..8].try_into().unwrap_or([0; 8]));
+    let offset = u64::from_le_bytes(raw[8..16].try_into().unwrap_or([0; 8]));
+    let fd = fds.pop().ok_or_else(|| io::Error::other("SET_LOG_BASE without its descriptor"))?;
+    dirty.set_base(fd, offset, size).map_err(|e| io::Error::other(format!("SET_LOG_BASE: {e}")))?;
+    reply(frontend_writer, request, 0)
+}
+
 fn requests(
     frontend: &UnixStream,
     handler: &UnixStream,
     frontend_writer: &Mutex<UnixStream>,
-    channel: Option<&BackendChannel>,
+    sinks: Sinks<'_>,
 ) -> io::Result<()> {
+    let Sinks { channel, dirty } = sinks;
+    let (set_log_base, set_log_fd) = (FrontendReq::SET_LOG_BASE as u32, FrontendReq::SET_LOG_FD as u32);
     let set_vring_enable = FrontendReq::SET_VRING_ENABLE as u32;
     let set_backend_req_fd = FrontendReq::SET_BACKEND_REQ_FD as u32;
     let set_features = FrontendReq::SET_FEATURES as u32;
@@ -175,6 +221,16 @@ fn requests(
             }
             continue;
         }
+        if request == set_log_base || request == set_log_fd {
+            if let Err(e) = take_log_message(request, &payload, &mut fds, dirty, frontend_writer) {
+                warn!("dirty log refused, ending the connection: {e}");
+                return Err(e);
+            }
+            if request == set_log_fd && flags & FLAG_NEED_REPLY != 0 {
+                reply(frontend_writer, request, 0)?;
+            }
+            continue;
+        }
         if request == set_backend_req_fd
             && let (Some(channel), [fd]) = (channel, fds.as_slice())
         {
@@ -183,6 +239,12 @@ fn requests(
                 Err(e) => warn!("cannot keep the backend request channel: {e}"),
             }
         }
+        if request == set_features
+            && let (Some(dirty), Some(word)) = (dirty, payload.get(..8))
+        {
+            // Before the library acts on the features: no write escapes a starting log.
+            dirty.set_log_all(u64::from_le_bytes(word.try_into().unwrap_or([0; 8])) & LOG_ALL_BIT != 0);
+        }
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&payload);
         send_message(handler, &bytes, &fds)?;
@@ -190,6 +252,7 @@ fn requests(
         if request == set_features && size == 8 {
             let features = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
             protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
+
             if protocol_features_acked && !held.is_empty() {
                 debug!("replaying {} early SET_VRING_ENABLE message(s)", held.len());
                 for (index, state) in std::mem::take(&mut held) {
@@ -240,7 +303,7 @@ mod tests {
         for s in [&frontend, &handler] {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
-        start("relay-test", relay_frontend, relay_handler, None).unwrap();
+        start("relay-test", relay_frontend, relay_handler, None, None).unwrap();
         (frontend, handler)
     }
 
@@ -332,5 +395,59 @@ mod tests {
         assert_eq!((reply, flags & FLAG_REPLY, payload), (request, FLAG_REPLY, 1u64.to_le_bytes().to_vec()));
         (&frontend).write_all(&message(GET_FEATURES, FLAG_VERSION, &[])).unwrap();
         assert_eq!(read_message(&handler).0, GET_FEATURES, "the refused table never reached the handler");
+    }
+
+    fn relayed_with_log() -> (UnixStream, UnixStream, Arc<DirtyLog>) {
+        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        let (relay_handler, handler) = UnixStream::pair().unwrap();
+        for s in [&frontend, &handler] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let dirty = Arc::new(DirtyLog::new());
+        start("relay-test", relay_frontend, relay_handler, None, Some(dirty.clone())).unwrap();
+        (frontend, handler, dirty)
+    }
+
+    fn log_base(size: u64, offset: u64) -> Vec<u8> {
+        let body = [size.to_le_bytes(), offset.to_le_bytes()].concat();
+        message(FrontendReq::SET_LOG_BASE as u32, FLAG_VERSION, &body)
+    }
+
+    /// SET_LOG_BASE is answered by the relay and never reaches the library; SET_FEATURES with
+    /// VHOST_F_LOG_ALL (passed on) starts the logging, and without it stops it.
+    #[test]
+    fn a_log_base_is_taken_and_answered_and_log_all_switches_logging() {
+        let (frontend, handler, dirty) = relayed_with_log();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        frontend.send_with_fds(&[&log_base(4096, 0)[..]], &[file.as_raw_fd()]).unwrap();
+        let (request, flags, payload) = read_message(&frontend);
+        assert_eq!((request, flags & FLAG_REPLY, payload), (FrontendReq::SET_LOG_BASE as u32, FLAG_REPLY, vec![0; 8]));
+        let with_log = PROTOCOL_FEATURES_BIT | LOG_ALL_BIT;
+        (&frontend).write_all(&message(SET_FEATURES, FLAG_VERSION, &with_log.to_le_bytes())).unwrap();
+        assert_eq!(read_message(&handler).0, SET_FEATURES, "SET_LOG_BASE was not passed on");
+        assert!(dirty.is_logging());
+        (&frontend).write_all(&message(SET_FEATURES, FLAG_VERSION, &PROTOCOL_FEATURES_BIT.to_le_bytes())).unwrap();
+        assert_eq!(read_message(&handler).0, SET_FEATURES);
+        assert!(!dirty.is_logging(), "a cleared LOG_ALL stops logging");
+    }
+
+    /// A log its file cannot hold, or one without its descriptor, ends the connection: a
+    /// migration must fail rather than miss pages.
+    #[test]
+    fn a_log_that_cannot_be_taken_ends_the_connection() {
+        for with_fd in [true, false] {
+            let (frontend, handler, dirty) = relayed_with_log();
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(4096).unwrap();
+            let fds = if with_fd { vec![file.as_raw_fd()] } else { Vec::new() };
+            frontend.send_with_fds(&[&log_base(1 << 20, 0)[..]], &fds).unwrap();
+            let mut rest = Vec::new();
+            (&handler).read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "nothing reaches the library");
+            (&frontend).read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "no success reply, the frontend's side is closed");
+            assert!(!dirty.is_logging());
+        }
     }
 }

@@ -75,10 +75,11 @@ pub struct ListenArgs {
 }
 
 /// The vhost-user protocol features every pvkit backend offers (libblkio requires REPLY_ACK,
-/// CONFIG and CONFIGURE_MEM_SLOTS).
+/// CONFIG and CONFIGURE_MEM_SLOTS; QEMU migrates only with LOG_SHMFD, whose SET_LOG_BASE the
+/// relay takes, see [`crate::queue::dirty_log`]).
 pub fn protocol_features() -> vhost::vhost_user::message::VhostUserProtocolFeatures {
     use vhost::vhost_user::message::VhostUserProtocolFeatures as F;
-    F::MQ | F::CONFIG | F::REPLY_ACK | F::CONFIGURE_MEM_SLOTS
+    F::MQ | F::CONFIG | F::REPLY_ACK | F::CONFIGURE_MEM_SLOTS | F::LOG_SHMFD
 }
 
 /// The `size` bytes at `offset` of a device's configuration space `config`, zero-filled past
@@ -316,6 +317,7 @@ fn relayed_frontend(
     index: usize,
     listener: &Listener,
     channel: Option<std::sync::Arc<crate::backend_channel::BackendChannel>>,
+    dirty: Option<std::sync::Arc<crate::queue::dirty_log::DirtyLog>>,
 ) -> Result<Listener, ServerError> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -333,7 +335,7 @@ fn relayed_frontend(
         .map_err(relay_error)?;
     let private = UnixListener::bind_addr(&address).map_err(relay_error)?;
     let handler_side = UnixStream::connect_addr(&address).map_err(relay_error)?;
-    crate::relay::start(name, frontend, handler_side, channel).map_err(relay_error)?;
+    crate::relay::start(name, frontend, handler_side, channel, dirty).map_err(relay_error)?;
     Ok(Listener::from(private))
 }
 
@@ -357,7 +359,8 @@ where
         device.attach(daemon.get_epoll_handlers()).map_err(ServerError::Attach)?;
         // Every frontend goes through the relay: it checks memory tables before the library
         // maps them, holds QEMU's early SET_VRING_ENABLE, and keeps the backend request channel.
-        let mut private = relayed_frontend(name, index, &listener, device.backend_channel())?;
+        let dirty = Some(device.core().dirty_log().clone());
+        let mut private = relayed_frontend(name, index, &listener, device.backend_channel(), dirty)?;
         daemon.start(&mut private)?;
         info!("{name}: frontend connected");
         match daemon.wait() {

@@ -163,6 +163,9 @@ pub mod feature {
     /// vhost-user: the backend understands `VHOST_USER_GET_PROTOCOL_FEATURES`. Never offered to
     /// a guest; it lives in the backend's feature word (bit 30) only.
     pub const VHOST_USER_PROTOCOL_FEATURES: u32 = 30;
+    /// vhost: the backend logs the guest pages it writes while the frontend has this bit set
+    /// (`VHOST_F_LOG_ALL`, live migration). Like bit 30, it is the backend's, not a guest's.
+    pub const VHOST_LOG_ALL: u32 = 26;
 }
 
 /// A set of feature bits, as the 64-bit word vhost-user and virtio-pci exchange.

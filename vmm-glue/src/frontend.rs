@@ -43,10 +43,17 @@ pub enum FrontendError {
 /// VHOST_USER_F_PROTOCOL_FEATURES (not a virtio feature; never shown to the guest).
 const PROTOCOL_FEATURES_BIT: u64 = Features::from_bits(&[vf::VHOST_USER_PROTOCOL_FEATURES]).0;
 /// Features the virtio-mmio transport cannot pass on: the packed ring, NOTIFICATION_DATA
-/// (notifies carrying data would miss the ioeventfds' match), RING_RESET, and
-/// ACCESS_PLATFORM (there is no IOMMU).
+/// (notifies carrying data would miss the ioeventfds' match), RING_RESET, ACCESS_PLATFORM
+/// (there is no IOMMU), and VHOST_F_LOG_ALL (the backend's, for a migrating frontend).
 const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT
-    | Features::from_bits(&[vf::ACCESS_PLATFORM, vf::RING_PACKED, vf::NOTIFICATION_DATA, vf::RING_RESET]).0);
+    | Features::from_bits(&[
+        vf::ACCESS_PLATFORM,
+        vf::RING_PACKED,
+        vf::NOTIFICATION_DATA,
+        vf::RING_RESET,
+        vf::VHOST_LOG_ALL,
+    ])
+    .0);
 /// Largest queue size offered to the guest.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 

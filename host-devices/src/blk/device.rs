@@ -123,6 +123,7 @@ impl BlkDevice {
             vf::RING_EVENT_IDX,
             vf::RING_INDIRECT_DESC,
             vf::VHOST_USER_PROTOCOL_FEATURES,
+            vf::VHOST_LOG_ALL,
             blkf::SIZE_MAX,
             blkf::SEG_MAX,
             blkf::BLK_SIZE,

@@ -176,6 +176,7 @@ impl ConsoleDevice {
             vf::VERSION_1,
             vf::RING_EVENT_IDX,
             vf::VHOST_USER_PROTOCOL_FEATURES,
+            vf::VHOST_LOG_ALL,
             cf::SIZE,
             cf::EMERG_WRITE,
         ]);

@@ -138,6 +138,7 @@ impl NetDevice {
             vf::RING_EVENT_IDX,
             vf::RING_INDIRECT_DESC,
             vf::VHOST_USER_PROTOCOL_FEATURES,
+            vf::VHOST_LOG_ALL,
             netf::MAC,
             netf::STATUS,
             netf::MTU,

@@ -3,6 +3,7 @@
 //! process's gates, broken queues, and the services.
 
 use super::Memory;
+use super::dirty_log::{CoreServices, DirtyLog};
 use super::quiesce::Gates;
 use super::ring::RingError;
 use super::services::{NoServices, QueueServices};
@@ -27,7 +28,7 @@ pub struct DeviceCore {
     broken: Vec<AtomicBool>,
     broken_rings: AtomicU64,
     poll: Duration,
-    services: Arc<dyn QueueServices>,
+    services: CoreServices,
 }
 
 impl DeviceCore {
@@ -54,19 +55,24 @@ impl DeviceCore {
             broken: (0..queues).map(|_| AtomicBool::new(false)).collect(),
             broken_rings: AtomicU64::new(0),
             poll: Duration::from_micros(poll_us),
-            services: Arc::new(NoServices),
+            services: CoreServices { dirty: Arc::new(DirtyLog::new()), attached: Arc::new(NoServices) },
         })
     }
 
     /// The same core with `services` attached.
     pub fn with_services(mut self, services: Arc<dyn QueueServices>) -> DeviceCore {
-        self.services = services;
+        self.services.attached = services;
         self
     }
 
-    /// The services' hooks.
+    /// The services' hooks: the connection's dirty log, then the attached services.
     pub fn services(&self) -> &dyn QueueServices {
-        &*self.services
+        &self.services
+    }
+
+    /// The connection's dirty log (fed by the relay from SET_FEATURES and SET_LOG_BASE).
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.services.dirty
     }
 
     /// How long a worker keeps polling after its last work.

@@ -19,11 +19,14 @@
 //!   stored once per batch, RING_EVENT_IDX's `used_event` or the NO_INTERRUPT flag honoured.
 //! - [`services`]: the hooks where later services attach once for every device: before a
 //!   request or frame is served, after it completes, and on every write into guest memory.
+//! - [`dirty_log`]: dirty-page logging for live migration, the first service: it listens on
+//!   `guest_written` in front of whatever services are attached.
 //! - [`device_core`]: what every `VhostUserBackend` implementation shares (the memory slot,
 //!   the exit events, the stop flag, broken queues) behind one [`DeviceCore`].
 
 pub mod chain;
 pub mod device_core;
+pub mod dirty_log;
 pub mod quiesce;
 pub mod ring;
 pub mod services;
@@ -40,5 +43,6 @@ pub use services::{NoServices, QueueServices, Verdict};
 pub use used::UsedBatch;
 pub use worker::{PassError, QueueService, Rearm, WorkerQueue};
 
-/// The guest memory every backend maps (no dirty bitmap yet).
+/// The guest memory every backend maps (dirty pages are logged through the services' hooks,
+/// not a bitmap in the memory, see [`dirty_log`]).
 pub type Memory = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;

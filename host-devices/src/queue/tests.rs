@@ -454,3 +454,99 @@ fn a_frame_larger_than_all_receive_buffers_waits_without_spinning() {
     device.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
     assert!(used_idx(&mem, &rx_mock) >= 1, "the held frame is delivered once a large enough buffer comes");
 }
+
+/// Whether page `page` is set in the dirty log `file`.
+fn logged(file: &std::fs::File, page: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, page / 8).unwrap();
+    byte[0] & (1 << (page % 8)) != 0
+}
+
+/// With logging on, a block read through each engine marks every page the backend wrote:
+/// the read's data (from the kernel, for io_uring), the status byte and the used ring; a page
+/// it did not write stays clear.
+#[test]
+fn a_block_read_marks_every_page_it_wrote_for_each_engine() {
+    use crate::blk::engine::SyncEngine;
+    use crate::blk::uring::UringEngine;
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0x5a; 1 << 20]).unwrap();
+    let path = image.to_str().unwrap();
+    let engines: Vec<(&str, Engine)> = vec![
+        ("null", Engine::Null(NullEngine::new(1 << 20).unwrap())),
+        ("sync", Engine::Sync(SyncEngine::open(path, false, false).unwrap())),
+        ("io_uring", Engine::Uring(UringEngine::open(path, false, false, 1).unwrap())),
+    ];
+    for (name, engine) in engines {
+        let options = BlkOptions {
+            num_queues: 1,
+            queue_size: 256,
+            serial: "log".into(),
+            logical_block_size: 512,
+            read_only: false,
+            poll_us: 0,
+        };
+        let device =
+            BlkDevice::new(Arc::new(engine), options, Arc::new(Stats::default()), Arc::new(Gates::new(1))).unwrap();
+        let (mem, atomic) = memory();
+        device.update_memory(atomic.clone()).unwrap();
+        let log = tempfile::tempfile().unwrap();
+        log.set_len(0x100_0000 / 4096 / 8).unwrap();
+        let dirty = device.core().dirty_log();
+        dirty.set_base(log.as_fd().try_clone_to_owned().unwrap(), 0, 0x100_0000 / 4096 / 8).unwrap();
+        dirty.set_log_all(true);
+        let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
+        let mut header = [0u8; 16];
+        RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
+        mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
+        let read = [
+            RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x80_1000, 8192, WRITE | NEXT, 2)),
+            RawDescriptor::from(SplitDescriptor::new(0x80_5000, 1, WRITE, 0)),
+        ];
+        queue.add_desc_chains(&read, 0).unwrap();
+        device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_5000)).unwrap(), 0, "{name}: status OK");
+        let used_page = queue.used_addr().0 / 4096;
+        for page in [0x801, 0x802, 0x805, used_page] {
+            assert!(logged(&log, page), "{name}: page {page:#x} was written but not logged");
+        }
+        for page in [0x800, 0x803, 0x804] {
+            assert!(!logged(&log, page), "{name}: page {page:#x} was not written but is logged");
+        }
+    }
+}
+
+/// With logging on, a frame received through the loopback marks its receive buffer's page and
+/// the receive queue's used ring; the transmit buffer, only read, stays clear.
+#[test]
+fn a_received_frame_marks_its_pages() {
+    use std::os::fd::AsFd;
+    let (mem, atomic) = memory();
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
+    let device =
+        NetDevice::new(options, NetworkSide::Loopback, Arc::new(NetStats::default()), Arc::new(Gates::new(1))).unwrap();
+    device.acked_features(device.features());
+    device.update_memory(atomic.clone()).unwrap();
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(0x100_0000 / 4096 / 8).unwrap();
+    device.core().dirty_log().set_base(log.as_fd().try_clone_to_owned().unwrap(), 0, 0x100_0000 / 4096 / 8).unwrap();
+    device.core().dirty_log().set_log_all(true);
+    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    rx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x90_0000, 2048, WRITE, 0))], 0).unwrap();
+    let mut frame = vec![0u8; 12 + 60];
+    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
+    tx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x80_0000, 72, 0, 0))], 0).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
+    assert_eq!(used_idx(&mem, &rx_mock), 1);
+    for page in [0x900, rx_mock.used_addr().0 / 4096, tx_mock.used_addr().0 / 4096] {
+        assert!(logged(&log, page), "page {page:#x} was written but not logged");
+    }
+    assert!(!logged(&log, 0x800), "the transmitted frame's page was only read");
+}

@@ -12,6 +12,7 @@ pub mod blkio_client;
 pub mod facility;
 pub mod initramfs;
 pub mod linux_guest;
+pub mod migration;
 pub mod peers;
 pub mod process;
 pub mod terminal;

@@ -280,6 +280,7 @@ fn build_base_initramfs(dest: &Path, modules_dir: &Path) -> Result<()> {
     initramfs::finish_gz(cpio)
 }
 
+#[derive(Debug, Clone)]
 enum Device {
     VhostUserBlk { socket: PathBuf, queues: u16 },
     VhostUserNet { socket: PathBuf, queues: u16, mac: String },
@@ -294,9 +295,43 @@ pub struct LinuxGuest {
     memory_mib: u32,
     cpus: u32,
     timeout: Duration,
+    migration: Option<Migration>,
+}
+
+/// Where and when a guest migrates: a second QEMU whose vhost-user-blk disks are served at
+/// `blk_sockets` (one per disk, in order), `after` the first one started.
+#[derive(Debug, Clone)]
+struct Migration {
+    blk_sockets: Vec<PathBuf>,
+    after: Duration,
+}
+
+impl Migration {
+    /// The destination's device arguments: the source's, each disk on its new socket.
+    fn device_args(&self, devices: &[Device]) -> Vec<String> {
+        let mut sockets = self.blk_sockets.iter();
+        let moved: Vec<Device> = devices
+            .iter()
+            .map(|device| match (device, sockets.next()) {
+                (Device::VhostUserBlk { queues, .. }, Some(socket)) => {
+                    Device::VhostUserBlk { socket: socket.clone(), queues: *queues }
+                }
+                (other, _) => other.clone(),
+            })
+            .collect();
+        device_args(&moved)
+    }
 }
 
 impl LinuxGuest {
+    /// Live-migrates the guest `after` it started to a second QEMU on this host, whose
+    /// vhost-user-blk disks are served at `blk_sockets` (shared storage: another backend on
+    /// the same image), over a unix socket, started through QEMU's monitor.
+    pub fn migrate_to(mut self, blk_sockets: Vec<PathBuf>, after: Duration) -> Self {
+        self.migration = Some(Migration { blk_sockets, after });
+        self
+    }
+
     /// A guest that runs `script` (POSIX sh, busybox) as its test; its exit code is the result.
     pub fn new(script: impl Into<String>) -> LinuxGuest {
         LinuxGuest {
@@ -307,6 +342,7 @@ impl LinuxGuest {
             memory_mib: 1024,
             cpus: 1,
             timeout: Duration::from_secs(240),
+            migration: None,
         }
     }
 
@@ -353,31 +389,12 @@ impl LinuxGuest {
     }
 
     fn device_args(&self) -> Vec<String> {
-        let mut args = Vec::new();
-        for (i, device) in self.devices.iter().enumerate() {
-            match device {
-                Device::VhostUserBlk { socket, queues } => {
-                    args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
-                    args.extend(["-device".into(), format!("vhost-user-blk-pci,chardev=dev{i},num-queues={queues}")]);
-                }
-                Device::VhostUserNet { socket, queues, mac } => {
-                    args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
-                    args.extend(["-netdev".into(), format!("vhost-user,id=net{i},chardev=dev{i},queues={queues}")]);
-                    let mq = if *queues > 1 { format!(",mq=on,vectors={}", 2 * queues + 2) } else { String::new() };
-                    args.extend(["-device".into(), format!("virtio-net-pci,netdev=net{i},mac={mac}{mq}")]);
-                }
-            }
-        }
-        args
+        device_args(&self.devices)
     }
 
-    /// Boots the guest, waits for it to power off (or the timeout), and returns the result.
-    pub fn run(self) -> Result<GuestRun> {
-        let image = GuestImage::get()?;
-        let work = tempfile::Builder::new()
-            .prefix("pvkit-guest-")
-            .tempdir()
-            .map_err(HarnessError::io("creating a temporary directory"))?;
+    /// The guest's initramfs in `dir`: the cached image's, then an archive with the test's
+    /// script and files.
+    fn initrd(&self, dir: &Path, image: &GuestImage) -> Result<PathBuf> {
         let mut test_archive = CpioArchive::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
         test_archive.file("pvkit/test.sh", 0o755, self.script.as_bytes())?;
         for (name, mode, data) in &self.files {
@@ -386,10 +403,13 @@ impl LinuxGuest {
         let test_archive = test_archive.finish()?.finish().map_err(HarnessError::io("compressing the test archive"))?;
         let base =
             fs::read(&image.initramfs).map_err(HarnessError::io(format!("reading {}", image.initramfs.display())))?;
-        let initrd = work.path().join("initrd");
+        let initrd = dir.join("initrd");
         initramfs::concatenate(&initrd, &[&base, &test_archive])?;
+        Ok(initrd)
+    }
 
-        let log_path = work.path().join("serial.log");
+    /// A QEMU for this guest with `devices`, its serial port into `log_path`.
+    fn qemu_command(&self, image: &GuestImage, initrd: &Path, log_path: &Path, devices: Vec<String>) -> Command {
         let mem = self.memory_mib;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-machine", "q35,memory-backend=mem", "-object"])
@@ -400,48 +420,121 @@ impl LinuxGuest {
             .arg("-kernel")
             .arg(&image.kernel)
             .arg("-initrd")
-            .arg(&initrd)
+            .arg(initrd)
             .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
-            .args(self.device_args())
+            .args(devices)
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut qemu = crate::process::ChildGuard::spawn("qemu-system-x86_64", &mut cmd).map_err(|e| match e {
-            HarnessError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                HarnessError::MissingProgram {
-                    program: "qemu-system-x86_64".into(),
-                    hint: "scripts/test --prepare installs QEMU 10",
-                }
-            }
-            other => other,
-        })?;
-        let read_log = || fs::read(&log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        let status = loop {
-            match qemu.check_running() {
-                Ok(()) => {}
-                Err(HarnessError::ExitedEarly { status, stderr, .. }) => break (status, stderr),
-                Err(other) => return Err(other),
-            }
-            if started.elapsed() > self.timeout {
-                let stderr = qemu.stop();
-                return Err(HarnessError::Timeout(
-                    self.timeout,
-                    format!("{}\n(qemu stderr: {})", tail(&read_log(), 40), tail(&stderr, 5)),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let log = read_log();
-        Ok(GuestRun {
-            rc: parse_result(&log),
-            log,
-            qemu_status: status.0,
-            qemu_stderr: status.1,
-            elapsed: started.elapsed(),
-        })
+        cmd
     }
+
+    /// Boots the guest, waits for it to power off (or the timeout), and returns the result.
+    /// With [`LinuxGuest::migrate_to`], the guest moves to a second QEMU on the way.
+    pub fn run(self) -> Result<GuestRun> {
+        let image = GuestImage::get()?;
+        let work = tempfile::Builder::new()
+            .prefix("pvkit-guest-")
+            .tempdir()
+            .map_err(HarnessError::io("creating a temporary directory"))?;
+        let initrd = self.initrd(work.path(), &image)?;
+        let log_path = work.path().join("serial.log");
+        let mut cmd = self.qemu_command(&image, &initrd, &log_path, self.device_args());
+        let started = Instant::now();
+        let Some(migration) = &self.migration else {
+            let qemu = spawn_qemu(&mut cmd)?;
+            return watch(qemu, started, self.timeout, &[&log_path], None);
+        };
+        let dest_log = work.path().join("serial-destination.log");
+        let incoming = work.path().join("migrate.sock");
+        let monitor = work.path().join("monitor.sock");
+        let mut dest = self.qemu_command(&image, &initrd, &dest_log, migration.device_args(&self.devices));
+        dest.arg("-incoming").arg(format!("unix:{}", incoming.display()));
+        let destination = spawn_qemu(&mut dest)?;
+        cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", monitor.display()));
+        let mut source = spawn_qemu(&mut cmd)?;
+        std::thread::sleep(migration.after);
+        source.check_running()?;
+        let info = crate::migration::migrate(&monitor, &incoming, self.timeout)?;
+        let _ = source.terminate(Duration::from_secs(5));
+        watch(destination, started, self.timeout, &[&log_path, &dest_log], Some(info))
+    }
+}
+
+/// QEMU arguments attaching `devices`.
+fn device_args(devices: &[Device]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (i, device) in devices.iter().enumerate() {
+        match device {
+            Device::VhostUserBlk { socket, queues } => {
+                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
+                args.extend(["-device".into(), format!("vhost-user-blk-pci,chardev=dev{i},num-queues={queues}")]);
+            }
+            Device::VhostUserNet { socket, queues, mac } => {
+                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
+                args.extend(["-netdev".into(), format!("vhost-user,id=net{i},chardev=dev{i},queues={queues}")]);
+                let mq = if *queues > 1 { format!(",mq=on,vectors={}", 2 * queues + 2) } else { String::new() };
+                args.extend(["-device".into(), format!("virtio-net-pci,netdev=net{i},mac={mac}{mq}")]);
+            }
+        }
+    }
+    args
+}
+
+/// Starts QEMU, saying how to install it when it is missing.
+fn spawn_qemu(cmd: &mut Command) -> Result<crate::process::ChildGuard> {
+    crate::process::ChildGuard::spawn("qemu-system-x86_64", cmd).map_err(|e| match e {
+        HarnessError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            HarnessError::MissingProgram {
+                program: "qemu-system-x86_64".into(),
+                hint: "scripts/test --prepare installs QEMU 10",
+            }
+        }
+        other => other,
+    })
+}
+
+/// Waits for `qemu` to exit (or `timeout` since `started`); the run's log is the serial logs
+/// in `log_paths`, one after the other (a migrated guest's output continues in the second).
+fn watch(
+    mut qemu: crate::process::ChildGuard,
+    started: Instant,
+    timeout: Duration,
+    log_paths: &[&Path],
+    migration: Option<String>,
+) -> Result<GuestRun> {
+    let read_log = || {
+        log_paths
+            .iter()
+            .map(|path| fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
+    };
+    let status = loop {
+        match qemu.check_running() {
+            Ok(()) => {}
+            Err(HarnessError::ExitedEarly { status, stderr, .. }) => break (status, stderr),
+            Err(other) => return Err(other),
+        }
+        if started.elapsed() > timeout {
+            let stderr = qemu.stop();
+            return Err(HarnessError::Timeout(
+                timeout,
+                format!("{}\n(qemu stderr: {})", tail(&read_log(), 40), tail(&stderr, 5)),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = read_log();
+    Ok(GuestRun {
+        rc: parse_result(&log),
+        log,
+        qemu_status: status.0,
+        qemu_stderr: status.1,
+        elapsed: started.elapsed(),
+        migration,
+    })
 }
 
 /// The result code in a serial log, if the guest got as far as printing it.
@@ -465,6 +558,8 @@ pub struct GuestRun {
     pub qemu_stderr: String,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// With a migration: the source's last `info migrate` (status, times, bytes).
+    pub migration: Option<String>,
 }
 
 impl GuestRun {

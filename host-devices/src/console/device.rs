@@ -329,9 +329,8 @@ impl ConsoleDevice {
             // Full: chains wait that the port cannot take until its host side drains (which
             // wakes the worker: output writable, or a client connecting).
             let full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
-            drop(state);
             let taken = used.len();
-            used.publish_on(vring, &*mem, services)?;
+            used.publish_and_release(state, vring, &*mem, services)?;
             (full, taken)
         };
         let (fd, want) = (port.output_fd(), !port.pending.is_empty());
@@ -399,9 +398,8 @@ impl ConsoleDevice {
                     }
                 }
             }
-            drop(state);
             let returned = used.len();
-            used.publish_on(vring, &*mem, services)?;
+            used.publish_and_release(state, vring, &*mem, services)?;
             returned
         };
         let fd = port.input_fd();
@@ -445,9 +443,8 @@ impl ConsoleDevice {
                 Err(why) => self.refused(&format_args!("control chain dropped: {why}")),
             }
         }
-        drop(state);
         let count = used.len();
-        used.publish_on(vring, &*mem, self.shared.core.services())?;
+        used.publish_and_release(state, vring, &*mem, self.shared.core.services())?;
         popper.finish(count)
     }
 
@@ -494,9 +491,8 @@ impl ConsoleDevice {
             };
             used.push(head, written as u32);
         }
-        drop(state);
         let count = used.len();
-        used.publish_on(vring, &*mem, services)?;
+        used.publish_and_release(state, vring, &*mem, services)?;
         popper.finish(count)
     }
 }

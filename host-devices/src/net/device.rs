@@ -255,8 +255,7 @@ impl NetDevice {
         let count = used.len();
         if count > 0 {
             self.shared.stats.transmitted(packets, bytes);
-            drop(vring);
-            used.publish_on(tx, &*ring_mem, services)?;
+            used.publish_and_release(vring, tx, &*ring_mem, services)?;
         }
         popper.finish(count)
     }
@@ -366,8 +365,7 @@ impl NetDevice {
             self.shared.stats.received(packets, bytes);
         }
         let entries = used.len();
-        drop(vring);
-        used.publish_on(rx, &*ring_mem, services)?;
+        used.publish_and_release(vring, rx, &*ring_mem, services)?;
         popper.finish(entries)
     }
 

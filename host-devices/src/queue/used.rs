@@ -42,15 +42,20 @@ impl UsedBatch {
         self.entries.is_empty()
     }
 
-    /// Publishes the batch on `vring` and signals the driver if it asked: what every pass ends
-    /// with (the caller no longer holds the vring's lock).
-    pub fn publish_on<M: GuestMemory>(
+    /// Publishes the batch while the pass still holds `state`, `vring`'s lock, then releases
+    /// it and signals the driver if it asked: what every pass ends with. Under the lock, so
+    /// that a frontend stopping the queue (GET_VRING_BASE, which takes it) waits until every
+    /// chain the pass took has its used entry: the index it is told then matches the ring, and
+    /// a migration's last dirty-log sync sees every write.
+    pub fn publish_and_release<M: GuestMemory>(
         &mut self,
+        mut state: std::sync::RwLockWriteGuard<'_, vhost_user_backend::VringState<super::Memory>>,
         vring: &VringRwLock,
         mem: &M,
         services: &dyn QueueServices,
     ) -> std::io::Result<()> {
-        let notify = self.publish(vring.get_mut().get_queue_mut(), mem, services).map_err(std::io::Error::other)?;
+        let notify = self.publish(state.get_queue_mut(), mem, services).map_err(std::io::Error::other)?;
+        drop(state);
         if notify {
             vring.signal_used_queue()?;
         }

@@ -1,6 +1,8 @@
 //! vhost-user-net against Linux's own virtio-net driver (QEMU TCG guests): through a tap into a
 //! network namespace the test creates (ping and iperf3 against a server inside it; no traffic
-//! leaves the namespace), and two guests on one `--switch` process pinging each other.
+//! leaves the namespace), two guests on one `--switch` process pinging each other, and a guest
+//! that keeps pinging while it is live-migrated from one backend's tap to another's on the
+//! same bridge.
 
 use pvkit_test_support::facility;
 use pvkit_test_support::linux_guest::{GuestRun, LinuxGuest};
@@ -153,4 +155,68 @@ sleep 8
     }
     let log = backend.terminate(WAIT);
     assert!(log.contains("vhost-user-net"), "{log}");
+}
+
+/// A guest pings the namespace's bridge five times a second for 20 s while it is live-migrated
+/// from the source backend's tap to the destination backend's tap, both on that bridge; the
+/// loss is stated, and most replies must come back.
+#[test]
+fn a_pinging_guest_migrates_between_two_taps_on_one_bridge() {
+    let test = "net_linux_guest_migration";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
+        return;
+    }
+    if !is_root() {
+        assert!(!facility::strict(), "{test}: needs root for ip netns and the taps");
+        println!("SKIPPED {test}: creating a network namespace and taps needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (source, destination) = (dir.path().join("source.sock"), dir.path().join("destination.sock"));
+    let ns = Netns::create(&format!("pvkit-m{}", std::process::id()));
+    ns.run(&["ip", "link", "add", "pvkbr0", "type", "bridge"]);
+    ns.run(&["ip", "addr", "add", "10.79.0.1/24", "dev", "pvkbr0"]);
+    let program = env!("CARGO_BIN_EXE_vhost-user-net");
+    let mut backends = Vec::new();
+    for (tap, socket) in [("pvkms0", &source), ("pvkmd0", &destination)] {
+        backends.push(start_backend(&mut ns.exec(&[program, "--tap", tap]), &[socket]));
+        ns.run(&["ip", "link", "set", tap, "master", "pvkbr0"]);
+        ns.run(&["ip", "link", "set", tap, "up"]);
+    }
+    ns.run(&["ip", "link", "set", "pvkbr0", "up"]);
+    ns.run(&["ip", "link", "set", "lo", "up"]);
+    let script = NET_UP.replace("ADDR", "10.79.0.2/24")
+        + r#"
+ping -c 100 -i 0.2 -W 1 10.79.0.1 > /tmp/ping.out 2>&1
+cat /tmp/ping.out | grep -o "seq=[0-9]*" | tr "\n" " "; echo; tail -3 /tmp/ping.out
+echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
+"#;
+    let run = LinuxGuest::new(script)
+        .vhost_user_net(&source, 1, "52:54:00:79:00:02")
+        .memory_mib(512)
+        .migrate_to(vec![destination.clone()], Duration::from_secs(10))
+        .timeout(Duration::from_secs(180))
+        .run()
+        .unwrap();
+    let logs: Vec<String> = backends.into_iter().map(|b| b.terminate(WAIT)).collect();
+    run.assert_passed();
+    let replies: u32 = first(&run, "PING_REPLIES").parse().unwrap_or(0);
+    let migration = run.migration.as_deref().unwrap_or("");
+    println!("{test}: {replies} of 100 pings answered across the migration ({} lost)\n{migration}", 100 - replies);
+    assert!(migration.contains("completed"), "{migration}");
+    assert!(
+        replies >= 80,
+        "{replies} of 100 pings answered\n{}\nsource backend:\n{}\ndestination backend:\n{}",
+        run.log,
+        logs[0],
+        logs[1]
+    );
+    // The destination's backend carried the guest's traffic both ways after the move.
+    let summary = logs[1].lines().rev().find(|l| l.contains(" packets ")).unwrap_or("");
+    let count = |dir: &str| -> u64 {
+        let after = summary.split(&format!("{dir} ")).nth(1).unwrap_or("");
+        after.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("tx") > 0 && count("rx") > 0, "the destination's tap carried nothing: {summary}\n{}", logs[1]);
+    println!("{test}: destination backend: {summary}");
 }

@@ -29,6 +29,8 @@ pub struct DeviceCore {
     broken_rings: AtomicU64,
     poll: Duration,
     services: CoreServices,
+    /// Each queue's call descriptor when its worker last looked (-1: none yet).
+    call_fds: Vec<std::sync::atomic::AtomicI32>,
 }
 
 impl DeviceCore {
@@ -56,6 +58,7 @@ impl DeviceCore {
             broken_rings: AtomicU64::new(0),
             poll: Duration::from_micros(poll_us),
             services: CoreServices { dirty: Arc::new(DirtyLog::new()), attached: Arc::new(NoServices) },
+            call_fds: (0..queues).map(|_| std::sync::atomic::AtomicI32::new(-1)).collect(),
         })
     }
 
@@ -68,6 +71,16 @@ impl DeviceCore {
     /// The services' hooks: the connection's dirty log, then the attached services.
     pub fn services(&self) -> &dyn QueueServices {
         &self.services
+    }
+
+    /// Notes queue `queue`'s call descriptor `fd` and says whether it replaced another: the
+    /// frontend switched where interrupts go (SET_VRING_CALL on a live ring), and a signal
+    /// sent to the old one in between may be lost, so the worker signals the new one once.
+    pub fn call_changed(&self, queue: usize, fd: RawFd) -> bool {
+        self.call_fds.get(queue).is_some_and(|seen| {
+            let old = seen.swap(fd, Ordering::Relaxed);
+            old >= 0 && fd >= 0 && old != fd
+        })
     }
 
     /// The connection's dirty log (fed by the relay from SET_FEATURES and SET_LOG_BASE).

@@ -550,3 +550,33 @@ fn a_received_frame_marks_its_pages() {
     }
     assert!(!logged(&log, 0x800), "the transmitted frame's page was only read");
 }
+
+/// An eventfd as the `File` the library takes for a call descriptor, and a way to read it.
+fn call_eventfd() -> (std::fs::File, vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let event = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let copy = event.try_clone().unwrap();
+    // SAFETY: `into_raw_fd` hands over the duplicate's sole ownership to the `File`.
+    (unsafe { std::fs::File::from_raw_fd(copy.into_raw_fd()) }, event)
+}
+
+/// When the frontend moves a live queue's interrupts to a new call descriptor (as QEMU does
+/// around a migration), the next time its worker runs it signals the new one once: a signal
+/// that went to the old one meanwhile would otherwise be lost for good.
+#[test]
+fn a_new_call_descriptor_gets_one_signal() {
+    let (mem, atomic) = memory();
+    let device = blk_device(1);
+    device.update_memory(atomic.clone()).unwrap();
+    let (_queue, vring) = ring(&mem, &atomic, 0x10_0000);
+    let (first_file, first) = call_eventfd();
+    vring.set_call(Some(first_file));
+    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert!(first.read().is_err(), "the first call descriptor is not signalled for nothing");
+    let (second_file, second) = call_eventfd();
+    vring.set_call(Some(second_file));
+    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert_eq!(second.read().unwrap(), 1, "the new call descriptor is signalled once");
+    device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
+    assert!(second.read().is_err(), "and only once");
+}

@@ -122,6 +122,14 @@ impl DeviceCore {
         let Some(memory) = self.memory() else { return Ok(()) };
         let ctx = PassContext { memory: &memory, core: self };
         let poll = self.poll();
+        for q in queues {
+            let call = q.vring.get_ref().get_call().as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
+            if self.call_changed(q.index, call) {
+                // A spurious interrupt is harmless; one lost with the old descriptor stalls a
+                // driver that waits for it (RING_EVENT_IDX signals only on crossing used_event).
+                q.vring.signal_used_queue()?;
+            }
+        }
         loop {
             for q in queues.iter().filter(|q| serviceable(self, q.index, q.vring)) {
                 let _ = q.vring.disable_notification();

@@ -298,25 +298,28 @@ pub struct LinuxGuest {
     migration: Option<Migration>,
 }
 
-/// Where and when a guest migrates: a second QEMU whose vhost-user-blk disks are served at
-/// `blk_sockets` (one per disk, in order), `after` the first one started.
+/// Where and when a guest migrates: a second QEMU whose devices are the source's, each served
+/// at the next of `sockets` (one per device, in order), `after` the first one started.
 #[derive(Debug, Clone)]
 struct Migration {
-    blk_sockets: Vec<PathBuf>,
+    sockets: Vec<PathBuf>,
     after: Duration,
 }
 
 impl Migration {
-    /// The destination's device arguments: the source's, each disk on its new socket.
+    /// The destination's device arguments: the source's, each on its new socket.
     fn device_args(&self, devices: &[Device]) -> Vec<String> {
-        let mut sockets = self.blk_sockets.iter();
         let moved: Vec<Device> = devices
             .iter()
-            .map(|device| match (device, sockets.next()) {
+            .zip(self.sockets.iter().map(Some).chain(std::iter::repeat(None)))
+            .map(|(device, socket)| match (device, socket) {
                 (Device::VhostUserBlk { queues, .. }, Some(socket)) => {
                     Device::VhostUserBlk { socket: socket.clone(), queues: *queues }
                 }
-                (other, _) => other.clone(),
+                (Device::VhostUserNet { queues, mac, .. }, Some(socket)) => {
+                    Device::VhostUserNet { socket: socket.clone(), queues: *queues, mac: mac.clone() }
+                }
+                (device, None) => device.clone(),
             })
             .collect();
         device_args(&moved)
@@ -324,11 +327,12 @@ impl Migration {
 }
 
 impl LinuxGuest {
-    /// Live-migrates the guest `after` it started to a second QEMU on this host, whose
-    /// vhost-user-blk disks are served at `blk_sockets` (shared storage: another backend on
-    /// the same image), over a unix socket, started through QEMU's monitor.
-    pub fn migrate_to(mut self, blk_sockets: Vec<PathBuf>, after: Duration) -> Self {
-        self.migration = Some(Migration { blk_sockets, after });
+    /// Live-migrates the guest `after` it started to a second QEMU on this host, whose devices
+    /// are served at `sockets`, one per device in the order they were added (another backend
+    /// on the same image, or on a tap of the same network), over a unix socket, started
+    /// through QEMU's monitor.
+    pub fn migrate_to(mut self, sockets: Vec<PathBuf>, after: Duration) -> Self {
+        self.migration = Some(Migration { sockets, after });
         self
     }
 

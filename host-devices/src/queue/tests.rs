@@ -56,6 +56,41 @@ fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -
     mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap()
 }
 
+/// Posts a block read of `len` bytes from sector 0 on `mock`: its header at 0x80_0000, its data
+/// at 0x80_1000, its status byte at `status`.
+fn post_read(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>, len: u32, status: u64) {
+    let mut header = [0u8; 16];
+    RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
+    mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
+    let read = [
+        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_1000, len, WRITE | NEXT, 2)),
+        RawDescriptor::from(SplitDescriptor::new(status, 1, WRITE, 0)),
+    ];
+    mock.add_desc_chains(&read, 0).unwrap();
+}
+
+/// Writes a 60-byte frame behind a zeroed 12-byte header at `at` and returns the transmit
+/// descriptor for it.
+fn post_frame(mem: &GuestMemoryMmap, at: u64) -> RawDescriptor {
+    let mut frame = vec![0u8; 12 + 60];
+    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    frame[24..26].copy_from_slice(&[0x08, 0x00]);
+    mem.write_slice(&frame, GuestAddress(at)).unwrap();
+    RawDescriptor::from(SplitDescriptor::new(at, frame.len() as u32, 0, 0))
+}
+
+/// Turns dirty-page logging on for `core` over 16 MiB of guest memory; returns the log.
+fn logging_on(core: &crate::queue::DeviceCore) -> std::fs::File {
+    use std::os::fd::AsFd;
+    let bytes = 0x100_0000 / 4096 / 8;
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(bytes).unwrap();
+    core.dirty_log().set_base(log.as_fd().try_clone_to_owned().unwrap(), 0, bytes).unwrap();
+    core.dirty_log().set_log_all(true);
+    log
+}
+
 /// Runs `f` on a thread and fails the test if it does not return within five seconds (a
 /// worker spinning on a broken ring never returns).
 fn within_five_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -97,16 +132,8 @@ fn a_broken_blk_ring_is_marked_once_and_the_other_queue_goes_on() {
     assert!(device.core().is_broken(0));
     assert_eq!(device.core().broken_rings(), 1, "found broken once, however often it is kicked");
     // A read on the other queue is served.
-    let mut header = [0u8; 16];
-    RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
-    mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
     mem.write_obj(0xffu8, GuestAddress(0x80_2000)).unwrap();
-    let chain = [
-        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
-        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 512, WRITE | NEXT, 2)),
-        RawDescriptor::from(SplitDescriptor::new(0x80_2000, 1, WRITE, 0)),
-    ];
-    good.add_desc_chains(&chain, 0).unwrap();
+    post_read(&mem, &good, 512, 0x80_2000);
     device.handle_event(0, EventSet::IN, &[vring1], 1).unwrap();
     assert_eq!(used_idx(&mem, &good), 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "status OK");
@@ -311,15 +338,7 @@ fn services_see_every_block_request_and_every_guest_write() {
     .unwrap();
     device.update_memory(atomic.clone()).unwrap();
     let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
-    let mut header = [0u8; 16];
-    RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
-    mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
-    let read = [
-        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
-        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 512, WRITE | NEXT, 2)),
-        RawDescriptor::from(SplitDescriptor::new(0x80_2000, 1, WRITE, 0)),
-    ];
-    queue.add_desc_chains(&read, 0).unwrap();
+    post_read(&mem, &queue, 512, 0x80_2000);
     device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "status OK");
     let admitted = crate::lock(&services.admitted).clone();
@@ -331,7 +350,7 @@ fn services_see_every_block_request_and_every_guest_write() {
     assert!(services.covers(queue.used_addr().0 + 2, 2), "the used index was reported written");
     // A service that fails everything: the next read is refused with IOERR, still reported.
     services.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
-    queue.add_desc_chains(&read, 0).unwrap();
+    post_read(&mem, &queue, 512, 0x80_2000);
     device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
     assert_eq!(used_idx(&mem, &queue), 2);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 1, "status IOERR");
@@ -365,11 +384,7 @@ fn services_see_every_net_frame_both_ways() {
     let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
     let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
     rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000)], 0).unwrap();
-    let mut frame = vec![0u8; 12 + 60];
-    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    frame[24..26].copy_from_slice(&[0x08, 0x00]);
-    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
-    let send = RawDescriptor::from(SplitDescriptor::new(0x80_0000, frame.len() as u32, 0, 0));
+    let send = post_frame(&mem, 0x80_0000);
     tx_mock.add_desc_chains(&[send], 0).unwrap();
     device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
     device.handle_event(0, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
@@ -436,10 +451,7 @@ fn a_frame_larger_than_all_receive_buffers_waits_without_spinning() {
     }
     let small = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 16, WRITE, 0));
     rx_mock.add_desc_chains(&[small(0x90_0000), small(0x90_1000)], 0).unwrap();
-    let mut frame = vec![0u8; 12 + 60];
-    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
-    let send = RawDescriptor::from(SplitDescriptor::new(0x80_0000, frame.len() as u32, 0, 0));
+    let send = post_frame(&mem, 0x80_0000);
     tx_mock.add_desc_chains(&[send], 0).unwrap();
     for queue in [1, 0] {
         let (device, rx, tx) = (device.clone(), rx.clone(), tx.clone());
@@ -470,7 +482,6 @@ fn logged(file: &std::fs::File, page: u64) -> bool {
 fn a_block_read_marks_every_page_it_wrote_for_each_engine() {
     use crate::blk::engine::SyncEngine;
     use crate::blk::uring::UringEngine;
-    use std::os::fd::AsFd;
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     std::fs::write(&image, vec![0x5a; 1 << 20]).unwrap();
@@ -493,21 +504,9 @@ fn a_block_read_marks_every_page_it_wrote_for_each_engine() {
             BlkDevice::new(Arc::new(engine), options, Arc::new(Stats::default()), Arc::new(Gates::new(1))).unwrap();
         let (mem, atomic) = memory();
         device.update_memory(atomic.clone()).unwrap();
-        let log = tempfile::tempfile().unwrap();
-        log.set_len(0x100_0000 / 4096 / 8).unwrap();
-        let dirty = device.core().dirty_log();
-        dirty.set_base(log.as_fd().try_clone_to_owned().unwrap(), 0, 0x100_0000 / 4096 / 8).unwrap();
-        dirty.set_log_all(true);
+        let log = logging_on(device.core());
         let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
-        let mut header = [0u8; 16];
-        RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
-        mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
-        let read = [
-            RawDescriptor::from(SplitDescriptor::new(0x80_0000, 16, NEXT, 1)),
-            RawDescriptor::from(SplitDescriptor::new(0x80_1000, 8192, WRITE | NEXT, 2)),
-            RawDescriptor::from(SplitDescriptor::new(0x80_5000, 1, WRITE, 0)),
-        ];
-        queue.add_desc_chains(&read, 0).unwrap();
+        post_read(&mem, &queue, 8192, 0x80_5000);
         device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_5000)).unwrap(), 0, "{name}: status OK");
         let used_page = queue.used_addr().0 / 4096;
@@ -524,24 +523,17 @@ fn a_block_read_marks_every_page_it_wrote_for_each_engine() {
 /// the receive queue's used ring; the transmit buffer, only read, stays clear.
 #[test]
 fn a_received_frame_marks_its_pages() {
-    use std::os::fd::AsFd;
     let (mem, atomic) = memory();
     let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
     let device =
         NetDevice::new(options, NetworkSide::Loopback, Arc::new(NetStats::default()), Arc::new(Gates::new(1))).unwrap();
     device.acked_features(device.features());
     device.update_memory(atomic.clone()).unwrap();
-    let log = tempfile::tempfile().unwrap();
-    log.set_len(0x100_0000 / 4096 / 8).unwrap();
-    device.core().dirty_log().set_base(log.as_fd().try_clone_to_owned().unwrap(), 0, 0x100_0000 / 4096 / 8).unwrap();
-    device.core().dirty_log().set_log_all(true);
+    let log = logging_on(device.core());
     let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
     let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
     rx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x90_0000, 2048, WRITE, 0))], 0).unwrap();
-    let mut frame = vec![0u8; 12 + 60];
-    frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    mem.write_slice(&frame, GuestAddress(0x80_0000)).unwrap();
-    tx_mock.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x80_0000, 72, 0, 0))], 0).unwrap();
+    tx_mock.add_desc_chains(&[post_frame(&mem, 0x80_0000)], 0).unwrap();
     device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
     device.handle_event(0, EventSet::IN, &[rx, tx], 0).unwrap();
     assert_eq!(used_idx(&mem, &rx_mock), 1);

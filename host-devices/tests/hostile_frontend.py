@@ -31,6 +31,7 @@ VERSION, NEED_REPLY = 0x1, 0x8
 # Feature bits.
 VERSION_1, PROTOCOL_FEATURES = 1 << 32, 1 << 30
 F_REPLY_ACK, F_MQ, F_CONFIG, F_MEM_SLOTS = 1 << 3, 1 << 0, 1 << 9, 1 << 15
+MRG_RXBUF, EVENT_IDX = 1 << 15, 1 << 29
 # Descriptor flags.
 NEXT, WRITE, INDIRECT = 1, 2, 4
 
@@ -412,6 +413,41 @@ def console_session(path, port_file):
         f.close()
 
 
+def cpu_seconds(pid):
+    """User and system time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def net_receive_buffers_too_small(path, pid):
+    """With MRG_RXBUF a frame may span buffers; here every buffer posted together is smaller
+    than the looped-back frame. The backend must wait for more without spinning, and deliver
+    the frame once a buffer that fits comes."""
+    f = Frontend(path)
+    try:
+        f.setup(2, MRG_RXBUF | EVENT_IDX)
+        rx, tx = ring_base(0), ring_base(1)
+        for i in range(2):
+            f.put_desc(rx, i, DATA + 0x8000 + 0x100 * i, 16, WRITE, 0)
+            f.offer(0, i)
+        frame = bytes([2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]) + bytes(46)
+        f.mem[DATA:DATA + 12 + len(frame)] = bytes(12) + frame
+        f.put_desc(tx, 0, DATA, 12 + len(frame), 0, 0)
+        f.offer(1, 0)
+        f.wait_used(1, 1, "the transmitted frame")
+        before = cpu_seconds(pid)
+        time.sleep(1.0)
+        spent = cpu_seconds(pid) - before
+        if spent > 0.5:
+            raise Failure(f"the backend used {spent:.2f} s of CPU in 1 s waiting for receive buffers: it spins")
+        f.put_desc(rx, 2, DATA + 0xA000, 2048, WRITE, 0)
+        f.offer(0, 2)
+        f.wait_used(0, 1, "the waiting frame, once a buffer that fits came")
+    finally:
+        f.close()
+
+
 def main():
     if len(sys.argv) < 4 or sys.argv[1] not in ("blk", "net", "console"):
         print(__doc__.strip(), file=sys.stderr)
@@ -431,13 +467,15 @@ def main():
         if device == "blk":
             blk_session(path)
         elif device == "net":
+            net_receive_buffers_too_small(path, pid)
+            peak = max(peak, check_backend(path, pid, baseline, "net_receive_buffers_too_small"))
             net_session(path)
         else:
             console_session(path, port_file)
     except Failure as e:
         print(f"hostile_frontend {device}: {e}", file=sys.stderr)
         return 1
-    attacks = len(garbage_attacks(queues)) + len(ring_attacks(attack_queue))
+    attacks = len(garbage_attacks(queues)) + len(ring_attacks(attack_queue)) + (device == "net")
     print(f"hostile_frontend {device}: {attacks} attacks survived; resident memory {baseline} -> peak {peak} KiB; "
           f"data checked after them")
     return 0

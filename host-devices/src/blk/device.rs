@@ -407,7 +407,7 @@ fn report_completion(
 
 /// What the services are told a request is.
 fn work_of(queue: usize, req: &Request) -> Work {
-    Work { queue, kind: req.request_type.name(), bytes: stream_len(&req.data) }
+    Work::new(queue, req.request_type.name(), stream_len(&req.data))
 }
 
 fn slices<'a>(mem: &'a GuestMemoryMmap, data: &[Segment]) -> io::Result<Vec<vm_memory::VolatileSlice<'a, ()>>> {

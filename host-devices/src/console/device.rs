@@ -307,7 +307,7 @@ impl ConsoleDevice {
                         break;
                     }
                     Ok(buffers) => {
-                        let admission = admit(services, work(queue, "tx", buffers.readable_len()));
+                        let admission = admit(services, Work::new(queue, "tx", buffers.readable_len()));
                         let mut bytes = Vec::with_capacity(buffers.readable_len() as usize);
                         let taken = if !is_served(&admission) {
                             self.refused(&format_args!("port {p}: a service failed a transmit chain"));
@@ -368,7 +368,7 @@ impl ConsoleDevice {
                 let mut data = vec![0u8; (buffers.writable_len() as usize).min(MAX_RX_CHUNK)];
                 match port.read(&mut data) {
                     Ok(Some(n)) => {
-                        let admission = admit(services, work(queue, "rx", n as u64));
+                        let admission = admit(services, Work::new(queue, "rx", n as u64));
                         if !is_served(&admission) {
                             // The input is dropped; the chain waits for the next, in a later
                             // pass once enough input was dropped in this one.
@@ -499,11 +499,6 @@ impl ConsoleDevice {
 
 /// Host reads a pass drops for its services before it yields to the other queues.
 const MAX_FAILED_READS_PER_PASS: usize = 64;
-
-/// What the services are told a chain is.
-fn work(queue: usize, kind: &'static str, bytes: u64) -> Work {
-    Work { queue, kind, bytes }
-}
 
 /// One pass over every queue of the console's one worker.
 struct ConsolePass<'a> {

@@ -58,10 +58,16 @@ struct PairState {
     /// Loopback frames on their way back.
     loopback: VecDeque<Frame>,
     /// A frame that found the receive queue without buffers, first in line.
-    held: Option<(Frame, Option<Admission>)>,
-    /// The driver's available index when the held frame found too few buffers: only buffers
-    /// added after it can take the frame.
-    rx_blocked_at: Option<u16>,
+    held: Option<Held>,
+}
+
+/// A frame waiting for receive buffers, prepared and admitted already.
+struct Held {
+    frame: Frame,
+    admission: Option<Admission>,
+    /// The driver's available index when the frame found too few buffers: only buffers added
+    /// after it can take the frame.
+    blocked_at: Option<u16>,
 }
 
 struct Shared {
@@ -123,7 +129,6 @@ impl NetDevice {
                     tap_buffer: if matches!(side, NetworkSide::Tap(_)) { vec![0; TAP_BUFFER] } else { Vec::new() },
                     loopback: VecDeque::new(),
                     held: None,
-                    rx_blocked_at: None,
                 })
             })
             .collect();
@@ -239,7 +244,7 @@ impl NetDevice {
             let buffer = if copy { Some(tx_frame) } else { None };
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
                 Ok(frame) => {
-                    let admission = admit(services, work(tx_queue(pair), "tx", frame.frame_len));
+                    let admission = admit(services, Work::new(tx_queue(pair), "tx", frame.frame_len as u64));
                     let sent = is_served(&admission) && self.pass_on(pair, state, frame.header, format);
                     if sent {
                         packets += 1;
@@ -319,7 +324,7 @@ impl NetDevice {
         loop {
             // A held frame was prepared and admitted before it waited for buffers.
             let (frame, admission) = match state.held.take() {
-                Some(held) => held,
+                Some(Held { frame, admission, .. }) => (frame, admission),
                 None => {
                     let next = state.loopback.pop_front().or_else(|| inbox.pop());
                     let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
@@ -327,7 +332,7 @@ impl NetDevice {
                         self.shared.stats.dropped(refused.reason, &refused);
                         continue;
                     }
-                    let admission = admit(services, work(rx_queue(pair), "rx", frame.data.len()));
+                    let admission = admit(services, Work::new(rx_queue(pair), "rx", frame.data.len() as u64));
                     if !is_served(&admission) {
                         self.shared.stats.dropped(DropReason::FailedByService, &"a service failed the frame");
                         complete(services, admission, false);
@@ -343,13 +348,11 @@ impl NetDevice {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
                     bytes += frame.data.len() as u64;
-                    state.rx_blocked_at = None;
                     complete(services, admission, true);
                 }
                 RxOutcome::NoBuffers => {
                     let avail = virtio_queue::QueueT::avail_idx(vring.get_queue(), &*ring_mem, Ordering::Acquire);
-                    state.rx_blocked_at = avail.ok().map(|a| a.0);
-                    state.held = Some((frame, admission));
+                    state.held = Some(Held { frame, admission, blocked_at: avail.ok().map(|a| a.0) });
                     break;
                 }
                 RxOutcome::Refused(refused) => {
@@ -463,7 +466,7 @@ impl QueueService for PairPass<'_> {
         if queue == tx_queue(self.pair) {
             return Rearm::Work;
         }
-        if let (Some(_), Some(seen)) = (&self.state.held, self.state.rx_blocked_at) {
+        if let Some(Held { blocked_at: Some(seen), .. }) = self.state.held {
             return Rearm::Blocked { seen };
         }
         let waiting =
@@ -480,11 +483,6 @@ fn rx_queue(pair: usize) -> usize {
 /// The device's index of pair `pair`'s transmit queue.
 fn tx_queue(pair: usize) -> usize {
     usize::from(net::tx_queue_index(pair as u16))
-}
-
-/// Whether the services let a frame of `len` bytes on queue `queue` through.
-fn work(queue: usize, kind: &'static str, len: usize) -> Work {
-    Work { queue, kind, bytes: len as u64 }
 }
 
 impl VhostUserBackend for NetDevice {

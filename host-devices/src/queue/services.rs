@@ -24,6 +24,13 @@ pub struct Work {
     pub bytes: u64,
 }
 
+impl Work {
+    /// `bytes` of operation `kind` on queue `queue`.
+    pub fn new(queue: usize, kind: &'static str, bytes: u64) -> Work {
+        Work { queue, kind, bytes }
+    }
+}
+
 /// A service's answer to [`QueueServices::admit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -122,6 +122,10 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0)
 }
 
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
 fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&request.to_le_bytes());
@@ -166,8 +170,7 @@ fn take_log_message(
             fds.len()
         )));
     };
-    let size = u64::from_le_bytes(raw[..8].try_into().unwrap_or([0; 8]));
-    let offset = u64::from_le_bytes(raw[8..16].try_into().unwrap_or([0; 8]));
+    let (size, offset) = (u64_at(raw, 0), u64_at(raw, 8));
     let fd = fds.pop().ok_or_else(|| io::Error::other("SET_LOG_BASE without its descriptor"))?;
     dirty.set_base(fd, offset, size).map_err(|e| io::Error::other(format!("SET_LOG_BASE: {e}")))?;
     reply(frontend_writer, request, 0)
@@ -239,18 +242,16 @@ fn requests(
                 Err(e) => warn!("cannot keep the backend request channel: {e}"),
             }
         }
-        if request == set_features
-            && let (Some(dirty), Some(word)) = (dirty, payload.get(..8))
-        {
+        let features = (request == set_features && size == 8).then(|| u64_at(&payload, 0));
+        if let (Some(dirty), Some(features)) = (dirty, features) {
             // Before the library acts on the features: no write escapes a starting log.
-            dirty.set_log_all(u64::from_le_bytes(word.try_into().unwrap_or([0; 8])) & LOG_ALL_BIT != 0);
+            dirty.set_log_all(features & LOG_ALL_BIT != 0);
         }
         let mut bytes = header.to_vec();
         bytes.extend_from_slice(&payload);
         send_message(handler, &bytes, &fds)?;
         drop(fds);
-        if request == set_features && size == 8 {
-            let features = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+        if let Some(features) = features {
             protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
 
             if protocol_features_acked && !held.is_empty() {
@@ -298,12 +299,17 @@ mod tests {
 
     /// A relay between two socket pairs: (the test's frontend end, the test's handler end).
     fn relayed() -> (UnixStream, UnixStream) {
+        relayed_to(None)
+    }
+
+    /// [`relayed`], the relay feeding `dirty`.
+    fn relayed_to(dirty: Option<Arc<DirtyLog>>) -> (UnixStream, UnixStream) {
         let (frontend, relay_frontend) = UnixStream::pair().unwrap();
         let (relay_handler, handler) = UnixStream::pair().unwrap();
         for s in [&frontend, &handler] {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
-        start("relay-test", relay_frontend, relay_handler, None, None).unwrap();
+        start("relay-test", relay_frontend, relay_handler, None, dirty).unwrap();
         (frontend, handler)
     }
 
@@ -398,13 +404,8 @@ mod tests {
     }
 
     fn relayed_with_log() -> (UnixStream, UnixStream, Arc<DirtyLog>) {
-        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
-        let (relay_handler, handler) = UnixStream::pair().unwrap();
-        for s in [&frontend, &handler] {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        }
         let dirty = Arc::new(DirtyLog::new());
-        start("relay-test", relay_frontend, relay_handler, None, Some(dirty.clone())).unwrap();
+        let (frontend, handler) = relayed_to(Some(dirty.clone()));
         (frontend, handler, dirty)
     }
 

@@ -19,11 +19,18 @@
 //! [`DirtyLog`] its bitmap (answered here, as the specification asks), SET_LOG_FD is accepted
 //! and closed, and SET_FEATURES tells the log whether VHOST_F_LOG_ALL is on. A log that cannot
 //! be taken ends the connection: a migration must fail rather than lose pages.
+//!
+//! For a device that tracks requests in flight ([`crate::queue::inflight`]) it also answers
+//! GET_INFLIGHT_FD (a new sealed area) and takes SET_INFLIGHT_FD (the area checked and mapped;
+//! a refused one is answered with a failure when the frontend asks for a reply, and the ring
+//! goes on untracked), and tells the tracking when a ring starts (SET_VRING_KICK).
 
 use crate::backend_channel::BackendChannel;
 use crate::lock;
 use crate::queue::dirty_log::DirtyLog;
+use crate::queue::inflight::{self, Inflight};
 use log::{debug, warn};
+use pvkit_protocol::inflight::InflightRepr;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -50,16 +57,20 @@ const PROTOCOL_FEATURES_BIT: u64 =
 const LOG_ALL_BIT: u64 =
     pvkit_protocol::virtio::Features::from_bits(&[pvkit_protocol::virtio::feature::VHOST_LOG_ALL]).0;
 
+/// What the relay hands on, besides the messages: each is optional.
+#[derive(Clone, Default)]
+pub struct Taken {
+    /// Where a backend request channel the frontend hands over goes too.
+    pub channel: Option<Arc<BackendChannel>>,
+    /// The connection's dirty log.
+    pub dirty: Option<Arc<DirtyLog>>,
+    /// The connection's in-flight tracking (devices that offer INFLIGHT_SHMFD).
+    pub inflight: Option<Arc<Inflight>>,
+}
+
 /// Starts relaying between `frontend` and `handler` in two threads; they end when either side
-/// closes, closing the other. A backend request channel the frontend hands over goes to
-/// `channel` too, when given; the dirty log, to `dirty`.
-pub fn start(
-    name: &str,
-    frontend: UnixStream,
-    handler: UnixStream,
-    channel: Option<Arc<BackendChannel>>,
-    dirty: Option<Arc<DirtyLog>>,
-) -> io::Result<()> {
+/// closes, closing the other. What the relay keeps goes to `taken`.
+pub fn start(name: &str, frontend: UnixStream, handler: UnixStream, taken: Taken) -> io::Result<()> {
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let handler_reader = handler.try_clone()?;
     let frontend_for_replies = frontend_writer.clone();
@@ -67,7 +78,11 @@ pub fn start(
     let handler_closer = handler.try_clone()?;
     let label = name.to_string();
     std::thread::Builder::new().name("relay-requests".into()).spawn(move || {
-        let sinks = Sinks { channel: channel.as_deref(), dirty: dirty.as_deref() };
+        let sinks = Sinks {
+            channel: taken.channel.as_deref(),
+            dirty: taken.dirty.as_deref(),
+            inflight: taken.inflight.as_deref(),
+        };
         if let Err(e) = requests(&frontend_reader, &handler, &frontend_for_replies, sinks) {
             debug!("{label}: relay from the frontend ended: {e}");
         }
@@ -147,6 +162,51 @@ fn reply(frontend_writer: &Mutex<UnixStream>, request: u32, value: u64) -> io::R
 struct Sinks<'a> {
     channel: Option<&'a BackendChannel>,
     dirty: Option<&'a DirtyLog>,
+    inflight: Option<&'a Inflight>,
+}
+
+/// Answers GET_INFLIGHT_FD with a new area and its descriptor, or with an empty description
+/// (no tracking) when the request makes no sense or the area cannot be made.
+fn answer_get_inflight(payload: &[u8], frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
+    let request = FrontendReq::GET_INFLIGHT_FD as u32;
+    let made = InflightRepr::parse(payload).map_err(inflight::InflightError::from).and_then(|r| inflight::allocate(&r));
+    let (body, fds) = match made {
+        Ok((fd, reply)) => {
+            debug!("in-flight area of {} bytes for {} queue(s) handed out", reply.mmap_size, reply.num_queues);
+            (reply.emit(), vec![fd])
+        }
+        Err(e) => {
+            warn!("GET_INFLIGHT_FD refused: {e}");
+            (InflightRepr::default().emit(), Vec::new())
+        }
+    };
+    send_message(&lock(frontend_writer), &message(request, FLAG_VERSION | FLAG_REPLY, &body), &fds)
+}
+
+/// Takes SET_INFLIGHT_FD's area; answers when asked. A refused area leaves tracking off.
+fn take_set_inflight(
+    payload: &[u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: u32,
+    inflight: &Inflight,
+    frontend_writer: &Mutex<UnixStream>,
+) -> io::Result<()> {
+    let taken = match (InflightRepr::parse(payload), fds.len()) {
+        (Ok(repr), 1) => match fds.pop() {
+            Some(fd) => inflight.set_area(fd, repr).map_err(|e| e.to_string()),
+            None => Err("no descriptor".to_string()),
+        },
+        (Ok(_), n) => Err(format!("{n} descriptors where one is needed")),
+        (Err(e), _) => Err(e.to_string()),
+    };
+    fds.clear();
+    if let Err(e) = &taken {
+        warn!("SET_INFLIGHT_FD refused, requests in flight are not tracked: {e}");
+    }
+    if flags & FLAG_NEED_REPLY != 0 {
+        reply(frontend_writer, FrontendReq::SET_INFLIGHT_FD as u32, u64::from(taken.is_err()))?;
+    }
+    Ok(())
 }
 
 /// Takes SET_LOG_BASE (payload: size, offset; one descriptor) or SET_LOG_FD for the dirty log
@@ -182,7 +242,9 @@ fn requests(
     frontend_writer: &Mutex<UnixStream>,
     sinks: Sinks<'_>,
 ) -> io::Result<()> {
-    let Sinks { channel, dirty } = sinks;
+    let Sinks { channel, dirty, inflight } = sinks;
+    let (get_inflight, set_inflight) = (FrontendReq::GET_INFLIGHT_FD as u32, FrontendReq::SET_INFLIGHT_FD as u32);
+    let set_vring_kick = FrontendReq::SET_VRING_KICK as u32;
     let (set_log_base, set_log_fd) = (FrontendReq::SET_LOG_BASE as u32, FrontendReq::SET_LOG_FD as u32);
     let set_vring_enable = FrontendReq::SET_VRING_ENABLE as u32;
     let set_backend_req_fd = FrontendReq::SET_BACKEND_REQ_FD as u32;
@@ -233,6 +295,20 @@ fn requests(
                 reply(frontend_writer, request, 0)?;
             }
             continue;
+        }
+        if let Some(inflight) = inflight {
+            if request == get_inflight {
+                answer_get_inflight(&payload, frontend_writer)?;
+                continue;
+            }
+            if request == set_inflight {
+                take_set_inflight(&payload, &mut fds, flags, inflight, frontend_writer)?;
+                continue;
+            }
+            if request == set_vring_kick && size == 8 {
+                // Bits 0-7: the ring; before the library starts it, so its first pass resumes.
+                inflight.ring_started(usize::from(payload[0]));
+            }
         }
         if request == set_backend_req_fd
             && let (Some(channel), [fd]) = (channel, fds.as_slice())
@@ -309,7 +385,7 @@ mod tests {
         for s in [&frontend, &handler] {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
-        start("relay-test", relay_frontend, relay_handler, None, dirty).unwrap();
+        start("relay-test", relay_frontend, relay_handler, Taken { dirty, ..Taken::default() }).unwrap();
         (frontend, handler)
     }
 
@@ -450,5 +526,88 @@ mod tests {
             assert!(rest.is_empty(), "no success reply, the frontend's side is closed");
             assert!(!dirty.is_logging());
         }
+    }
+
+    fn relayed_with_inflight() -> (UnixStream, UnixStream, Arc<Inflight>) {
+        let inflight = Arc::new(Inflight::new(2, Arc::new(std::sync::atomic::AtomicU64::new(0))));
+        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        let (relay_handler, handler) = UnixStream::pair().unwrap();
+        for s in [&frontend, &handler] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let taken = Taken { inflight: Some(inflight.clone()), ..Taken::default() };
+        start("relay-test", relay_frontend, relay_handler, taken).unwrap();
+        (frontend, handler, inflight)
+    }
+
+    /// Reads a reply and the descriptors that came with it.
+    fn read_reply_with_fds(socket: &UnixStream) -> (u32, Vec<u8>, Vec<OwnedFd>) {
+        let mut buf = vec![0u8; HEADER_LEN + 64];
+        let mut fds = Vec::new();
+        assert!(
+            recv_message_part(socket, &mut buf[..HEADER_LEN + pvkit_protocol::inflight::MESSAGE_SIZE], &mut fds)
+                .unwrap()
+        );
+        (u32_at(&buf, 0), buf[HEADER_LEN..HEADER_LEN + pvkit_protocol::inflight::MESSAGE_SIZE].to_vec(), fds)
+    }
+
+    /// GET_INFLIGHT_FD is answered by the relay with a new area; SET_INFLIGHT_FD takes it and
+    /// SET_VRING_KICK reaches the library; neither in-flight message reaches the library.
+    #[test]
+    fn in_flight_areas_are_handed_out_and_taken_by_the_relay() {
+        let (frontend, handler, inflight) = relayed_with_inflight();
+        let get = FrontendReq::GET_INFLIGHT_FD as u32;
+        let ask = InflightRepr { num_queues: 2, queue_size: 128, ..Default::default() };
+        (&frontend).write_all(&message(get, FLAG_VERSION, &ask.emit())).unwrap();
+        let (request, payload, mut fds) = read_reply_with_fds(&frontend);
+        let reply = InflightRepr::parse(&payload).unwrap();
+        assert_eq!((request, reply.num_queues, reply.queue_size), (get, 2, 128));
+        assert_eq!(reply.mmap_size, 2 * pvkit_protocol::inflight::queue_region_size(128));
+        let area = fds.pop().expect("the area's descriptor");
+        assert_eq!(std::fs::File::from(area.try_clone().unwrap()).metadata().unwrap().len(), reply.mmap_size);
+
+        let set = FrontendReq::SET_INFLIGHT_FD as u32;
+        let bytes = message(set, FLAG_VERSION | FLAG_NEED_REPLY, &reply.emit());
+        frontend.send_with_fds(&[&bytes[..]], &[area.as_raw_fd()]).unwrap();
+        assert_eq!(read_message(&frontend).2, 0u64.to_le_bytes(), "taken");
+        assert!(inflight.is_tracking());
+        let kick = message(FrontendReq::SET_VRING_KICK as u32, FLAG_VERSION, &(1u64 | 0x100).to_le_bytes());
+        (&frontend).write_all(&kick).unwrap();
+        assert_eq!(read_message(&handler).0, FrontendReq::SET_VRING_KICK as u32, "the first message the library sees");
+        let ring = inflight.queue(1).expect("a region for ring 1");
+        assert!(ring.take_pending(), "ring 1's next pass resumes it");
+        assert!(!inflight.queue(0).unwrap().take_pending(), "ring 0 was not started");
+    }
+
+    /// An area its file cannot hold, a nonsense request or a missing descriptor: a failure
+    /// reply (or an empty area), a log line, no tracking, and the connection goes on.
+    #[test]
+    fn bad_in_flight_messages_are_refused_and_the_connection_goes_on() {
+        let (frontend, handler, inflight) = relayed_with_inflight();
+        let get = FrontendReq::GET_INFLIGHT_FD as u32;
+        let nonsense = InflightRepr { num_queues: 0, queue_size: 128, ..Default::default() };
+        (&frontend).write_all(&message(get, FLAG_VERSION, &nonsense.emit())).unwrap();
+        let (_, payload, fds) = read_reply_with_fds(&frontend);
+        assert_eq!(
+            (InflightRepr::parse(&payload).unwrap().mmap_size, fds.len()),
+            (0, 0),
+            "an empty area, no descriptor"
+        );
+
+        let set = FrontendReq::SET_INFLIGHT_FD as u32;
+        let small = tempfile::tempfile().unwrap();
+        small.set_len(64).unwrap();
+        let claim = InflightRepr { mmap_size: 1 << 20, mmap_offset: 0, num_queues: 2, queue_size: 128 };
+        let bytes = message(set, FLAG_VERSION | FLAG_NEED_REPLY, &claim.emit());
+        frontend.send_with_fds(&[&bytes[..]], &[small.as_raw_fd()]).unwrap();
+        assert_eq!(read_message(&frontend).2, 1u64.to_le_bytes(), "a file smaller than the area is refused");
+        (&frontend).write_all(&message(set, FLAG_VERSION | FLAG_NEED_REPLY, &claim.emit())).unwrap();
+        assert_eq!(read_message(&frontend).2, 1u64.to_le_bytes(), "no descriptor is refused");
+        (&frontend).write_all(&message(set, FLAG_VERSION | FLAG_NEED_REPLY, &[0; 8])).unwrap();
+        assert_eq!(read_message(&frontend).2, 1u64.to_le_bytes(), "a short payload is refused");
+        assert!(!inflight.is_tracking());
+        assert_eq!(inflight.refused(), 1, "the area checked and refused");
+        (&frontend).write_all(&message(GET_FEATURES, FLAG_VERSION, &[])).unwrap();
+        assert_eq!(read_message(&handler).0, GET_FEATURES, "the connection goes on");
     }
 }

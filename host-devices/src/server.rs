@@ -8,6 +8,7 @@ use std::os::unix::io::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -316,8 +317,7 @@ fn relayed_frontend(
     name: &str,
     index: usize,
     listener: &Listener,
-    channel: Option<std::sync::Arc<crate::backend_channel::BackendChannel>>,
-    dirty: Option<std::sync::Arc<crate::queue::dirty_log::DirtyLog>>,
+    taken: crate::relay::Taken,
 ) -> Result<Listener, ServerError> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -335,7 +335,7 @@ fn relayed_frontend(
         .map_err(relay_error)?;
     let private = UnixListener::bind_addr(&address).map_err(relay_error)?;
     let handler_side = UnixStream::connect_addr(&address).map_err(relay_error)?;
-    crate::relay::start(name, frontend, handler_side, channel, dirty).map_err(relay_error)?;
+    crate::relay::start(name, frontend, handler_side, taken).map_err(relay_error)?;
     Ok(Listener::from(private))
 }
 
@@ -359,8 +359,13 @@ where
         device.attach(daemon.get_epoll_handlers()).map_err(ServerError::Attach)?;
         // Every frontend goes through the relay: it checks memory tables before the library
         // maps them, holds QEMU's early SET_VRING_ENABLE, and keeps the backend request channel.
-        let dirty = Some(device.core().dirty_log().clone());
-        let mut private = relayed_frontend(name, index, &listener, device.backend_channel(), dirty)?;
+        let tracks = device.protocol_features().contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let taken = crate::relay::Taken {
+            channel: device.backend_channel(),
+            dirty: Some(device.core().dirty_log().clone()),
+            inflight: tracks.then(|| device.core().inflight().clone()),
+        };
+        let mut private = relayed_frontend(name, index, &listener, taken)?;
         daemon.start(&mut private)?;
         info!("{name}: frontend connected");
         match daemon.wait() {

@@ -24,6 +24,7 @@ mod bytes;
 pub mod abi;
 pub mod blk;
 pub mod console;
+pub mod inflight;
 pub mod mmio;
 pub mod net;
 pub mod ring;

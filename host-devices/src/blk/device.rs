@@ -6,6 +6,8 @@ use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
 use crate::queue::chain::stream_len;
+use crate::queue::inflight::TrackedQueue;
+use crate::queue::resubmit::Resubmission;
 use crate::queue::services::{Completion, Work};
 use crate::queue::worker::PassContext;
 use crate::queue::{
@@ -22,6 +24,21 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+
+/// The chains of the requests a restarted ring resubmits (none on later passes).
+fn resubmission(
+    tracked: &TrackedQueue<'_>,
+    vq: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+) -> Option<Resubmission> {
+    let heads = tracked.resume(vq, mem);
+    if heads.is_empty() {
+        return None;
+    }
+    Resubmission::new(mem, vq, &heads)
+        .inspect_err(|e| log::error!("the {} request(s) in flight cannot be resubmitted: {e}", heads.len()))
+        .ok()
+}
 
 /// Largest number of data segments in one request (`seg_max`).
 pub const SEG_MAX: u32 = 254;
@@ -111,7 +128,9 @@ impl BlkDevice {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
         };
         let queues = usize::from(options.num_queues);
-        let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?.with_services(services);
+        let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?
+            .with_services(services)
+            .counting_resubmitted(stats.resubmitted_counter());
         let shared = Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
@@ -174,9 +193,15 @@ impl BlkDevice {
             return Ok(0);
         }
         let vq = state.get_queue_mut();
-        let mut chains = Vec::new();
+        let tracked = self.shared.core.inflight().queue(queue);
+        // After a restart, the requests the last backend left in flight come first.
+        let resubmission = tracked.as_ref().and_then(|t| resubmission(t, vq, &ring_mem));
+        let mut chains = resubmission.as_ref().map(Resubmission::chains).unwrap_or_default();
         let mut popper = ring::Popper::new(queue);
         while let Some(chain) = popper.next(vq, &*ring_mem) {
+            if let Some(tracked) = &tracked {
+                tracked.taken(chain.head_index());
+            }
             chains.push(chain);
         }
         if chains.is_empty() {
@@ -193,7 +218,9 @@ impl BlkDevice {
             used.push(*head, used_len);
         }
         // Published under the vring's lock; the signal takes it again, so after dropping it.
-        let notify = used.publish(vq, &*ring_mem, self.shared.core.services()).map_err(io::Error::other)?;
+        let notify = used
+            .publish_tracked(vq, &*ring_mem, self.shared.core.services(), tracked.as_ref())
+            .map_err(io::Error::other)?;
         drop(state);
         if notify {
             vring.signal_used_queue()?;
@@ -437,7 +464,8 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        crate::server::protocol_features()
+        // Requests in flight survive a backend restart (see `queue::inflight`).
+        crate::server::protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

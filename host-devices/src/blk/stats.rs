@@ -18,6 +18,8 @@ pub struct Stats {
     other_ok: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Requests served again after a restart, from the in-flight region.
+    resubmitted: std::sync::Arc<AtomicU64>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -55,6 +57,11 @@ impl Stats {
         *count += 1;
     }
 
+    /// The counter of resubmitted requests (kept by the in-flight tracking).
+    pub fn resubmitted_counter(&self) -> std::sync::Arc<AtomicU64> {
+        self.resubmitted.clone()
+    }
+
     /// Errors of `kind` so far.
     pub fn errors(&self, kind: &str) -> u64 {
         lock(&self.errors).get(kind).copied().unwrap_or(0)
@@ -69,13 +76,14 @@ impl Stats {
             errors.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
         };
         format!(
-            "reads={} writes={} flushes={} other={} read_bytes={} written_bytes={} errors={}",
+            "reads={} writes={} flushes={} other={} read_bytes={} written_bytes={} resubmitted={} errors={}",
             self.reads.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
             self.flushes.load(Ordering::Relaxed),
             self.other_ok.load(Ordering::Relaxed),
             self.bytes_read.load(Ordering::Relaxed),
             self.bytes_written.load(Ordering::Relaxed),
+            self.resubmitted.load(Ordering::Relaxed),
             errors
         )
     }

@@ -4,6 +4,7 @@
 
 use super::Memory;
 use super::dirty_log::{CoreServices, DirtyLog};
+use super::inflight::Inflight;
 use super::quiesce::Gates;
 use super::ring::RingError;
 use super::services::{NoServices, QueueServices};
@@ -31,6 +32,7 @@ pub struct DeviceCore {
     services: CoreServices,
     /// Each queue's call descriptor when its worker last looked (-1: none yet).
     call_fds: Vec<std::sync::atomic::AtomicI32>,
+    inflight: Arc<Inflight>,
 }
 
 impl DeviceCore {
@@ -59,6 +61,7 @@ impl DeviceCore {
             poll: Duration::from_micros(poll_us),
             services: CoreServices { dirty: Arc::new(DirtyLog::new()), attached: Arc::new(NoServices) },
             call_fds: (0..queues).map(|_| std::sync::atomic::AtomicI32::new(-1)).collect(),
+            inflight: Arc::new(Inflight::new(queues, Arc::new(AtomicU64::new(0)))),
         })
     }
 
@@ -66,6 +69,19 @@ impl DeviceCore {
     pub fn with_services(mut self, services: Arc<dyn QueueServices>) -> DeviceCore {
         self.services.attached = services;
         self
+    }
+
+    /// The same core counting resubmitted requests into `resubmitted` (a device's
+    /// statistics, which outlive the connection).
+    pub fn counting_resubmitted(mut self, resubmitted: Arc<AtomicU64>) -> DeviceCore {
+        self.inflight = Arc::new(Inflight::new(self.broken.len(), resubmitted));
+        self
+    }
+
+    /// The connection's in-flight tracking (fed by the relay from GET_INFLIGHT_FD,
+    /// SET_INFLIGHT_FD and SET_VRING_KICK).
+    pub fn inflight(&self) -> &Arc<Inflight> {
+        &self.inflight
     }
 
     /// The services' hooks: the connection's dirty log, then the attached services.

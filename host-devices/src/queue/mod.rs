@@ -21,13 +21,21 @@
 //!   request or frame is served, after it completes, and on every write into guest memory.
 //! - [`dirty_log`]: dirty-page logging for live migration, the first service: it listens on
 //!   `guest_written` in front of whatever services are attached.
+//! - [`inflight`]: in-flight I/O tracking (INFLIGHT_SHMFD): heads taken and not yet used are
+//!   kept in an area the frontend holds across backend restarts, and a restarted ring
+//!   resubmits them ([`resubmit`] makes their chains) before anything new.
 //! - [`device_core`]: what every `VhostUserBackend` implementation shares (the memory slot,
 //!   the exit events, the stop flag, broken queues) behind one [`DeviceCore`].
 
 pub mod chain;
 pub mod device_core;
 pub mod dirty_log;
+pub mod inflight;
+mod inflight_resume;
+#[cfg(test)]
+mod inflight_tests;
 pub mod quiesce;
+pub mod resubmit;
 pub mod ring;
 pub mod services;
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! the avail ring's NO_INTERRUPT flag otherwise (virtio-queue's `needs_notification` ignores
 //! that flag). Every byte written is reported to the services (dirty-page logging).
 
+use super::inflight::TrackedQueue;
 use super::services::QueueServices;
 use pvkit_protocol::ring::{AVAIL_F_NO_INTERRUPT, USED_ELEM_SIZE, need_event, used_event_offset};
 use std::sync::atomic::{Ordering, fence};
@@ -72,21 +73,39 @@ impl UsedBatch {
         mem: &M,
         services: &dyn QueueServices,
     ) -> Result<bool, GuestMemoryError> {
+        self.publish_tracked(vq, mem, services, None)
+    }
+
+    /// [`UsedBatch::publish`], keeping the queue's in-flight region (`tracked`): the batch is
+    /// linked into its list before the used index is stored, and its heads are marked done
+    /// after (the specification's order, so that a crash anywhere in between is repaired).
+    pub fn publish_tracked<M: GuestMemory>(
+        &mut self,
+        vq: &mut Queue,
+        mem: &M,
+        services: &dyn QueueServices,
+        tracked: Option<&TrackedQueue<'_>>,
+    ) -> Result<bool, GuestMemoryError> {
         if self.entries.is_empty() {
             return Ok(false);
         }
         let size = vq.size().max(1);
+        self.entries.retain(|(head, _)| {
+            let valid = *head < size;
+            if !valid {
+                log::error!("a used entry for descriptor {head} on a ring of {size} was left out");
+            }
+            valid
+        });
+        // Taken out, so that a batch failing half-way is not published again.
+        let mut entries = std::mem::take(&mut self.entries);
         let used_ring = vq.used_ring();
         let old = vq.next_used();
         let mut next = old;
-        for (head, len) in self.entries.drain(..) {
-            if head >= size {
-                log::error!("a used entry for descriptor {head} on a ring of {size} was left out");
-                continue;
-            }
+        for (head, len) in &entries {
             let slot = u64::from(next % size);
             let mut elem = [0u8; USED_ELEM_SIZE];
-            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
             elem[4..].copy_from_slice(&len.to_le_bytes());
             let at = GuestAddress(used_ring + USED_RING_HEADER + USED_ELEM_SIZE as u64 * slot);
             mem.write_slice(&elem, at)?;
@@ -96,10 +115,18 @@ impl UsedBatch {
         if next == old {
             return Ok(false);
         }
+        if let Some(tracked) = tracked {
+            tracked.publishing(entries.iter().map(|(head, _)| *head));
+        }
         let idx_at = GuestAddress(used_ring + USED_IDX_OFFSET);
         mem.store(next.to_le(), idx_at, Ordering::Release)?;
         services.guest_written(idx_at, 2);
         vq.set_next_used(next);
+        if let Some(tracked) = tracked {
+            tracked.published(entries.iter().map(|(head, _)| *head), next);
+        }
+        entries.clear();
+        self.entries = entries;
         // The index must be visible before the driver's wish is read (pairs with the
         // driver's barrier between writing used_event and reading the used index).
         fence(Ordering::SeqCst);

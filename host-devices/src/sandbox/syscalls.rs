@@ -106,6 +106,8 @@ const BLK: &[(libc::c_long, &str)] = &[
     (libc::SYS_io_uring_setup, "a new ring when one cannot be drained"),
     (libc::SYS_io_uring_enter, "submitting and reaping"),
     (libc::SYS_io_uring_register, "the io_uring engine"),
+    (libc::SYS_memfd_create, "the in-flight area (GET_INFLIGHT_FD)"),
+    (libc::SYS_ftruncate, "sizing the in-flight area"),
 ];
 
 /// What the console backend calls besides [`COMMON`].

@@ -296,6 +296,7 @@ pub struct LinuxGuest {
     cpus: u32,
     timeout: Duration,
     migration: Option<Migration>,
+    reconnect_ms: Option<u32>,
 }
 
 /// Where and when a guest migrates: a second QEMU whose devices are the source's, each served
@@ -308,7 +309,7 @@ struct Migration {
 
 impl Migration {
     /// The destination's device arguments: the source's, each on its new socket.
-    fn device_args(&self, devices: &[Device]) -> Vec<String> {
+    fn device_args(&self, devices: &[Device], reconnect_ms: Option<u32>) -> Vec<String> {
         let moved: Vec<Device> = devices
             .iter()
             .zip(self.sockets.iter().map(Some).chain(std::iter::repeat(None)))
@@ -322,7 +323,7 @@ impl Migration {
                 (device, None) => device.clone(),
             })
             .collect();
-        device_args(&moved)
+        device_args(&moved, reconnect_ms)
     }
 }
 
@@ -347,7 +348,15 @@ impl LinuxGuest {
             cpus: 1,
             timeout: Duration::from_secs(240),
             migration: None,
+            reconnect_ms: None,
         }
+    }
+
+    /// QEMU reconnects to a vhost-user backend that went away every `ms` milliseconds
+    /// (`reconnect-ms` on each device's chardev), so a test can kill and restart backends.
+    pub fn reconnect_ms(mut self, ms: u32) -> Self {
+        self.reconnect_ms = Some(ms);
+        self
     }
 
     /// Adds a `vhost-user-blk-pci` disk served at `socket` (the guest sees `/dev/vda`, `vdb`, ...).
@@ -393,7 +402,7 @@ impl LinuxGuest {
     }
 
     fn device_args(&self) -> Vec<String> {
-        device_args(&self.devices)
+        device_args(&self.devices, self.reconnect_ms)
     }
 
     /// The guest's initramfs in `dir`: the cached image's, then an archive with the test's
@@ -453,7 +462,7 @@ impl LinuxGuest {
         let dest_log = work.path().join("serial-destination.log");
         let incoming = work.path().join("migrate.sock");
         let monitor = work.path().join("monitor.sock");
-        let mut dest = self.qemu_command(&image, &initrd, &dest_log, migration.device_args(&self.devices));
+        let mut dest = self.qemu_command(&image, &initrd, &dest_log, migration.device_args(&self.devices, self.reconnect_ms));
         dest.arg("-incoming").arg(format!("unix:{}", incoming.display()));
         let destination = spawn_qemu(&mut dest)?;
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", monitor.display()));
@@ -466,17 +475,19 @@ impl LinuxGuest {
     }
 }
 
-/// QEMU arguments attaching `devices`.
-fn device_args(devices: &[Device]) -> Vec<String> {
+/// QEMU arguments attaching `devices`, their backends reconnected every `reconnect_ms` when
+/// given.
+fn device_args(devices: &[Device], reconnect_ms: Option<u32>) -> Vec<String> {
     let mut args = Vec::new();
+    let reconnect = reconnect_ms.map(|ms| format!(",reconnect-ms={ms}")).unwrap_or_default();
     for (i, device) in devices.iter().enumerate() {
         match device {
             Device::VhostUserBlk { socket, queues } => {
-                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
+                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}{reconnect}", socket.display())]);
                 args.extend(["-device".into(), format!("vhost-user-blk-pci,chardev=dev{i},num-queues={queues}")]);
             }
             Device::VhostUserNet { socket, queues, mac } => {
-                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}", socket.display())]);
+                args.extend(["-chardev".into(), format!("socket,id=dev{i},path={}{reconnect}", socket.display())]);
                 args.extend(["-netdev".into(), format!("vhost-user,id=net{i},chardev=dev{i},queues={queues}")]);
                 let mq = if *queues > 1 { format!(",mq=on,vectors={}", 2 * queues + 2) } else { String::new() };
                 args.extend(["-device".into(), format!("virtio-net-pci,netdev=net{i},mac={mac}{mq}")]);

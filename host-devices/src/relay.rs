@@ -253,6 +253,7 @@ fn requests(
     let mut held: BTreeMap<u32, u32> = BTreeMap::new();
     loop {
         let mut fds = Vec::new();
+        let mut kick_after: Option<OwnedFd> = None;
         let mut header = [0u8; HEADER_LEN];
         if !recv_message_part(frontend, &mut header, &mut fds)? {
             return Ok(());
@@ -308,6 +309,9 @@ fn requests(
             if request == set_vring_kick && size == 8 {
                 // Bits 0-7: the ring; before the library starts it, so its first pass resumes.
                 inflight.ring_started(usize::from(payload[0]));
+                if inflight.is_tracking() {
+                    kick_after = fds.first().and_then(|fd| fd.try_clone().ok());
+                }
             }
         }
         if request == set_backend_req_fd
@@ -327,6 +331,11 @@ fn requests(
         bytes.extend_from_slice(&payload);
         send_message(handler, &bytes, &fds)?;
         drop(fds);
+        if let Some(kick) = kick_after.take() {
+            // The ring's first pass must come even if the driver, waiting for the requests
+            // the last backend left unfinished, never kicks again: kick it once.
+            let _ = std::fs::File::from(kick).write_all(&1u64.to_ne_bytes());
+        }
         if let Some(features) = features {
             protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
 
@@ -571,9 +580,19 @@ mod tests {
         frontend.send_with_fds(&[&bytes[..]], &[area.as_raw_fd()]).unwrap();
         assert_eq!(read_message(&frontend).2, 0u64.to_le_bytes(), "taken");
         assert!(inflight.is_tracking());
-        let kick = message(FrontendReq::SET_VRING_KICK as u32, FLAG_VERSION, &(1u64 | 0x100).to_le_bytes());
-        (&frontend).write_all(&kick).unwrap();
+        let kick_fd = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let kick = message(FrontendReq::SET_VRING_KICK as u32, FLAG_VERSION, &1u64.to_le_bytes());
+        frontend.send_with_fds(&[&kick[..]], &[kick_fd.as_raw_fd()]).unwrap();
         assert_eq!(read_message(&handler).0, FrontendReq::SET_VRING_KICK as u32, "the first message the library sees");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let kicked = loop {
+            match kick_fd.read() {
+                Ok(count) => break count,
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("the ring was never kicked: {e}"),
+            }
+        };
+        assert_eq!(kicked, 1, "the ring is kicked once, so that it resumes without the driver");
         let ring = inflight.queue(1).expect("a region for ring 1");
         assert!(ring.take_pending(), "ring 1's next pass resumes it");
         assert!(!inflight.queue(0).unwrap().take_pending(), "ring 0 was not started");

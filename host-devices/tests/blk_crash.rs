@@ -152,7 +152,9 @@ fn fio_verifies_while_the_backend_is_killed_during_io() {
     assert!(runs.iter().all(|r| r.ends_with("errors=0")), "{runs:?}");
     assert_eq!(run.values("KERNEL_COMPLAINTS").next(), Some("0"), "{}", run.log);
     let total = resubmitted(&log);
-    println!("{caught} of {KILLS} kills came with requests in flight; {total} request(s) resubmitted; fio runs: {runs:?}");
+    println!(
+        "{caught} of {KILLS} kills came with requests in flight; {total} request(s) resubmitted; fio runs: {runs:?}"
+    );
     assert!(caught > 0, "no kill found requests in flight");
     assert!(total > 0, "no request was resubmitted:\n{log}");
     assert!(log.contains("in-flight tracking on"), "QEMU never handed over the in-flight area:\n{log}");

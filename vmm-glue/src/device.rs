@@ -2,7 +2,7 @@
 //! drives, the backend link, and the kick and call eventfds (registered with KVM by the VM).
 //! Guest accesses that reach the VMM come here; so do backend disconnects and reconnects.
 
-use crate::frontend::{BackendLink, FrontendError, MAX_QUEUE_SIZE};
+use crate::frontend::{BackendLink, FrontendError, InflightArea, MAX_QUEUE_SIZE};
 use crate::memory::GuestRam;
 use crate::mmio::{Effect, MmioTransportState, QueueConfig};
 use log::{info, warn};
@@ -29,6 +29,9 @@ pub struct VirtioDevice {
     default_queues: usize,
     /// Guest protocol violations seen (the first is logged).
     pub violations: u64,
+    /// The backend's in-flight area, kept across backend restarts until the driver resets
+    /// the device.
+    inflight: Option<InflightArea>,
 }
 
 /// A human name for a virtio device type.
@@ -73,6 +76,7 @@ impl VirtioDevice {
             calls: new_eventfds()?,
             default_queues,
             violations: 0,
+            inflight: None,
         })
     }
 
@@ -171,6 +175,8 @@ impl VirtioDevice {
                 {
                     warn!("{}: stopping the backend's rings: {e}", self.name);
                 }
+                // A reset driver starts its rings afresh: nothing of theirs is in flight.
+                self.inflight = None;
             }
             Effect::ConfigWrite(config_offset) => {
                 if let Some(link) = self.link.as_mut()
@@ -185,8 +191,11 @@ impl VirtioDevice {
     }
 
     /// Starts the backend's rings for the queues the driver enabled. After a reconnect
-    /// (`restore`), each ring starts where the guest's used index says the old backend got to.
+    /// (`restore`), each ring starts where the guest's used index says the old backend got to;
+    /// a backend that tracks requests in flight gets the area first and goes on from there
+    /// instead (resubmitting what the old one left unfinished).
     fn start_rings(&mut self, ram: &GuestRam, restore: bool) -> Result<(), FrontendError> {
+        self.hand_over_inflight_area()?;
         let queues = self.state.queues().to_vec();
         let bases: Vec<u16> = queues
             .iter()
@@ -197,6 +206,22 @@ impl VirtioDevice {
         let features = self.state.driver_features();
         match self.link.as_mut() {
             Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives the backend the in-flight area (asking it for one the first time), when it
+    /// tracks requests in flight.
+    fn hand_over_inflight_area(&mut self) -> Result<(), FrontendError> {
+        let Some(link) = self.link.as_mut().filter(|l| l.tracks_inflight()) else { return Ok(()) };
+        if self.inflight.is_none() {
+            self.inflight = link.new_inflight_area(self.kicks.len(), MAX_QUEUE_SIZE)?;
+            if let Some(area) = &self.inflight {
+                info!("{}: the backend keeps requests in flight in a {}-byte area", self.name, area.size());
+            }
+        }
+        match &self.inflight {
+            Some(area) => link.set_inflight_area(area),
             None => Ok(()),
         }
     }

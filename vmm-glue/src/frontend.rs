@@ -9,7 +9,9 @@ use crate::mmio::QueueConfig;
 use pvkit_protocol::virtio::{Features, feature as vf};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -57,6 +59,21 @@ const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT
 /// Largest queue size offered to the guest.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
+/// The shared area where a backend keeps the requests it has in flight (protocol feature
+/// INFLIGHT_SHMFD). The VMM holds it across backend restarts and hands it to each new
+/// backend, which resubmits what its predecessor left unfinished.
+pub struct InflightArea {
+    info: VhostUserInflight,
+    file: std::fs::File,
+}
+
+impl InflightArea {
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.info.mmap_size
+    }
+}
+
 /// A connected backend.
 pub struct BackendLink {
     frontend: Frontend,
@@ -92,7 +109,8 @@ impl BackendLink {
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::BACKEND_REQ);
+                    | VhostUserProtocolFeatures::BACKEND_REQ
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
             frontend.set_protocol_features(protocol).map_err(req("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -146,6 +164,29 @@ impl BackendLink {
     /// Whether configuration-space access works (protocol feature CONFIG).
     pub fn has_config(&self) -> bool {
         self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    }
+
+    /// Whether the backend keeps its requests in flight in an area the VMM holds.
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// A new in-flight area from the backend for `queues` queues of up to `queue_size`
+    /// entries (GET_INFLIGHT_FD); `None` when the backend answers without one.
+    pub fn new_inflight_area(&mut self, queues: usize, queue_size: u16) -> Result<Option<InflightArea>, FrontendError> {
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: u16::try_from(queues).unwrap_or(u16::MAX),
+            queue_size,
+        };
+        let (info, file) = self.frontend.get_inflight_fd(&ask).map_err(self.req("GET_INFLIGHT_FD"))?;
+        Ok((info.mmap_size > 0).then_some(InflightArea { info, file }))
+    }
+
+    /// Hands the backend the in-flight area (SET_INFLIGHT_FD), before its rings start.
+    pub fn set_inflight_area(&mut self, area: &InflightArea) -> Result<(), FrontendError> {
+        self.frontend.set_inflight_fd(&area.info, area.file.as_raw_fd()).map_err(self.req("SET_INFLIGHT_FD"))
     }
 
     /// The control socket's descriptor (the VM watches it for the backend going away).

@@ -462,7 +462,8 @@ impl LinuxGuest {
         let dest_log = work.path().join("serial-destination.log");
         let incoming = work.path().join("migrate.sock");
         let monitor = work.path().join("monitor.sock");
-        let mut dest = self.qemu_command(&image, &initrd, &dest_log, migration.device_args(&self.devices, self.reconnect_ms));
+        let mut dest =
+            self.qemu_command(&image, &initrd, &dest_log, migration.device_args(&self.devices, self.reconnect_ms));
         dest.arg("-incoming").arg(format!("unix:{}", incoming.display()));
         let destination = spawn_qemu(&mut dest)?;
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", monitor.display()));

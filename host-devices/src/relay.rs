@@ -167,9 +167,9 @@ struct Sinks<'a> {
 
 /// Answers GET_INFLIGHT_FD with a new area and its descriptor, or with an empty description
 /// (no tracking) when the request makes no sense or the area cannot be made.
-fn answer_get_inflight(payload: &[u8], frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
+fn answer_get_inflight(payload: &[u8], inflight: &Inflight, frontend_writer: &Mutex<UnixStream>) -> io::Result<()> {
     let request = FrontendReq::GET_INFLIGHT_FD as u32;
-    let made = InflightRepr::parse(payload).map_err(inflight::InflightError::from).and_then(|r| inflight::allocate(&r));
+    let made = InflightRepr::parse(payload).map_err(inflight::InflightError::from).and_then(|r| inflight.allocate(&r));
     let (body, fds) = match made {
         Ok((fd, reply)) => {
             debug!("in-flight area of {} bytes for {} queue(s) handed out", reply.mmap_size, reply.num_queues);
@@ -299,7 +299,7 @@ fn requests(
         }
         if let Some(inflight) = inflight {
             if request == get_inflight {
-                answer_get_inflight(&payload, frontend_writer)?;
+                answer_get_inflight(&payload, inflight, frontend_writer)?;
                 continue;
             }
             if request == set_inflight {

@@ -8,7 +8,9 @@ DEVICE is blk, net (the backend runs --loopback) or console (its first port is f
 Each attack runs on a connection of its own: protocol garbage first, then a correct setup
 followed by hostile rings. After every attack the backend process PID must be alive, answer
 GET_FEATURES on a new connection, and keep its resident memory within 64 MiB of where it
-started. At the end a well-behaved session moves real data and checks it: blk writes a
+started. blk also gets in-flight areas that lie (sizes, counts, descriptors) and regions
+whose contents make no sense, including one that claims every head is in flight. At the end
+a well-behaved session moves real data and checks it: blk writes a
 pattern and reads it back, net sends a frame through the loopback and receives it, console
 writes bytes that must appear in the port's file. Exits 0 when all of that holds; otherwise
 prints what failed and exits 1."""
@@ -27,6 +29,7 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL = 12, 13
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 GET_CONFIG, ADD_MEM_REG = 24, 37
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 VERSION, NEED_REPLY = 0x1, 0x8
 # Feature bits.
 VERSION_1, PROTOCOL_FEATURES = 1 << 32, 1 << 30
@@ -315,6 +318,72 @@ def ring_attacks(q):
             addresses_outside_or_wrapping, avail_index_past_ring, heads_out_of_range, aliasing_chain]
 
 
+# In-flight tracking (blk): areas that lie, regions whose contents make no sense.
+def inflight_message(size, offset, queues, queue_size):
+    return struct.pack("<QQHHI", size, offset, queues, queue_size, 0)
+
+
+def region_size(queue_size):
+    return (16 + 16 * queue_size + 63) // 64 * 64
+
+
+def inflight_attacks():
+    def absurd_area_requests(f):
+        f.send(SET_OWNER)
+        for queues, queue_size in ((0, 128), (0xFFFF, 128), (1, 0), (1, 100), (64, 0x8000), (1, 0xFFFF)):
+            f.send(GET_INFLIGHT_FD, inflight_message(0, 0, queues, queue_size))
+            f.sock.recvmsg(12 + 24, socket.CMSG_SPACE(4 * 4))  # a reply, with an area or without
+        f.send(GET_INFLIGHT_FD, b"\x01")
+
+    def areas_that_lie(f):
+        f.setup(1, 0)
+        small = os.memfd_create("small", 0)
+        os.ftruncate(small, 64)
+        claims = [(1 << 30, 0, 1, QSIZE), (region_size(QSIZE), 1 << 63, 1, QSIZE), (64, 0, 1, QSIZE),
+                  (1 << 62, 0xFFFF_FFFF_FFFF_FF00, 0xFFFF, 0x8000)]
+        for claim in claims:
+            f.send(SET_INFLIGHT_FD, inflight_message(*claim), [small], flags=VERSION | NEED_REPLY)
+        f.send(SET_INFLIGHT_FD, inflight_message(region_size(QSIZE), 0, 1, QSIZE))
+        f.send(SET_INFLIGHT_FD, b"\x00" * 4, [small, small])
+        os.close(small)
+        f.get_u64(GET_FEATURES)
+
+    def region_with(fill):
+        def attack(f):
+            area = os.memfd_create("area", 0)
+            os.ftruncate(area, region_size(QSIZE))
+            fill(area)
+            f.send(SET_INFLIGHT_FD, inflight_message(region_size(QSIZE), 0, 1, QSIZE), [area])
+            os.close(area)
+            f.setup(1, 0)  # the ring starts: its first pass examines the region
+            time.sleep(0.05)
+        return attack
+
+    def garbage(area):
+        os.pwrite(area, b"\xff" * region_size(QSIZE), 0)
+
+    def every_head_in_flight(area):
+        # A believable header (version 1, desc_num, used_idx 0) and every head in flight: the
+        # ring's zeroed descriptors are resubmitted, refused one by one, and the ring, whose
+        # avail index never moved, is then broken.
+        os.pwrite(area, struct.pack("<QHHHH", 0, 1, QSIZE, 0, 0), 0)
+        for head in range(QSIZE):
+            os.pwrite(area, struct.pack("<B5xHQ", 1, 0, head), 16 + 16 * head)
+
+    def batch_list_loop(area):
+        # The used index is ahead of the region's and the batch list points at itself.
+        os.pwrite(area, struct.pack("<QHHHH", 0, 1, QSIZE, 5, 0xFFF0), 0)
+        os.pwrite(area, struct.pack("<B5xHQ", 1, 5, 0), 16 + 16 * 5)
+
+    attacks = [absurd_area_requests, areas_that_lie]
+    for name, fill in (("garbage_region", garbage), ("every_head_in_flight", every_head_in_flight),
+                       ("batch_list_loop", batch_list_loop)):
+        attack = region_with(fill)
+        attack.__name__ = name
+        attacks.append(attack)
+    return attacks
+
+
 def check_backend(path, pid, baseline, what):
     try:
         os.kill(pid, 0)
@@ -465,6 +534,9 @@ def main():
             run_attack(path, attack, prepare=lambda f: f.setup(queues, 0))
             peak = max(peak, check_backend(path, pid, baseline, attack.__name__))
         if device == "blk":
+            for attack in inflight_attacks():
+                run_attack(path, attack)
+                peak = max(peak, check_backend(path, pid, baseline, attack.__name__))
             blk_session(path)
         elif device == "net":
             net_receive_buffers_too_small(path, pid)
@@ -476,6 +548,7 @@ def main():
         print(f"hostile_frontend {device}: {e}", file=sys.stderr)
         return 1
     attacks = len(garbage_attacks(queues)) + len(ring_attacks(attack_queue)) + (device == "net")
+    attacks += len(inflight_attacks()) if device == "blk" else 0
     print(f"hostile_frontend {device}: {attacks} attacks survived; resident memory {baseline} -> peak {peak} KiB; "
           f"data checked after them")
     return 0

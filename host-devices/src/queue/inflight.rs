@@ -60,6 +60,14 @@ pub enum InflightError {
         /// Queues the area describes.
         queues: u16,
     },
+    /// An area for more queues than the device has.
+    #[error("an in-flight area for {asked} queues was asked of a device with {device}")]
+    TooManyQueues {
+        /// Queues asked for.
+        asked: u16,
+        /// Queues the device has.
+        device: usize,
+    },
     /// A system call failed.
     #[error("{what}: {source}")]
     Os {
@@ -134,6 +142,15 @@ impl Inflight {
             resubmitted,
             refused: AtomicU64::new(0),
         }
+    }
+
+    /// A new area for the queues `request` names (GET_INFLIGHT_FD), no more than the device
+    /// has: [`allocate`], bounded by the device.
+    pub fn allocate(&self, request: &InflightRepr) -> Result<(OwnedFd, InflightRepr), InflightError> {
+        if usize::from(request.num_queues) > self.pending.len() {
+            return Err(InflightError::TooManyQueues { asked: request.num_queues, device: self.pending.len() });
+        }
+        allocate(request)
     }
 
     /// Takes the area the frontend sent (SET_INFLIGHT_FD), after checking its description

@@ -53,6 +53,9 @@ pub enum RegionError {
         /// The ring size.
         ring: u16,
     },
+    /// The batch list names a head twice (a loop).
+    #[error("the last batch's list names head {0} twice")]
+    BatchRepeats(u16),
     /// An `inflight` flag that is neither 0 nor 1.
     #[error("descriptor {head} has in-flight flag {value}")]
     Flag {
@@ -194,10 +197,14 @@ impl TrackedQueue<'_> {
             return Err(RegionError::BatchTooLong { used, region, batch, ring });
         }
         let mut listed = Vec::with_capacity(usize::from(batch));
+        let mut seen = vec![false; usize::from(ring)];
         let mut head = self.read_u16(header::LAST_BATCH_HEAD);
         for _ in 0..batch {
             if head >= ring {
                 return Err(RegionError::BatchHead { head, ring });
+            }
+            if std::mem::replace(&mut seen[usize::from(head)], true) {
+                return Err(RegionError::BatchRepeats(head));
             }
             listed.push(head);
             head = self.read_u16(desc_state_offset(head) + desc_state::NEXT);

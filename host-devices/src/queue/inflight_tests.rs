@@ -273,6 +273,16 @@ fn regions_that_cannot_be_believed_are_refused_counted_and_started_afresh() {
             }),
             RegionError::BatchHead { head: 40_000, ring: RING },
         ),
+        (
+            "batch list loop",
+            RING,
+            Box::new(move |f| {
+                put_u16(f, header::USED_IDX, 0xffff);
+                put_u16(f, header::LAST_BATCH_HEAD, 1);
+                put_u16(f, desc_state_offset(1) + desc_state::NEXT, 1);
+            }),
+            RegionError::BatchRepeats(1),
+        ),
         ("ring too large", 8, Box::new(|_| {}), RegionError::RingTooLarge { ring: RING, desc_num: 8 }),
     ];
     for (what, queue_size, corrupt, expected) in cases {

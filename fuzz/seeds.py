@@ -159,7 +159,28 @@ def backend_seeds():
     yield "console-output", console
 
 
-for target, seeds in [("backend", backend_seeds), ("blk", blk_seeds), ("net", net_seeds), ("console", console_seeds), ("mmio", mmio_seeds),
+def inflight_seeds():
+    """A region (version, desc_num, last batch head, used index, then a state per head), the
+    ring's used index, then a queue and its data as the blk target takes them."""
+    write = [desc(0x000, 16, NEXT, 1), desc(0x1000, 512, NEXT, 2), desc(0x3000, 1, WRITE),
+             desc(0x100, 16, NEXT, 4), desc(0x1400, 512, NEXT, 5), desc(0x3001, 1, WRITE)]
+    pieces = [(0x000, blk_header(1, 1)), (0x100, blk_header(1, 2))]
+    region_size = (16 + 16 * RING + 63) // 64 * 64
+
+    def region(used_idx, states, last_batch_head=0):
+        raw = struct.pack("<QHHHH", 0, 1, RING, last_batch_head, used_idx)
+        for head in range(RING):
+            flag, counter, nxt = states.get(head, (0, 0, 0))
+            raw += struct.pack("<B5xHQ", flag, nxt, counter)
+        return raw + bytes(region_size - len(raw))
+
+    rest = struct.pack("<Q", ALL) + ring(write, [3]) + data(pieces)
+    yield "fresh", bytes(region_size) + bytes([0]) + rest
+    yield "two-in-flight", region(1, {0: (1, 4, 0), 3: (1, 6, 0)}) + bytes([1]) + rest
+    yield "last-batch", region(0, {0: (1, 1, 3), 3: (1, 2, 0)}, last_batch_head=0) + bytes([1]) + rest
+
+
+for target, seeds in [("inflight", inflight_seeds), ("backend", backend_seeds), ("blk", blk_seeds), ("net", net_seeds), ("console", console_seeds), ("mmio", mmio_seeds),
                       ("relay", relay_seeds), ("protocol", protocol_seeds)]:
     folder = os.path.join(HERE, "corpus", target)
     os.makedirs(folder, exist_ok=True)

@@ -50,7 +50,8 @@ fuzz_target!(|data: &[u8]| {
         let (mut frontend, relay_frontend) = UnixStream::pair().expect("a socket pair");
         let (relay_handler, mut handler) = UnixStream::pair().expect("a socket pair");
         let dirty = Some(std::sync::Arc::new(pvkit_host_devices::queue::dirty_log::DirtyLog::new()));
-        pvkit_host_devices::relay::start("fuzz", relay_frontend, relay_handler, None, dirty).expect("the relay");
+        let taken = pvkit_host_devices::relay::Taken { dirty, ..Default::default() };
+        pvkit_host_devices::relay::start("fuzz", relay_frontend, relay_handler, taken).expect("the relay");
         // Never wait: what the relay has not moved yet is read later or not at all; a full
         // socket ends the input.
         for socket in [&frontend, &handler] {

@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -89,8 +90,14 @@ impl<D: ServedDevice> Frontend<D> {
         let private = UnixListener::bind_addr(&address)?;
         let handler_side = UnixStream::connect_addr(&address)?;
         let (socket, relay_side) = UnixStream::pair()?;
-        let dirty = Some(device.core().dirty_log().clone());
-        pvkit_host_devices::relay::start(name, relay_side, handler_side, device.backend_channel(), dirty)?;
+        // What the server gives the relay, in-flight tracking included for a device offering it.
+        let tracks = device.protocol_features().contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let taken = pvkit_host_devices::relay::Taken {
+            channel: device.backend_channel(),
+            dirty: Some(device.core().dirty_log().clone()),
+            inflight: tracks.then(|| device.core().inflight().clone()),
+        };
+        pvkit_host_devices::relay::start(name, relay_side, handler_side, taken)?;
         daemon.start(&mut Listener::from(private)).map_err(|e| io::Error::other(e.to_string()))?;
         socket.set_nonblocking(true)?;
         Ok(Frontend { socket, daemon, memory: shared_file(GUEST_MEM), kicks: Vec::new() })

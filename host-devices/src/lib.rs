@@ -18,6 +18,7 @@ pub mod region_check;
 pub mod relay;
 pub mod sandbox;
 pub mod server;
+pub mod services;
 
 use std::fmt;
 use std::path::Path;

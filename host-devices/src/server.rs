@@ -35,6 +35,9 @@ pub enum ServerError {
     /// Accepting a frontend failed.
     #[error("accepting a frontend: {0}")]
     Accept(vhost::vhost_user::Error),
+    /// The control API could not start.
+    #[error("control API: {0}")]
+    Api(crate::services::api::ApiError),
     /// The control relay could not be set up.
     #[error("setting up the control relay: {0}")]
     Relay(std::io::Error),
@@ -225,17 +228,27 @@ fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
     Ok(set)
 }
 
+/// What a backend reports besides serving: a statistics line every `stats_ms` (0: only at
+/// exit) and the control API, when asked for.
+#[derive(Default)]
+pub struct Reporting {
+    /// Milliseconds between statistics lines.
+    pub stats_ms: u64,
+    /// The control API's sockets, bound already.
+    pub api: Option<crate::services::api::ApiServer>,
+}
+
 /// Serves devices made by `make_device` on every address in `listens` (one thread each;
 /// `make_device` gets the address's index) until SIGTERM/SIGINT, listening again after each
 /// disconnect. Once the listening sockets exist, and before any thread starts, the process
-/// enters `sandbox` (which is also allowed to remove the sockets at exit). `quiesce` is called
-/// on a signal and must return only when no request is in flight (and keep new ones from
-/// starting); `summary` gives the statistics line.
+/// enters `sandbox` (which is also allowed to remove the sockets at exit); the API starts
+/// after it. `quiesce` is called on a signal and must return only when no request is in
+/// flight (and keep new ones from starting); `summary` gives the statistics line.
 pub fn serve<D, M, Q, S>(
     name: &str,
     listens: Vec<ListenOn>,
     sandbox: crate::sandbox::Sandbox,
-    stats_ms: u64,
+    reporting: Reporting,
     summary: S,
     quiesce: Q,
     make_device: M,
@@ -251,14 +264,19 @@ where
     for listen in &listens {
         listeners.push(listen.listener()?);
     }
+    let Reporting { stats_ms, api } = reporting;
     let socket_paths: Vec<PathBuf> = listens
         .iter()
         .filter_map(|listen| match listen {
             ListenOn::Path(path) => Some(path.clone()),
             ListenOn::Fd(_) => None,
         })
+        .chain(api.as_ref().and_then(|api| api.socket_path()).map(PathBuf::from))
         .collect();
     socket_paths.iter().fold(sandbox, |sandbox, path| sandbox.removable(path)).enter_and_log()?;
+    if let Some(api) = api {
+        api.start().map_err(ServerError::Api)?;
+    }
     {
         let summary = summary.clone();
         let name = name.to_string();

@@ -224,6 +224,7 @@ impl BlkDevice {
         drop(state);
         if notify {
             vring.signal_used_queue()?;
+            self.shared.core.services().notified(queue);
         }
         popper.finish(heads.len())
     }
@@ -403,10 +404,13 @@ impl BlkDevice {
 fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed, started: Instant) {
     let Ok(req) = &parsed.result else { return };
     let work = work_of(queue, req);
-    if services.admit(&work) == Verdict::Fail {
-        services.completed(&Completion { work, started, ok: false });
-        parsed.result = Err(RequestError::FailedByService);
-    }
+    let refused = match services.admit(&work) {
+        Verdict::Serve => return,
+        Verdict::Fail => RequestError::FailedByService,
+        Verdict::Unsupported => RequestError::UnsupportedByService,
+    };
+    services.completed(&Completion { work, started, ok: false });
+    parsed.result = Err(refused);
 }
 
 /// Tells the services a request completed, and which guest memory it wrote (the data of a
@@ -434,7 +438,14 @@ fn report_completion(
 
 /// What the services are told a request is.
 fn work_of(queue: usize, req: &Request) -> Work {
-    Work::new(queue, req.request_type.name(), stream_len(&req.data))
+    let work = Work::new(queue, req.request_type.name(), stream_len(&req.data));
+    let first = match &req.operation {
+        Operation::Read { offset } | Operation::Write { offset } => Some(offset / blk::SECTOR_SIZE),
+        Operation::Discard(ranges) => ranges.first().map(|(offset, _)| offset / blk::SECTOR_SIZE),
+        Operation::WriteZeroes(ranges) => ranges.first().map(|(offset, _, _)| offset / blk::SECTOR_SIZE),
+        Operation::Flush | Operation::GetId => None,
+    };
+    first.map_or(work, |sector| work.at_sector(sector))
 }
 
 fn slices<'a>(mem: &'a GuestMemoryMmap, data: &[Segment]) -> io::Result<Vec<vm_memory::VolatileSlice<'a, ()>>> {
@@ -504,6 +515,7 @@ impl VhostUserBackend for BlkDevice {
             let Some(vring) = vrings.get(device_event as usize) else {
                 return Err(io::Error::other(format!("event for unknown queue {device_event}")));
             };
+            self.shared.core.services().kicked(thread);
             let queues = [WorkerQueue { index: thread, vring }];
             let mut pass = QueuePass { device: self, vring, queue: thread, reused: PassBuffers::default() };
             self.shared.core.serve(thread, &queues, &mut pass)

@@ -29,6 +29,9 @@ pub enum BlkError {
     /// Creating the device failed.
     #[error("cannot create the device: {0}")]
     Device(std::io::Error),
+    /// A service could not start.
+    #[error(transparent)]
+    Services(#[from] crate::services::ServiceError),
 }
 
 /// I/O engine choices.
@@ -53,6 +56,9 @@ pub struct BlkArgs {
     #[command(flatten)]
     /// Confinement once everything is open.
     pub sandbox: crate::sandbox::SandboxArgs,
+    #[command(flatten)]
+    /// Metrics, fault injection and the control API.
+    pub services: crate::services::ServiceArgs,
     /// Raw image file or block device to serve.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]
     pub blk_file: Option<String>,
@@ -169,8 +175,11 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
     if let Some(path) = &args.blk_file {
         sandbox = sandbox.file(std::path::Path::new(path), args.read_only || engine_name == "null");
     }
-    server::serve("vhost-user-blk", vec![listen], sandbox, args.stats_ms, summary, quiesce, |_| {
-        BlkDevice::new(engine.clone(), options.clone(), stats.clone(), gates.clone())
+    let prepared = crate::services::prepare(crate::services::BLK, args.num_queues.into(), &args.services)?;
+    let attached = prepared.attached();
+    let reporting = server::Reporting { stats_ms: args.stats_ms, api: prepared.api };
+    server::serve("vhost-user-blk", vec![listen], sandbox, reporting, summary, quiesce, |_| {
+        BlkDevice::with_services(engine.clone(), options.clone(), stats.clone(), gates.clone(), attached.clone())
     })?;
     Ok(())
 }

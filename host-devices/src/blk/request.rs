@@ -68,13 +68,16 @@ pub enum RequestError {
     /// A service (fault injection) failed the request on purpose.
     #[error("failed by an attached service")]
     FailedByService,
+    /// A service (fault injection) refused the request as unsupported on purpose.
+    #[error("refused as unsupported by an attached service")]
+    UnsupportedByService,
 }
 
 impl RequestError {
     /// The status the driver sees.
     pub fn status(&self) -> blk::Status {
         match self {
-            RequestError::Unsupported(_) => blk::Status::Unsupp,
+            RequestError::Unsupported(_) | RequestError::UnsupportedByService => blk::Status::Unsupp,
             RequestError::BadSegment(blk::BlkError::ReservedSegmentFlags(_)) => blk::Status::Unsupp,
             _ => blk::Status::IoErr,
         }
@@ -96,6 +99,7 @@ impl RequestError {
             RequestError::Unsupported(_) => "unsupported",
             RequestError::BadAddress(_) => "bad-address",
             RequestError::FailedByService => "failed-by-service",
+            RequestError::UnsupportedByService => "unsupported-by-service",
         }
     }
 }

@@ -330,7 +330,7 @@ impl ConsoleDevice {
             // wakes the worker: output writable, or a client connecting).
             let full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
             let taken = used.len();
-            used.publish_and_release(state, vring, &*mem, services)?;
+            used.publish_and_release(state, vring, queue, &*mem, services)?;
             (full, taken)
         };
         let (fd, want) = (port.output_fd(), !port.pending.is_empty());
@@ -399,7 +399,7 @@ impl ConsoleDevice {
                 }
             }
             let returned = used.len();
-            used.publish_and_release(state, vring, &*mem, services)?;
+            used.publish_and_release(state, vring, queue, &*mem, services)?;
             returned
         };
         let fd = port.input_fd();
@@ -444,7 +444,7 @@ impl ConsoleDevice {
             }
         }
         let count = used.len();
-        used.publish_and_release(state, vring, &*mem, self.shared.core.services())?;
+        used.publish_and_release(state, vring, usize::from(cq::CONTROL_TX), &*mem, self.shared.core.services())?;
         popper.finish(count)
     }
 
@@ -492,7 +492,7 @@ impl ConsoleDevice {
             used.push(head, written as u32);
         }
         let count = used.len();
-        used.publish_and_release(state, vring, &*mem, services)?;
+        used.publish_and_release(state, vring, usize::from(cq::CONTROL_RX), &*mem, services)?;
         popper.finish(count)
     }
 }
@@ -630,7 +630,8 @@ impl VhostUserBackend for ConsoleDevice {
                     }
                 }
                 Some(Event::SizeCheck) => self.check_size(),
-                Some(Event::Queue(_) | Event::Input(_) | Event::Output(_)) => {}
+                Some(Event::Queue(queue)) => self.shared.core.services().kicked(queue),
+                Some(Event::Input(_) | Event::Output(_)) => {}
                 None => return Err(io::Error::other(format!("unknown event {device_event}"))),
             }
             // Console traffic is light: serving everything on any event keeps the flow-control

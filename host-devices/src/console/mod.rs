@@ -24,6 +24,9 @@ pub enum ConsoleBackendError {
     /// Serving failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A service could not start.
+    #[error(transparent)]
+    Services(#[from] crate::services::ServiceError),
 }
 
 /// vhost-user-console: a vhost-user virtio-console backend with multiport, SIZE and EMERG_WRITE.
@@ -36,6 +39,9 @@ pub struct ConsoleArgs {
     #[command(flatten)]
     /// Confinement once everything is open.
     pub sandbox: crate::sandbox::SandboxArgs,
+    #[command(flatten)]
+    /// Metrics, fault injection and the control API.
+    pub services: crate::services::ServiceArgs,
     /// A port: stdio, pty, unix:PATH, tcp:[HOST:]PORT or file:PATH, optionally ,name=NAME.
     /// Repeat for more ports; the first is the console. More than one offers MULTIPORT.
     #[arg(long = "port", value_name = "KIND[,name=NAME]", default_value = "stdio")]
@@ -90,8 +96,13 @@ pub fn main(args: &[String]) -> Result<(), ConsoleBackendError> {
             PortKind::Stdio | PortKind::Pty | PortKind::Tcp(_) => sandbox,
         },
     );
-    server::serve("vhost-user-console", vec![listen], sandbox, args.stats_ms, summary, quiesce, |_| {
-        ConsoleDevice::new(host.clone(), gates.clone())
+    let ports_given = args.ports.len() as u16;
+    let queues = usize::from(pvkit_protocol::console::queue::count(ports_given, ports_given > 1));
+    let prepared = crate::services::prepare(crate::services::CONSOLE, queues, &args.services)?;
+    let attached = prepared.attached();
+    let reporting = server::Reporting { stats_ms: args.stats_ms, api: prepared.api };
+    server::serve("vhost-user-console", vec![listen], sandbox, reporting, summary, quiesce, |_| {
+        ConsoleDevice::with_services(host.clone(), gates.clone(), attached.clone())
     })?;
     Ok(())
 }

@@ -260,7 +260,7 @@ impl NetDevice {
         let count = used.len();
         if count > 0 {
             self.shared.stats.transmitted(packets, bytes);
-            used.publish_and_release(vring, tx, &*ring_mem, services)?;
+            used.publish_and_release(vring, tx, tx_queue(pair), &*ring_mem, services)?;
         }
         popper.finish(count)
     }
@@ -368,7 +368,7 @@ impl NetDevice {
             self.shared.stats.received(packets, bytes);
         }
         let entries = used.len();
-        used.publish_and_release(vring, rx, &*ring_mem, services)?;
+        used.publish_and_release(vring, rx, rx_queue(pair), &*ring_mem, services)?;
         popper.finish(entries)
     }
 
@@ -423,6 +423,9 @@ impl NetDevice {
         };
         if event == Event::Inbox {
             self.inbox(thread).consume_signal();
+        }
+        if event == Event::Queue {
+            self.shared.core.services().kicked(usize::from(device_event));
         }
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Err(io::Error::other(format!("worker {thread} has {} queues, not 2", vrings.len())));

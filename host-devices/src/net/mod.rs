@@ -31,6 +31,9 @@ pub enum NetBackendError {
     /// Serving failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A service could not start.
+    #[error(transparent)]
+    Services(#[from] crate::services::ServiceError),
 }
 
 /// A MAC address on the command line (`52:54:00:12:34:56`).
@@ -77,6 +80,9 @@ pub struct NetArgs {
     #[command(flatten)]
     /// Confinement once everything is open.
     pub sandbox: crate::sandbox::SandboxArgs,
+    #[command(flatten)]
+    /// Metrics, fault injection and the control API.
+    pub services: crate::services::ServiceArgs,
     /// Send and receive through this tap (opened, or created when missing, which needs
     /// CAP_NET_ADMIN); one tap queue per queue pair.
     #[arg(long, value_name = "NAME", group = "side")]
@@ -185,7 +191,11 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
         move || gates.iter().for_each(|g| g.close())
     };
     let sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Net, args.sandbox.sandbox);
-    server::serve("vhost-user-net", listens, sandbox, args.stats_ms, summary, quiesce, |port| {
+    let queues = 2 * usize::from(options.pairs);
+    let prepared = crate::services::prepare(crate::services::NET, queues, &args.services)?;
+    let attached = prepared.attached();
+    let reporting = server::Reporting { stats_ms: args.stats_ms, api: prepared.api };
+    server::serve("vhost-user-net", listens, sandbox, reporting, summary, quiesce, |port| {
         let mut options = options.clone();
         let side = match (&hub, &side) {
             (Some(hub), _) => {
@@ -195,7 +205,7 @@ pub fn main(args: &[String]) -> Result<(), NetBackendError> {
             (None, side) => side.clone(),
         };
         let gates = gates.get(port).cloned().unwrap_or_else(|| Arc::new(Gates::new(options.pairs.into())));
-        NetDevice::new(options, side, stats.clone(), gates)
+        NetDevice::with_services(options, side, stats.clone(), gates, attached.clone())
     })?;
     Ok(())
 }

@@ -170,6 +170,18 @@ impl QueueServices for CoreServices {
         self.attached.guest_written(addr, len);
     }
 
+    fn kicked(&self, queue: usize) {
+        self.attached.kicked(queue);
+    }
+
+    fn notified(&self, queue: usize) {
+        self.attached.notified(queue);
+    }
+
+    fn polled(&self, queue: usize, time: std::time::Duration) {
+        self.attached.polled(queue, time);
+    }
+
     fn is_active(&self) -> bool {
         self.dirty.is_logging() || self.attached.is_active()
     }

@@ -22,12 +22,19 @@ pub struct Work {
     pub kind: &'static str,
     /// Bytes it moves.
     pub bytes: u64,
+    /// Block: the first sector it touches.
+    pub sector: Option<u64>,
 }
 
 impl Work {
     /// `bytes` of operation `kind` on queue `queue`.
     pub fn new(queue: usize, kind: &'static str, bytes: u64) -> Work {
-        Work { queue, kind, bytes }
+        Work { queue, kind, bytes, sector: None }
+    }
+
+    /// The same work, starting at sector `sector`.
+    pub fn at_sector(self, sector: u64) -> Work {
+        Work { sector: Some(sector), ..self }
     }
 }
 
@@ -38,6 +45,8 @@ pub enum Verdict {
     Serve,
     /// Fail it: a block request completes with an I/O error, a frame is dropped (counted).
     Fail,
+    /// Refuse it: a block request completes with UNSUPP; anything else is dropped as by `Fail`.
+    Unsupported,
 }
 
 /// A completed request or frame.
@@ -66,6 +75,15 @@ pub trait QueueServices: Send + Sync {
 
     /// The device wrote `len` bytes of guest memory at `addr`.
     fn guest_written(&self, _addr: GuestAddress, _len: u64) {}
+
+    /// The driver kicked queue `queue`.
+    fn kicked(&self, _queue: usize) {}
+
+    /// The device signalled the driver for queue `queue`.
+    fn notified(&self, _queue: usize) {}
+
+    /// The worker serving queue `queue` (and maybe others) polled for `time` and found nothing.
+    fn polled(&self, _queue: usize, _time: std::time::Duration) {}
 
     /// Whether any hook does something (lets a hot path skip building [`Work`]).
     fn is_active(&self) -> bool {

@@ -43,8 +43,8 @@ impl UsedBatch {
         self.entries.is_empty()
     }
 
-    /// Publishes the batch while the pass still holds `state`, `vring`'s lock, then releases
-    /// it and signals the driver if it asked: what every pass ends with. Under the lock, so
+    /// Publishes the batch while the pass still holds `state`, `vring`'s lock (queue
+    /// `queue`), then releases it and signals the driver if it asked: what every pass ends with. Under the lock, so
     /// that a frontend stopping the queue (GET_VRING_BASE, which takes it) waits until every
     /// chain the pass took has its used entry: the index it is told then matches the ring, and
     /// a migration's last dirty-log sync sees every write.
@@ -52,6 +52,7 @@ impl UsedBatch {
         &mut self,
         mut state: std::sync::RwLockWriteGuard<'_, vhost_user_backend::VringState<super::Memory>>,
         vring: &VringRwLock,
+        queue: usize,
         mem: &M,
         services: &dyn QueueServices,
     ) -> std::io::Result<()> {
@@ -59,6 +60,7 @@ impl UsedBatch {
         drop(state);
         if notify {
             vring.signal_used_queue()?;
+            services.notified(queue);
         }
         Ok(())
     }

@@ -151,6 +151,9 @@ impl DeviceCore {
                 if work > 0 {
                     last_work = Instant::now();
                 } else if poll.is_zero() || last_work.elapsed() >= poll {
+                    if let (false, Some(first)) = (poll.is_zero(), queues.first()) {
+                        self.services().polled(first.index, last_work.elapsed());
+                    }
                     break;
                 } else {
                     std::hint::spin_loop();

@@ -88,6 +88,7 @@ const COMMON: &[(libc::c_long, &str)] = &[
     (libc::SYS_getsockopt, "socket errors"),
     (libc::SYS_setsockopt, "socket options"),
     (libc::SYS_getsockname, "socket addresses"),
+    (libc::SYS_getpeername, "the control API's TCP clients (--metrics-addr)"),
     (libc::SYS_socketpair, "the backend request channel"),
     (libc::SYS_ioctl, "FIONBIO, terminal sizes, tap queues"),
 ];

@@ -10,6 +10,7 @@
 
 pub mod blkio_client;
 pub mod facility;
+pub mod http;
 pub mod initramfs;
 pub mod linux_guest;
 pub mod migration;

@@ -1,0 +1,181 @@
+//! The services a backend adds between guest and backing: live metrics, fault injection, and
+//! the control API that shows and changes them. They attach to every device the same way, as
+//! one [`QueueServices`] implementation given to the queue-worker core
+//! ([`crate::queue::DeviceCore::with_services`]), and outlive frontend connections (a device
+//! is made anew for each connection; its services are the process's).
+//!
+//! - [`metrics`]: per-queue counters and latency histograms, as JSON and in Prometheus's
+//!   text format;
+//! - [`faults`]: rules that fail requests, frames or console chunks;
+//! - [`api`]: HTTP/1.1 over a unix socket (`--api-socket`), and `/metrics` over TCP
+//!   (`--metrics-addr`) for a Prometheus server.
+
+pub mod api;
+pub mod faults;
+pub mod metrics;
+
+use crate::queue::services::{Completion, QueueServices, Verdict, Work};
+use faults::{Action, FaultError, Faults, RuleSpec};
+use metrics::Metrics;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The service options every backend takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServiceArgs {
+    /// Serve the control API (HTTP/1.1, JSON) on this UNIX socket: GET /stats, GET /metrics,
+    /// GET|PUT|DELETE /faults (created, and removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text format) over TCP on this address as well.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// A fault-injection rule, repeatable: `op=OP,sectors=FIRST-END,trigger=T,seed=N,action=A`
+    /// (every key but `action` optional). OP: an operation of the device or `any`; T: `always`,
+    /// `once`, `every:N` or `probability:P`; A: `ioerr` or `unsupp` (blk), `drop` (net,
+    /// console).
+    #[arg(long = "fault", value_name = "RULE")]
+    pub faults: Vec<String>,
+}
+
+impl ServiceArgs {
+    /// Whether any service was asked for (otherwise the device runs with none: nothing is
+    /// counted on its hot path).
+    pub fn any(&self) -> bool {
+        self.api_socket.is_some() || self.metrics_addr.is_some() || !self.faults.is_empty()
+    }
+}
+
+/// Errors from starting the services.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A `--fault` rule was refused.
+    #[error("--fault: {0}")]
+    Fault(#[from] FaultError),
+    /// The API's sockets could not be made.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+}
+
+/// What a backend's `main` gets from [`prepare`].
+#[derive(Default)]
+pub struct Prepared {
+    /// The services, when any was asked for.
+    pub services: Option<Arc<DeviceServices>>,
+    /// The API's sockets, bound, to be started once the sandbox is entered.
+    pub api: Option<api::ApiServer>,
+}
+
+impl Prepared {
+    /// What to attach to each connection's device.
+    pub fn attached(&self) -> Arc<dyn QueueServices> {
+        match &self.services {
+            Some(services) => services.clone(),
+            None => Arc::new(crate::queue::NoServices),
+        }
+    }
+}
+
+/// The services `args` asks for, for a device of `kind` with `queues` queues: rules checked,
+/// API sockets bound.
+pub fn prepare(kind: DeviceKind, queues: usize, args: &ServiceArgs) -> Result<Prepared, ServiceError> {
+    if !args.any() {
+        return Ok(Prepared::default());
+    }
+    let services = DeviceServices::new(kind, queues, args)?;
+    let api = api::ApiServer::bind(args, services.clone())?;
+    Ok(Prepared { services: Some(services), api })
+}
+
+/// What a device kind offers the services.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceKind {
+    /// The program name (`vhost-user-blk`, ...), the `device` label of every metric.
+    pub name: &'static str,
+    /// The operations its work is named by.
+    pub ops: &'static [&'static str],
+    /// The fault actions it can take.
+    pub actions: &'static [Action],
+}
+
+/// The block device.
+pub const BLK: DeviceKind = DeviceKind {
+    name: "vhost-user-blk",
+    ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
+    actions: &[Action::Ioerr, Action::Unsupp],
+};
+/// The net device.
+pub const NET: DeviceKind =
+    DeviceKind { name: "vhost-user-net", ops: &["tx", "rx"], actions: &[Action::Drop, Action::Ioerr] };
+/// The console device.
+pub const CONSOLE: DeviceKind =
+    DeviceKind { name: "vhost-user-console", ops: &["tx", "rx"], actions: &[Action::Drop, Action::Ioerr] };
+
+/// One device process's services.
+pub struct DeviceServices {
+    /// Live counters.
+    pub metrics: Metrics,
+    /// Fault-injection rules.
+    pub faults: Faults,
+}
+
+impl DeviceServices {
+    /// Services for a device of `kind` with `queues` queues, with the fault rules of `args`.
+    pub fn new(kind: DeviceKind, queues: usize, args: &ServiceArgs) -> Result<Arc<DeviceServices>, FaultError> {
+        let faults = Faults::new(kind.ops, kind.actions);
+        let rules = args.faults.iter().map(|text| RuleSpec::parse(text)).collect::<Result<Vec<_>, _>>()?;
+        faults.set(rules)?;
+        Ok(Arc::new(DeviceServices { metrics: Metrics::new(kind.name, queues), faults }))
+    }
+
+    /// The metrics in Prometheus's text format, fault counters included.
+    pub fn prometheus_text(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render_prometheus(&mut out);
+        let name = "pvkit_faults_injected_total";
+        out.push_str(&format!("# HELP {name} Faults injected, by rule.\n# TYPE {name} counter\n"));
+        for (rule, action, count) in self.faults.injected() {
+            let action = format!("{action:?}").to_lowercase();
+            out.push_str(&format!(
+                "{name}{{device=\"{}\",rule=\"{rule}\",action=\"{action}\"}} {count}\n",
+                self.metrics.device()
+            ));
+        }
+        out
+    }
+}
+
+impl QueueServices for DeviceServices {
+    fn admit(&self, work: &Work) -> Verdict {
+        if let Some(queue) = self.metrics.queue(work.queue) {
+            queue.admitted();
+        }
+        self.faults.admit(work)
+    }
+
+    fn completed(&self, completion: &Completion) {
+        if let Some(queue) = self.metrics.queue(completion.work.queue) {
+            let work = &completion.work;
+            queue.completed(work.kind, work.bytes, completion.ok, completion.started.elapsed());
+        }
+    }
+
+    fn kicked(&self, queue: usize) {
+        if let Some(queue) = self.metrics.queue(queue) {
+            queue.kicked();
+        }
+    }
+
+    fn notified(&self, queue: usize) {
+        if let Some(queue) = self.metrics.queue(queue) {
+            queue.notified();
+        }
+    }
+
+    fn polled(&self, queue: usize, time: Duration) {
+        if let Some(queue) = self.metrics.queue(queue) {
+            queue.polled(time);
+        }
+    }
+}

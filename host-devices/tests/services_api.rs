@@ -1,0 +1,157 @@
+//! The backends' services over real sockets: libblkio (an independent frontend) drives
+//! `vhost-user-blk` while the test reads and changes its metrics and fault rules through the
+//! control API (`--api-socket`, HTTP over a unix socket); `promtool` checks the metrics text,
+//! and a real Prometheus server scrapes `--metrics-addr`.
+
+mod common;
+
+use pvkit_test_support::blkio_client::{BlkioClient, BlkioError};
+use pvkit_test_support::facility;
+use pvkit_test_support::http;
+use pvkit_test_support::process::ChildGuard;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DISK: u64 = 16 << 20;
+
+struct Backend {
+    _child: ChildGuard,
+    socket: PathBuf,
+    api: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn backend(extra: &[&str]) -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let api = dir.path().join("api.sock");
+    let mut args = vec!["--api-socket", api.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (child, socket) = common::start_blk(dir.path(), &image, &args);
+    Backend { _child: child, socket, api, dir }
+}
+
+fn api(backend: &Backend, method: &str, path: &str, body: &str) -> http::Response {
+    http::unix(&backend.api, method, path, body).unwrap()
+}
+
+fn is_eio(result: Result<Vec<u8>, BlkioError>) -> bool {
+    matches!(result, Err(BlkioError::Request { ret, .. }) if ret == -libc::EIO)
+}
+
+#[test]
+fn metrics_count_what_libblkio_did_and_fault_rules_fail_exactly_what_they_match() {
+    // Reads of sectors 2048..2056 (the 4 KiB at 1 MiB) fail from the start.
+    let b = backend(&["--fault", "op=read,sectors=2048-2056,action=ioerr"]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    client.write(0, 1 << 20, &data).unwrap();
+    assert!(is_eio(client.read(0, 1 << 20, 4096)), "a read the rule matches fails with EIO");
+    assert!(is_eio(client.read(0, (1 << 20) - 512, 1024)), "one that overlaps the range too");
+    assert_eq!(client.read(0, 2 << 20, 4096).unwrap(), vec![0; 4096], "reads elsewhere succeed");
+
+    let stats = api(&b, "GET", "/stats", "").json();
+    let ops = &stats["queues"][0]["ops"];
+    assert_eq!(ops["write"], serde_json::json!({"ok": 1, "failed": 0, "bytes": 4096}), "{stats}");
+    assert_eq!((ops["read"]["ok"].as_u64(), ops["read"]["failed"].as_u64()), (Some(1), Some(2)), "{stats}");
+    assert_eq!(stats["queues"][0]["latency"]["count"], 4);
+    assert_eq!(stats["queues"][0]["in_flight"], 0);
+    assert!(stats["queues"][0]["kicks"].as_u64() >= Some(1), "{stats}");
+    assert_eq!(stats["faults"][0]["injected"], 2, "{stats}");
+
+    // Requests the API refuses change nothing and leave the device serving.
+    for (method, path, body, status) in [
+        ("PUT", "/faults", "{\"rules\": [", 400),
+        ("PUT", "/faults", r#"{"rules":[{"action":"ioerr","when":"now"}]}"#, 400),
+        ("PUT", "/faults", r#"{"rules":[{"op":"read","sectors":[9,9],"action":"ioerr"}]}"#, 400),
+        ("PUT", "/faults", r#"{"rules":[{"trigger":{"probability":2.0},"action":"ioerr"}]}"#, 400),
+        ("PUT", "/faults", r#"{"rules":[{"action":"drop"}]}"#, 400),
+        ("POST", "/faults", "", 405),
+        ("GET", "/limits/nothing", "", 404),
+    ] {
+        let reply = api(&b, method, path, body);
+        assert_eq!(reply.status, status, "{method} {path} {body}: {}", reply.body);
+        assert!(reply.json()["error"].is_string(), "{}", reply.body);
+    }
+    assert!(is_eio(client.read(0, 1 << 20, 4096)), "the rule is still there");
+
+    // Removed at run time: the range reads back what was written before.
+    assert_eq!(api(&b, "DELETE", "/faults", "").status, 200);
+    assert_eq!(client.read(0, 1 << 20, 4096).unwrap(), data);
+    // Put at run time: flushes are refused as unsupported, every second time.
+    let rule = r#"{"rules":[{"op":"flush","trigger":{"every":2},"action":"unsupp"}]}"#;
+    assert_eq!(api(&b, "PUT", "/faults", rule).status, 200);
+    let flushes: Vec<bool> = (0..4).map(|_| client.flush(0).is_ok()).collect();
+    assert_eq!(flushes, [true, false, true, false]);
+    assert_eq!(api(&b, "GET", "/faults", "").json()["rules"][0]["injected"], 2);
+}
+
+#[test]
+fn the_metrics_text_passes_promtool() {
+    if !facility::require_programs("services_promtool", &["promtool"]) {
+        return;
+    }
+    let b = backend(&[]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    client.write(0, 0, &[1; 4096]).unwrap();
+    client.read(0, 0, 4096).unwrap();
+    let metrics = api(&b, "GET", "/metrics", "");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains("pvkit_requests_total{device=\"vhost-user-blk\",queue=\"0\",op=\"read\",outcome=\"ok\"} 1")
+    );
+    let file = b.dir.path().join("metrics.txt");
+    std::fs::write(&file, &metrics.body).unwrap();
+    let out =
+        Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}\n{}", metrics.body);
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_prometheus_server_scrapes_the_metrics_address() {
+    if !facility::require_programs("services_prometheus", &["prometheus"]) {
+        return;
+    }
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let b = backend(&["--metrics-addr", &metrics_addr]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    for i in 0..10u64 {
+        client.write(0, i * 4096, &[7; 4096]).unwrap();
+    }
+    assert_eq!(http::tcp(&metrics_addr, "GET", "/stats", "").unwrap().status, 404, "only /metrics over TCP");
+    let web = format!("127.0.0.1:{}", free_port());
+    let config = b.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pvkit\n    static_configs:\n      - targets: ['{metrics_addr}']\n"),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus");
+    prometheus
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", b.dir.path().join("tsdb").display()))
+        .arg(format!("--web.listen-address={web}"));
+    let _server = ChildGuard::spawn("prometheus", &mut prometheus).unwrap();
+    let query = "/api/v1/query?query=pvkit_requests_total%7Bop%3D%22write%22%2Coutcome%3D%22ok%22%7D";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        let answer = http::tcp(&web, "GET", query, "").ok().filter(|r| r.status == 200).map(|r| r.json());
+        let value = answer.as_ref().and_then(|a| a["data"]["result"][0]["value"][1].as_str().map(str::to_string));
+        if let Some(value) = value {
+            break value;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never returned the counter: {answer:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(value, "10", "Prometheus sees the ten writes");
+}

@@ -220,3 +220,63 @@ echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
     assert!(count("tx") > 0 && count("rx") > 0, "the destination's tap carried nothing: {summary}\n{}", logs[1]);
     println!("{test}: destination backend: {summary}");
 }
+
+/// A guest on a tap pings through a fault rule that drops 30% of what it transmits (seeded),
+/// then, once the test removed the rule through the API, through none.
+#[test]
+fn a_loss_rule_drops_about_its_share_of_pings_and_none_once_removed() {
+    let test = "net_linux_guest_loss";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
+        return;
+    }
+    if !is_root() {
+        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
+        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, api) = (dir.path().join("net.sock"), dir.path().join("api.sock"));
+    let ns = Netns::create(&format!("pvkit-l{}", std::process::id()));
+    let program = env!("CARGO_BIN_EXE_vhost-user-net");
+    let rule = "op=tx,trigger=probability:0.3,seed=7,action=drop";
+    let args = [program, "--tap", "pvkl0", "--api-socket", api.to_str().unwrap(), "--fault", rule];
+    let backend = start_backend(&mut ns.exec(&args), &[&socket]);
+    ns.run(&["ip", "addr", "add", "10.78.0.1/24", "dev", "pvkl0"]);
+    ns.run(&["ip", "link", "set", "pvkl0", "up"]);
+    let script = NET_UP.replace("ADDR", "10.78.0.2/24")
+        + r#"
+for i in $(seq 30); do ping -c 1 -W 1 10.78.0.1 > /dev/null 2>&1 && break; done
+ping -c 100 -i 0.05 -W 2 10.78.0.1 > /tmp/lossy.out 2>&1
+echo "LOSSY_REPLIES=$(grep -c 'bytes from' /tmp/lossy.out)"
+for i in $(seq 300); do ping -c 1 -W 1 10.78.0.3 > /dev/null 2>&1 && break; done
+ping -c 100 -i 0.05 -W 2 10.78.0.1 > /tmp/clean.out 2>&1
+echo "CLEAN_REPLIES=$(grep -c 'bytes from' /tmp/clean.out)"
+"#;
+    let guest = std::thread::spawn(move || {
+        LinuxGuest::new(script).vhost_user_net(&socket, 1, "52:54:00:78:00:02").timeout(Duration::from_secs(240)).run()
+    });
+    // Once the guest has sent its 100 lossy pings, remove the rule and give it the address it
+    // waits for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(200);
+    loop {
+        let stats = pvkit_test_support::http::unix(&api, "GET", "/stats", "").unwrap().json();
+        let tx = &stats["queues"][1]["ops"]["tx"];
+        if tx["ok"].as_u64().unwrap_or(0) + tx["failed"].as_u64().unwrap_or(0) >= 110 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline && !guest.is_finished(), "the guest never sent its pings: {stats}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let faults = pvkit_test_support::http::unix(&api, "DELETE", "/faults", "").unwrap();
+    assert_eq!(faults.status, 200);
+    ns.run(&["ip", "addr", "add", "10.78.0.3/24", "dev", "pvkl0"]);
+    let run = guest.join().unwrap().unwrap();
+    let stats = pvkit_test_support::http::unix(&api, "GET", "/stats", "").unwrap().json();
+    let _ = backend.terminate(WAIT);
+    run.assert_passed();
+    let lossy: u32 = first(&run, "LOSSY_REPLIES").parse().unwrap_or(0);
+    let clean: u32 = first(&run, "CLEAN_REPLIES").parse().unwrap_or(0);
+    println!("{test}: {lossy} of 100 answered through a 30% loss rule, {clean} of 100 without it");
+    assert!((50..=85).contains(&lossy), "{lossy} of 100 answered through a 30% loss rule\n{stats}\n{}", run.log);
+    assert_eq!(clean, 100, "loss without the rule\n{}", run.log);
+}

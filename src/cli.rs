@@ -31,6 +31,8 @@ enum Command {
         #[command(subcommand)]
         scenario: crate::bench::Scenario,
     },
+    /// Live rates of running backends from their control API (--api-socket), like iostat.
+    Stat(crate::stat::StatArgs),
     /// Run one device backend (the same as invoking pvkit as vhost-user-blk, -net or -console).
     Backend {
         /// blk, net or console.
@@ -52,6 +54,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
     match cli.command {
         Command::Demo => crate::demo::demo(),
         Command::Run(args) => crate::run::run(args),
+        Command::Stat(args) => crate::stat::stat(args),
         Command::Bench { output, scenario } => match crate::bench::run(&scenario, &output) {
             Ok(true) => ExitCode::SUCCESS,
             // A scenario of `all` failed, or `compare` found something worse.

@@ -1,6 +1,6 @@
 //! `pvkit`: one multi-call binary for the whole toolkit.
 //!
-//! - `pvkit run|demo|bench ...` and `pvkit backend blk|net|console ...`;
+//! - `pvkit run|demo|bench|stat ...` and `pvkit backend blk|net|console ...`;
 //! - invoked as `vhost-user-blk`, `vhost-user-net` or `vhost-user-console` (a symlink, or a
 //!   re-execution with that `argv[0]`), it is that backend.
 
@@ -9,6 +9,7 @@ mod cli;
 mod demo;
 mod run;
 mod software;
+mod stat;
 
 use std::process::ExitCode;
 

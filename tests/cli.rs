@@ -84,3 +84,46 @@ fn install_script_places_binaries_and_the_vhost_user_descriptor() {
     let caps = Command::new(&binary).arg("--print-capabilities").output().unwrap();
     assert!(String::from_utf8_lossy(&caps.stdout).contains(r#""type": "console""#));
 }
+
+#[test]
+fn stat_prints_live_rates_of_a_backend_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, socket, api) = (dir.path().join("disk.img"), dir.path().join("blk.sock"), dir.path().join("api.sock"));
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    let mut cmd = pvkit();
+    cmd.args(["backend", "blk", "--blk-file"])
+        .arg(&image)
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--api-socket")
+        .arg(&api);
+    let mut backend = pvkit_test_support::process::ChildGuard::spawn("vhost-user-blk", &mut cmd).unwrap();
+    backend.wait_for_socket(&socket, std::time::Duration::from_secs(10)).unwrap();
+    let mut client = pvkit_test_support::blkio_client::BlkioClient::connect(&socket, 1).unwrap();
+    let stat = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            pvkit().args(["stat", "--json", "--interval", "0.5", "--count", "3"]).arg(api).output().unwrap()
+        })
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(1) {
+        client.write(0, 0, &[3; 4096]).unwrap();
+    }
+    let out = stat.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines.iter().any(|l| l["requests_per_s"].as_f64() > Some(0.0)), "{text}");
+    assert!(lines.iter().all(|l| l["device"] == "vhost-user-blk"), "{text}");
+    let table = pvkit().args(["stat", "--interval", "0.1", "--count", "1"]).arg(&api).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("device"), "a header line");
+
+    let missing = pvkit().args(["stat", "--count", "1"]).arg(dir.path().join("nothing.sock")).output().unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nothing.sock"), "names the socket");
+    for bad in [&["stat"][..], &["stat", "--interval", "0", "x"], &["stat", "--count", "many", "x"]] {
+        assert_eq!(pvkit().args(bad).output().unwrap().status.code(), Some(2), "{bad:?}");
+    }
+}

@@ -264,7 +264,10 @@ echo "CLEAN_REPLIES=$(grep -c 'bytes from' /tmp/clean.out)"
         if tx["ok"].as_u64().unwrap_or(0) + tx["failed"].as_u64().unwrap_or(0) >= 110 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline && !guest.is_finished(), "the guest never sent its pings: {stats}");
+        assert!(
+            std::time::Instant::now() < deadline && !guest.is_finished(),
+            "the guest never sent its pings: {stats}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let faults = pvkit_test_support::http::unix(&api, "DELETE", "/faults", "").unwrap();

@@ -68,7 +68,10 @@ fn a_guest_sees_injected_read_errors_on_one_range_and_its_data_after_the_rule_is
     };
     let waited = Instant::now();
     while &marker(DONE_MIB) != b"DONE" {
-        assert!(waited.elapsed() < Duration::from_secs(280) && !guest.is_finished(), "the guest never got past its reads");
+        assert!(
+            waited.elapsed() < Duration::from_secs(280) && !guest.is_finished(),
+            "the guest never got past its reads"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let faults = http::unix(&api, "GET", "/faults", "").unwrap().json();
@@ -78,7 +81,11 @@ fn a_guest_sees_injected_read_errors_on_one_range_and_its_data_after_the_rule_is
     let run = guest.join().unwrap().unwrap();
     run.assert_passed();
     let value = |key: &str| run.values(key).next().unwrap_or_default().to_string();
-    assert!(value("FAULTY_READ").starts_with("failed") && value("FAULTY_READ").contains("Input/output error"), "{}", run.log);
+    assert!(
+        value("FAULTY_READ").starts_with("failed") && value("FAULTY_READ").contains("Input/output error"),
+        "{}",
+        run.log
+    );
     assert_eq!(value("OTHER_READ"), "succeeded", "{}", run.log);
     let kernel = value("KERNEL_LOG");
     assert!(kernel.contains("vda") && kernel.contains(&format!("sector {FIRST_SECTOR}")), "{kernel}\n{}", run.log);

@@ -11,6 +11,7 @@
 //!   (`--metrics-addr`) for a Prometheus server.
 
 pub mod api;
+pub mod client;
 pub mod faults;
 pub mod metrics;
 

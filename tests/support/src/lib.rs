@@ -10,7 +10,8 @@
 
 pub mod blkio_client;
 pub mod facility;
-pub mod http;
+/// The control API's HTTP client (from `pvkit-host-devices`).
+pub use pvkit_host_devices::services::client as http;
 pub mod initramfs;
 pub mod linux_guest;
 pub mod migration;

@@ -3,7 +3,7 @@
 
 use pvkit_host_devices::services::client::{self, ClientError};
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ struct Totals {
     buckets: Vec<(f64, u64)>,
 }
 
-fn fetch(socket: &PathBuf) -> Result<Totals, StatError> {
+fn fetch(socket: &Path) -> Result<Totals, StatError> {
     let reply = client::unix(socket, "GET", "/stats", "")?;
     if reply.status != 200 {
         let socket = socket.display().to_string();
@@ -115,7 +115,7 @@ fn rate(before: u64, now: u64, seconds: f64) -> f64 {
     now.saturating_sub(before) as f64 / seconds
 }
 
-fn line(socket: &PathBuf, before: &Totals, now: &Totals, seconds: f64) -> Value {
+fn line(socket: &Path, before: &Totals, now: &Totals, seconds: f64) -> Value {
     let us = |q: Option<f64>| q.filter(|v| v.is_finite()).map(|v| (v * 1e6).round());
     json!({
         "socket": socket.display().to_string(),
@@ -158,16 +158,16 @@ pub fn stat(args: StatArgs) -> ExitCode {
 }
 
 fn run(args: &StatArgs) -> Result<(), StatError> {
-    let mut previous: Vec<Totals> = args.sockets.iter().map(fetch).collect::<Result<_, _>>()?;
+    let mut previous: Vec<Totals> = args.sockets.iter().map(|s| fetch(s)).collect::<Result<_, _>>()?;
     let mut taken = Instant::now();
     let interval = Duration::from_secs_f64(args.interval);
     let mut lines = 0u64;
     while args.count.is_none_or(|count| lines < count) {
         std::thread::sleep(interval);
-        let now: Vec<Totals> = args.sockets.iter().map(fetch).collect::<Result<_, _>>()?;
+        let now: Vec<Totals> = args.sockets.iter().map(|s| fetch(s)).collect::<Result<_, _>>()?;
         let seconds = taken.elapsed().as_secs_f64().max(1e-3);
         taken = Instant::now();
-        if !args.json && lines % 20 == 0 {
+        if !args.json && lines.is_multiple_of(20) {
             println!(
                 "{:<19} {:>10} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9}  socket",
                 "device", "req/s", "MB/s", "fail/s", "p50(us)", "p99(us)", "inflight", "faults/s"

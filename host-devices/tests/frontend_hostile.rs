@@ -135,8 +135,16 @@ fn run_hostile_frontend(device: &str, backend: &mut ChildGuard, socket: &Path, e
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile_frontend.py");
     let pid = backend.id().unwrap().to_string();
-    // Sandboxed by default: seccomp in filter mode.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // Sandboxed by default: seccomp in filter mode. The socket exists a moment before the
+    // backend enters its sandbox (it is made first, so the sandbox can allow removing it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if status.lines().any(|l| l == "Seccomp:\t2") || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{device} backend not in seccomp filter mode:\n{status}");
     let mut cmd = Command::new("python3");
     cmd.arg(script).arg(device).arg(socket).arg(&pid);

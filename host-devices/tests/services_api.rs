@@ -155,3 +155,46 @@ fn a_prometheus_server_scrapes_the_metrics_address() {
     };
     assert_eq!(value, "10", "Prometheus sees the ten writes");
 }
+
+/// Requests libblkio completes in `seconds`, one at a time, each `op` of `len` bytes.
+fn completed_in(client: &mut BlkioClient, seconds: f64, len: usize, write: bool) -> u64 {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut count = 0;
+    while Instant::now() < end {
+        let offset = (count % 64) * len as u64;
+        if write {
+            client.write(0, offset, &vec![5; len]).unwrap();
+        } else {
+            client.read(0, offset, len).unwrap();
+        }
+        count += 1;
+    }
+    count
+}
+
+#[test]
+fn rate_limits_hold_libblkio_to_them_and_change_at_run_time() {
+    let b = backend(&["--limit", "all:ops=500"]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    let ops = completed_in(&mut client, 2.0, 4096, false) as f64 / 2.0;
+    assert!((400.0..=600.0).contains(&ops), "{ops} reads/s under a 500/s limit");
+    // Changed through the API: a bandwidth limit on writes alone.
+    let put = api(&b, "PUT", "/limits", r#"{"limits":{"write":{"bw":2000000}}}"#);
+    assert_eq!(put.status, 200, "{}", put.body);
+    let started = Instant::now();
+    let bytes = completed_in(&mut client, 2.0, 65536, true) as f64 * 65536.0 / started.elapsed().as_secs_f64();
+    assert!((1.6e6..=2.4e6).contains(&bytes), "{bytes} B/s of writes under a 2 MB/s limit");
+    let reads = completed_in(&mut client, 0.5, 4096, false) as f64 / 0.5;
+    assert!(reads > 1000.0, "reads are no longer limited: {reads}/s");
+    let limits = api(&b, "GET", "/limits", "").json();
+    assert!(limits["throttled"].as_u64() > Some(0) && limits["limits"]["write"]["bw"] == 2e6, "{limits}");
+    for body in
+        [r#"{"limits":{"tx":{"ops":5}}}"#, r#"{"limits":{"all":{"ops":-1}}}"#, r#"{"limits":{"all":{"iops":5}}}"#, "[]"]
+    {
+        assert_eq!(api(&b, "PUT", "/limits", body).status, 400, "{body}");
+    }
+    assert_eq!(api(&b, "PUT", "/limits", r#"{"limits":{}}"#).status, 200);
+    let free = completed_in(&mut client, 0.5, 4096, false) as f64 / 0.5;
+    assert!(free > 1000.0, "no limits: {free}/s");
+    println!("limits: {ops} reads/s at 500/s; {:.2} MB/s of writes at 2 MB/s; unlimited {free} reads/s", bytes / 1e6);
+}

@@ -5,14 +5,15 @@
 use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
+use super::throttle::Throttles;
 use crate::queue::chain::stream_len;
 use crate::queue::inflight::TrackedQueue;
 use crate::queue::resubmit::Resubmission;
 use crate::queue::services::{Completion, Work};
 use crate::queue::worker::PassContext;
 use crate::queue::{
-    DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, UsedBatch, Verdict, WorkerQueue,
-    ring,
+    DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch, Verdict,
+    WorkerQueue, ring,
 };
 use pvkit_protocol::blk::{self, ConfigRepr, Status, feature as blkf};
 use pvkit_protocol::virtio::{Features, feature as vf};
@@ -72,6 +73,7 @@ struct Shared {
     config: ConfigRepr,
     writeback: AtomicBool,
     stats: Arc<Stats>,
+    throttles: Throttles,
 }
 
 /// The block device; cheap to clone (all state is shared).
@@ -131,7 +133,10 @@ impl BlkDevice {
         let core = DeviceCore::new("vhost-user-blk", queues, queues, gates, options.poll_us)?
             .with_services(services)
             .counting_resubmitted(stats.resubmitted_counter());
-        let shared = Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats };
+        // Each queue's timer event comes after the ids the library keeps (queues, exit).
+        let throttles = Throttles::new(queues, queues as u64 + 1)?;
+        let shared =
+            Shared { core, engine, options, limits, config, writeback: AtomicBool::new(true), stats, throttles };
         Ok(BlkDevice { shared: Arc::new(shared) })
     }
 
@@ -189,7 +194,7 @@ impl BlkDevice {
         let ring_mem = memory.memory();
         let mut state = vring.get_mut();
         // The worker's check that the queue may be served, under the lock the pass takes anyway.
-        if !state.is_enabled() || self.shared.core.is_broken(queue) {
+        if !state.is_enabled() || self.shared.core.is_broken(queue) || self.shared.throttles.is_waiting(queue) {
             return Ok(0);
         }
         let vq = state.get_queue_mut();
@@ -197,6 +202,7 @@ impl BlkDevice {
         // After a restart, the requests the last backend left in flight come first.
         let resubmission = tracked.as_ref().and_then(|t| resubmission(t, vq, &ring_mem));
         let mut chains = resubmission.as_ref().map(Resubmission::chains).unwrap_or_default();
+        let resubmitted = chains.len();
         let mut popper = ring::Popper::new(queue);
         while let Some(chain) = popper.next(vq, &*ring_mem) {
             if let Some(tracked) = &tracked {
@@ -213,7 +219,19 @@ impl BlkDevice {
         let PassBuffers { heads, used } = reused;
         heads.clear();
         heads.extend(chains.iter().map(|c| c.head_index()));
-        let batch = chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
+        let mut batch: Vec<request::Parsed> =
+            chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
+        if let Some((index, wait)) = self.first_throttled(queue, &batch, resubmitted) {
+            // It and everything after it go back to the ring, in order, until the tokens are back.
+            for head in heads.drain(index..).rev() {
+                virtio_queue::QueueOwnedT::go_to_previous_position(vq);
+                if let Some(tracked) = &tracked {
+                    tracked.untaken(head);
+                }
+            }
+            batch.truncate(index);
+            self.shared.throttles.wait(queue, wait)?;
+        }
         for (head, used_len) in heads.iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
             used.push(*head, used_len);
         }
@@ -227,6 +245,24 @@ impl BlkDevice {
             self.shared.core.services().notified(queue);
         }
         popper.finish(heads.len())
+    }
+
+    /// The first request of `batch` (after the `resubmitted` ones, which are no longer in the
+    /// ring) the rate limits hold back, and for how long.
+    fn first_throttled(
+        &self,
+        queue: usize,
+        batch: &[request::Parsed],
+        resubmitted: usize,
+    ) -> Option<(usize, std::time::Duration)> {
+        let services = self.shared.core.services();
+        if !services.is_active() {
+            return None;
+        }
+        batch.iter().enumerate().skip(resubmitted).find_map(|(index, parsed)| {
+            let req = parsed.result.as_ref().ok()?;
+            services.throttle(&work_of(queue, req)).map(|wait| (index, wait))
+        })
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.
@@ -512,10 +548,16 @@ impl VhostUserBackend for BlkDevice {
             if evset != EventSet::IN {
                 return Err(io::Error::other(format!("unexpected event set {evset:?}")));
             }
-            let Some(vring) = vrings.get(device_event as usize) else {
-                return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+            if let Some(queue) = self.shared.throttles.queue_of(u64::from(device_event)) {
+                // The queue's tokens are back: serve it again.
+                self.shared.throttles.fired(queue);
+            } else {
+                self.shared.core.services().kicked(thread);
+            }
+            // A worker's vrings are its own queues, the one of this queue's worker first.
+            let Some(vring) = vrings.first() else {
+                return Err(io::Error::other(format!("event {device_event} for worker {thread} without a queue")));
             };
-            self.shared.core.services().kicked(thread);
             let queues = [WorkerQueue { index: thread, vring }];
             let mut pass = QueuePass { device: self, vring, queue: thread, reused: PassBuffers::default() };
             self.shared.core.serve(thread, &queues, &mut pass)
@@ -544,10 +586,25 @@ impl QueueService for QueuePass<'_> {
         // vring's lock, saving the worker's separate look on every poll.
         self.device.process_queue(self.vring, self.queue, ctx.memory, &mut self.reused)
     }
+
+    fn rearm(&self, queue: usize) -> Rearm {
+        // Waiting for its limits, the queue takes no kicks: its timer wakes it.
+        if self.device.shared.throttles.is_waiting(queue) { Rearm::Parked } else { Rearm::Work }
+    }
 }
 
 impl crate::server::ServedDevice for BlkDevice {
     fn core(&self) -> &DeviceCore {
         &self.shared.core
+    }
+
+    fn attach(&self, handlers: Vec<Arc<vhost_user_backend::VringEpollHandler<Self>>>) -> io::Result<()> {
+        // One worker per queue: each watches its queue's throttle timer.
+        for (queue, handler) in handlers.iter().enumerate() {
+            if let Some((fd, event)) = self.shared.throttles.timer(queue) {
+                handler.register_listener(fd, EventSet::IN, event)?;
+            }
+        }
+        Ok(())
     }
 }

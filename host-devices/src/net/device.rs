@@ -425,7 +425,9 @@ impl NetDevice {
             self.inbox(thread).consume_signal();
         }
         if event == Event::Queue {
-            self.shared.core.services().kicked(usize::from(device_event));
+            // The pair's receive queue is its worker's event 0, its transmit queue event 1.
+            let queue = if device_event == 0 { rx_queue(thread) } else { tx_queue(thread) };
+            self.shared.core.services().kicked(queue);
         }
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Err(io::Error::other(format!("worker {thread} has {} queues, not 2", vrings.len())));

@@ -170,6 +170,10 @@ impl QueueServices for CoreServices {
         self.attached.guest_written(addr, len);
     }
 
+    fn throttle(&self, work: &Work) -> Option<std::time::Duration> {
+        self.attached.throttle(work)
+    }
+
     fn kicked(&self, queue: usize) {
         self.attached.kicked(queue);
     }

@@ -292,6 +292,14 @@ impl TrackedQueue<'_> {
         self.write_u8(desc_state_offset(head) + desc_state::INFLIGHT, 1);
     }
 
+    /// Head `head`, taken, was put back in the available ring without being served.
+    pub fn untaken(&self, head: u16) {
+        if head < self.desc_num() {
+            self.write_u8(desc_state_offset(head) + desc_state::INFLIGHT, 0);
+            self.counter().fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Before the used index covering `heads` is stored: they become the last batch.
     pub fn publishing(&self, heads: impl Iterator<Item = u16>) {
         let mut last = self.read_u16(header::LAST_BATCH_HEAD);

@@ -70,6 +70,12 @@ pub trait QueueServices: Send + Sync {
         Verdict::Serve
     }
 
+    /// Before `work` is admitted, by a device that can make it wait (block: in its ring): how
+    /// long it must wait for the rate limits, `None` when it may go now (its tokens taken).
+    fn throttle(&self, _work: &Work) -> Option<std::time::Duration> {
+        None
+    }
+
     /// After a request or frame completed.
     fn completed(&self, _completion: &Completion) {}
 

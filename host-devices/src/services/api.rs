@@ -10,6 +10,8 @@
 //! | `GET /faults` | the fault rules with their counters |
 //! | `PUT /faults` | `{"rules": [RULE, ...]}` replaces them all (checked first; nothing changes on an error) |
 //! | `DELETE /faults` | removes them all |
+//! | `GET /limits` | the rate limits in force, and how often and long queues waited |
+//! | `PUT /limits` | `{"limits": {CLASS: LIMIT, ...}}` replaces them all (`{}`: none) |
 //!
 //! Bad requests get a 4xx status with `{"error": "..."}` saying what was wrong; nothing a
 //! client sends reaches the devices' hot path except through the checked rules. Bodies are
@@ -85,6 +87,13 @@ struct FaultsBody {
     rules: Vec<RuleSpec>,
 }
 
+/// The body of `PUT /limits`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    limits: std::collections::BTreeMap<String, super::limits::LimitSpec>,
+}
+
 /// What a request to the API socket gets (`metrics_only`: the TCP listener, which serves
 /// `GET /metrics` alone).
 pub fn route(services: &DeviceServices, method: &str, path: &str, body: &[u8], metrics_only: bool) -> Reply {
@@ -96,9 +105,19 @@ pub fn route(services: &DeviceServices, method: &str, path: &str, body: &[u8], m
         ("GET", "/stats") => {
             let mut stats = services.metrics.to_json();
             stats["faults"] = services.faults.to_json()["rules"].clone();
+            stats["limits"] = services.limits.to_json();
             json_reply(200, &stats)
         }
         ("GET", "/faults") => json_reply(200, &services.faults.to_json()),
+        ("GET", "/limits") => json_reply(200, &services.limits.to_json()),
+        ("PUT", "/limits") => match serde_json::from_slice::<LimitsBody>(body) {
+            Ok(LimitsBody { limits }) => match services.limits.set(limits) {
+                Ok(()) => json_reply(200, &services.limits.to_json()),
+                Err(e) => error(400, e),
+            },
+            Err(e) => error(400, format!("the body is not {{\"limits\": {{CLASS: LIMIT, ...}}}}: {e}")),
+        },
+        (_, "/limits") => error(405, format!("{path} takes GET or PUT, not {method}")),
         ("PUT", "/faults") => match serde_json::from_slice::<FaultsBody>(body) {
             Ok(FaultsBody { rules }) => match services.faults.set(rules) {
                 Ok(()) => json_reply(200, &services.faults.to_json()),
@@ -112,7 +131,7 @@ pub fn route(services: &DeviceServices, method: &str, path: &str, body: &[u8], m
         },
         (_, "/stats") => error(405, format!("{path} takes GET, not {method}")),
         (_, "/faults") => error(405, format!("{path} takes GET, PUT or DELETE, not {method}")),
-        _ => error(404, format!("no endpoint {path} (there are /stats, /metrics, /faults)")),
+        _ => error(404, format!("no endpoint {path} (there are /stats, /metrics, /faults, /limits)")),
     }
 }
 

@@ -13,10 +13,12 @@
 pub mod api;
 pub mod client;
 pub mod faults;
+pub mod limits;
 pub mod metrics;
 
 use crate::queue::services::{Completion, QueueServices, Verdict, Work};
 use faults::{Action, FaultError, Faults, RuleSpec};
+use limits::{LimitError, LimitSpec, Limits};
 use metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServiceArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this UNIX socket: GET /stats, GET /metrics,
-    /// GET|PUT|DELETE /faults (created, and removed at exit).
+    /// GET|PUT|DELETE /faults, GET|PUT /limits (created, and removed at exit).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Serve GET /metrics (Prometheus text format) over TCP on this address as well.
@@ -38,13 +40,18 @@ pub struct ServiceArgs {
     /// console).
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
+    /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
+    /// K/M/G allowed; each key optional). Block classes: `all`, `read`, `write`. Requests over
+    /// the limit wait in their ring; none is failed.
+    #[arg(long = "limit", value_name = "LIMIT")]
+    pub limits: Vec<String>,
 }
 
 impl ServiceArgs {
     /// Whether any service was asked for (otherwise the device runs with none: nothing is
     /// counted on its hot path).
     pub fn any(&self) -> bool {
-        self.api_socket.is_some() || self.metrics_addr.is_some() || !self.faults.is_empty()
+        self.api_socket.is_some() || self.metrics_addr.is_some() || !self.faults.is_empty() || !self.limits.is_empty()
     }
 }
 
@@ -54,6 +61,9 @@ pub enum ServiceError {
     /// A `--fault` rule was refused.
     #[error("--fault: {0}")]
     Fault(#[from] FaultError),
+    /// A `--limit` was refused.
+    #[error("--limit: {0}")]
+    Limit(#[from] LimitError),
     /// The API's sockets could not be made.
     #[error(transparent)]
     Api(#[from] api::ApiError),
@@ -98,6 +108,8 @@ pub struct DeviceKind {
     pub ops: &'static [&'static str],
     /// The fault actions it can take.
     pub actions: &'static [Action],
+    /// Its classes of rate limits (none: it takes no limits yet).
+    pub limit_classes: &'static [&'static str],
 }
 
 /// The block device.
@@ -105,13 +117,22 @@ pub const BLK: DeviceKind = DeviceKind {
     name: "vhost-user-blk",
     ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
     actions: &[Action::Ioerr, Action::Unsupp],
+    limit_classes: &["all", "read", "write"],
 };
 /// The net device.
-pub const NET: DeviceKind =
-    DeviceKind { name: "vhost-user-net", ops: &["tx", "rx"], actions: &[Action::Drop, Action::Ioerr] };
+pub const NET: DeviceKind = DeviceKind {
+    name: "vhost-user-net",
+    ops: &["tx", "rx"],
+    actions: &[Action::Drop, Action::Ioerr],
+    limit_classes: &[],
+};
 /// The console device.
-pub const CONSOLE: DeviceKind =
-    DeviceKind { name: "vhost-user-console", ops: &["tx", "rx"], actions: &[Action::Drop, Action::Ioerr] };
+pub const CONSOLE: DeviceKind = DeviceKind {
+    name: "vhost-user-console",
+    ops: &["tx", "rx"],
+    actions: &[Action::Drop, Action::Ioerr],
+    limit_classes: &[],
+};
 
 /// One device process's services.
 pub struct DeviceServices {
@@ -119,15 +140,20 @@ pub struct DeviceServices {
     pub metrics: Metrics,
     /// Fault-injection rules.
     pub faults: Faults,
+    /// Rate limits.
+    pub limits: Limits,
 }
 
 impl DeviceServices {
     /// Services for a device of `kind` with `queues` queues, with the fault rules of `args`.
-    pub fn new(kind: DeviceKind, queues: usize, args: &ServiceArgs) -> Result<Arc<DeviceServices>, FaultError> {
+    pub fn new(kind: DeviceKind, queues: usize, args: &ServiceArgs) -> Result<Arc<DeviceServices>, ServiceError> {
         let faults = Faults::new(kind.ops, kind.actions);
         let rules = args.faults.iter().map(|text| RuleSpec::parse(text)).collect::<Result<Vec<_>, _>>()?;
         faults.set(rules)?;
-        Ok(Arc::new(DeviceServices { metrics: Metrics::new(kind.name, queues), faults }))
+        let limits = Limits::new(kind.limit_classes);
+        let specs = args.limits.iter().map(|text| LimitSpec::parse(text)).collect::<Result<_, _>>()?;
+        limits.set(specs)?;
+        Ok(Arc::new(DeviceServices { metrics: Metrics::new(kind.name, queues), faults, limits }))
     }
 
     /// The metrics in Prometheus's text format, fault counters included.
@@ -143,11 +169,32 @@ impl DeviceServices {
                 self.metrics.device()
             ));
         }
+        let (throttled, seconds) = self.limits.throttled();
+        let device = self.metrics.device();
+        for (name, kind, help, value) in [
+            ("pvkit_throttled_total", "counter", "Times a queue waited for its rate limits.", throttled.to_string()),
+            (
+                "pvkit_throttled_seconds_total",
+                "counter",
+                "Time queues waited for their rate limits.",
+                seconds.to_string(),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{device=\"{device}\"}} {value}\n"
+            ));
+        }
         out
     }
 }
 
 impl QueueServices for DeviceServices {
+    fn throttle(&self, work: &Work) -> Option<Duration> {
+        let wait = self.limits.admit(work)?;
+        self.limits.note_throttled(wait);
+        Some(wait)
+    }
+
     fn admit(&self, work: &Work) -> Verdict {
         if let Some(queue) = self.metrics.queue(work.queue) {
             queue.admitted();

@@ -280,3 +280,62 @@ fn bench_guest_and_compare_catch_a_regression() {
     let bad = pvkit().args(["bench", "guest", "--rounds", "0"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn bench_limits_reports_each_limit_and_fails_when_one_is_missed() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("limits.json");
+    // Short runs: the buckets' first tenth of a second weighs more, hence the tolerance.
+    let out = run_ok(
+        pvkit()
+            .args(["bench", "limits", "--rounds", "1", "--seconds", "1", "--ops", "2000", "--mbps", "20"])
+            .args(["--tolerance", "0.25", "--json"])
+            .arg(&json),
+    );
+    let report = load(&json);
+    assert_complete(&report, 1);
+    let ratios: Vec<f64> = report["samples"].as_array().unwrap().iter().map(|s| s["value"].as_f64().unwrap()).collect();
+    assert_eq!(ratios.len(), 2, "{report}");
+    assert!(ratios.iter().all(|r| (0.75..=1.25).contains(r)), "{ratios:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ops limit 2000/s"));
+    // A tolerance no limiter meets: the scenario fails, saying which limits missed it.
+    let strict = pvkit()
+        .args(["bench", "limits", "--rounds", "1", "--seconds", "0.5", "--ops", "2000", "--mbps", "20"])
+        .args(["--tolerance", "0.0001"])
+        .output()
+        .unwrap();
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&strict.stderr).contains("further than"),
+        "{}",
+        String::from_utf8_lossy(&strict.stderr)
+    );
+}
+
+#[test]
+fn bench_blk_compares_the_services_on_and_off() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("blk.json");
+    run_ok(
+        pvkit()
+            .args(["bench", "blk", "--rounds", "1", "--seconds", "0.2", "--qd", "8", "--queues", "1"])
+            .args(["--patterns", "randread", "--engines", "null", "--no-qsd", "--compare-services", "--json"])
+            .arg(&json)
+            .arg("--image-dir")
+            .arg(dir.path()),
+    );
+    let report = load(&json);
+    assert_complete(&report, 1);
+    let contenders: BTreeSet<&str> =
+        report["samples"].as_array().unwrap().iter().map(|s| s["contender"].as_str().unwrap()).collect();
+    assert_eq!(
+        contenders,
+        BTreeSet::from([
+            "pvkit vhost-user-blk (null)",
+            "pvkit vhost-user-blk (null, metrics)",
+            "pvkit vhost-user-blk (null, metrics + limit)"
+        ])
+    );
+}

@@ -47,6 +47,11 @@ pub struct BlkBenchArgs {
     /// sandbox's cost).
     #[arg(long)]
     pub compare_sandbox: bool,
+    /// Also run each pvkit engine with its services on, as two contenders of their own:
+    /// metrics (`--api-socket`), and metrics plus a rate limit far above the load (their
+    /// cost).
+    #[arg(long)]
+    pub compare_services: bool,
     /// Image size in MiB (created in --image-dir, filled with data, removed afterwards).
     #[arg(long, default_value_t = 1024)]
     pub image_mib: u64,
@@ -55,10 +60,18 @@ pub struct BlkBenchArgs {
     pub image_dir: PathBuf,
 }
 
+/// Which of its services a pvkit contender runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Services {
+    Off,
+    Metrics,
+    MetricsAndLimit,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    /// An engine, sandboxed or not.
-    Pvkit(String, bool),
+    /// An engine, sandboxed or not, with some services.
+    Pvkit(String, bool, Services),
     Qsd,
     Peer(String),
 }
@@ -72,12 +85,18 @@ struct Contender {
 impl Contender {
     fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, BenchError> {
         Ok(match &self.kind {
-            Kind::Pvkit(engine, sandboxed) => {
+            Kind::Pvkit(engine, sandboxed, services) => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
                 let mut cmd = backend_command(&exe, BackendKind::Blk);
                 cmd.arg("--socket-path").arg(socket).args(["--num-queues", &queues.to_string()]);
                 if !sandboxed {
                     cmd.args(["--sandbox", "off"]);
+                }
+                if *services != Services::Off {
+                    cmd.arg("--api-socket").arg(socket.with_extension("api"));
+                }
+                if *services == Services::MetricsAndLimit {
+                    cmd.args(["--limit", "all:ops=1G,bw=1000G"]);
                 }
                 if engine == "null" {
                     cmd.args(["--engine", "null", "--size", &size.to_string()]);
@@ -162,11 +181,17 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
         }
         list.push(Contender {
             name: format!("pvkit vhost-user-blk ({engine})"),
-            kind: Kind::Pvkit(engine.clone(), true),
+            kind: Kind::Pvkit(engine.clone(), true, Services::Off),
         });
         if args.compare_sandbox {
             let name = format!("pvkit vhost-user-blk ({engine}, sandbox off)");
-            list.push(Contender { name, kind: Kind::Pvkit(engine.clone(), false) });
+            list.push(Contender { name, kind: Kind::Pvkit(engine.clone(), false, Services::Off) });
+        }
+        if args.compare_services {
+            for (what, services) in [("metrics", Services::Metrics), ("metrics + limit", Services::MetricsAndLimit)] {
+                let name = format!("pvkit vhost-user-blk ({engine}, {what})");
+                list.push(Contender { name, kind: Kind::Pvkit(engine.clone(), true, services) });
+            }
         }
     }
     if !args.no_qsd {

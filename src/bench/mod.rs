@@ -8,6 +8,7 @@ pub mod console;
 pub mod doorbell;
 pub mod error;
 pub mod guest;
+pub mod limits;
 mod loadgen;
 pub mod net;
 pub mod plot;
@@ -35,6 +36,9 @@ pub enum Scenario {
     /// Block I/O through libblkio: pvkit vhost-user-blk (each engine) vs qemu-storage-daemon and
     /// --peer backends; 4 KiB random and 128 KiB sequential, queue-depth and queue-count sweeps.
     Blk(blk::BlkBenchArgs),
+    /// How closely vhost-user-blk's rate limits hold a libblkio load at QD 32: operation and
+    /// bandwidth limits, each case's rate achieved as a fraction of its limit.
+    Limits(limits::LimitsBenchArgs),
     /// Frames per second into vhost-user-net --sink vs DPDK's net_vhost, DPDK testpmd generating.
     Net(net::NetBenchArgs),
     /// The whole stack: the tiny guest on KVM (port doorbells, MMIO notify) and the software
@@ -86,6 +90,7 @@ pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, BenchError>
     let mut rec = recorder::Recorder::new();
     let outcome = match scenario {
         Scenario::Blk(args) => blk::run(args, &mut rec),
+        Scenario::Limits(args) => limits::run(args, &mut rec),
         Scenario::Console(args) => console::run(args, &mut rec),
         Scenario::Net(args) => net::run(args, &mut rec),
         Scenario::Guest(args) => guest::run(args, &mut rec),

@@ -65,7 +65,8 @@ fn cases(args: &LimitsBenchArgs) -> Vec<Case> {
 
 /// Runs the benchmark into `rec`.
 pub fn run(args: &LimitsBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
-    if args.rounds == 0 || !(args.seconds > 0.0) || args.qd == 0 || args.qd > 1024 || !(args.tolerance > 0.0) {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if args.rounds == 0 || !positive(args.seconds) || args.qd == 0 || args.qd > 1024 || !positive(args.tolerance) {
         return Err(BenchError::Options("--rounds, --seconds, --tolerance and --qd (1-1024) must be positive".into()));
     }
     let cases = cases(args);

@@ -221,7 +221,7 @@ impl BlkDevice {
         heads.extend(chains.iter().map(|c| c.head_index()));
         let mut batch: Vec<request::Parsed> =
             chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
-        if let Some((index, wait)) = self.first_throttled(queue, &batch, resubmitted) {
+        if let Some((index, wait)) = self.first_throttled(queue, &batch, resubmitted, started) {
             // It and everything after it go back to the ring, in order, until the tokens are back.
             for head in heads.drain(index..).rev() {
                 virtio_queue::QueueOwnedT::go_to_previous_position(vq);
@@ -254,15 +254,22 @@ impl BlkDevice {
         queue: usize,
         batch: &[request::Parsed],
         resubmitted: usize,
+        started: Option<Instant>,
     ) -> Option<(usize, std::time::Duration)> {
-        let services = self.shared.core.services();
-        if !services.is_active() {
+        let started = started?;
+        if !self.shared.core.services().throttles() {
             return None;
         }
-        batch.iter().enumerate().skip(resubmitted).find_map(|(index, parsed)| {
-            let req = parsed.result.as_ref().ok()?;
-            services.throttle(&work_of(queue, req)).map(|wait| (index, wait))
-        })
+        // Requests refused already (bad ones) pass through the limits untouched.
+        let candidates: Vec<(usize, Work)> = batch
+            .iter()
+            .enumerate()
+            .skip(resubmitted)
+            .filter_map(|(index, parsed)| parsed.result.as_ref().ok().map(|req| (index, work_of(queue, req))))
+            .collect();
+        let works: Vec<Work> = candidates.iter().map(|(_, work)| *work).collect();
+        let (position, wait) = self.shared.core.services().throttle(&works, started)?;
+        candidates.get(position).map(|(index, _)| (*index, wait))
     }
 
     /// Handles one chain on its own; returns the number of bytes written into it.
@@ -287,9 +294,12 @@ impl BlkDevice {
     ) -> Vec<u32> {
         let services = self.shared.core.services();
         let started = started.or_else(|| services.is_active().then(Instant::now));
+        let mut done = Vec::new();
         if let Some(started) = started {
+            services.taken(queue, batch.iter().filter(|parsed| parsed.result.is_ok()).count());
+            done.reserve(batch.len());
             for parsed in &mut batch {
-                admit(services, queue, parsed, started);
+                admit(services, queue, parsed, started, &mut done);
             }
         }
         let mut ops = Vec::new();
@@ -322,7 +332,7 @@ impl BlkDevice {
                 }
             }
         }
-        batch
+        let lengths: Vec<u32> = batch
             .into_iter()
             .enumerate()
             .map(|(i, parsed)| {
@@ -334,9 +344,13 @@ impl BlkDevice {
                             .unwrap_or_else(|| Err(io::Error::other("lost result")))
                     })
                     .or_else(|| unsliceable[i].take());
-                self.finish(mem, queue, parsed, rw, started)
+                self.finish(mem, queue, parsed, rw, started, &mut done)
             })
-            .collect()
+            .collect();
+        if !done.is_empty() {
+            services.completed_batch(&done);
+        }
+        lengths
     }
 
     /// Completes one request: runs it unless it is a read or write, which already ran in the
@@ -348,6 +362,7 @@ impl BlkDevice {
         parsed: request::Parsed,
         rw: Option<io::Result<()>>,
         started: Option<Instant>,
+        done: &mut Vec<Completion>,
     ) -> u32 {
         let stats = &self.shared.stats;
         let services = self.shared.core.services();
@@ -368,7 +383,7 @@ impl BlkDevice {
                     None => self.execute(mem, &req),
                 };
                 if let Some(started) = started {
-                    report_completion(services, queue, &req, &outcome, started);
+                    report_completion(services, queue, &req, &outcome, started, done);
                 }
                 match outcome {
                     Ok(written) => {
@@ -437,7 +452,13 @@ impl BlkDevice {
 
 /// Asks the services whether a parsed request may be served; a refused one fails, and its
 /// completion (not ok) is reported at once.
-fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parsed, started: Instant) {
+fn admit(
+    services: &dyn QueueServices,
+    queue: usize,
+    parsed: &mut request::Parsed,
+    started: Instant,
+    done: &mut Vec<Completion>,
+) {
     let Ok(req) = &parsed.result else { return };
     let work = work_of(queue, req);
     let refused = match services.admit(&work) {
@@ -445,7 +466,7 @@ fn admit(services: &dyn QueueServices, queue: usize, parsed: &mut request::Parse
         Verdict::Fail => RequestError::FailedByService,
         Verdict::Unsupported => RequestError::UnsupportedByService,
     };
-    services.completed(&Completion { work, started, ok: false });
+    done.push(Completion { work, started, ok: false });
     parsed.result = Err(refused);
 }
 
@@ -457,6 +478,7 @@ fn report_completion(
     req: &Request,
     outcome: &io::Result<u64>,
     started: Instant,
+    done: &mut Vec<Completion>,
 ) {
     if let Ok(written) = outcome {
         let mut left = *written;
@@ -469,7 +491,7 @@ fn report_completion(
             left -= len;
         }
     }
-    services.completed(&Completion { work: work_of(queue, req), started, ok: outcome.is_ok() });
+    done.push(Completion { work: work_of(queue, req), started, ok: outcome.is_ok() });
 }
 
 /// What the services are told a request is.

@@ -170,8 +170,20 @@ impl QueueServices for CoreServices {
         self.attached.guest_written(addr, len);
     }
 
-    fn throttle(&self, work: &Work) -> Option<std::time::Duration> {
-        self.attached.throttle(work)
+    fn throttle(&self, works: &[Work], now: std::time::Instant) -> Option<(usize, std::time::Duration)> {
+        self.attached.throttle(works, now)
+    }
+
+    fn completed_batch(&self, completions: &[Completion]) {
+        self.attached.completed_batch(completions);
+    }
+
+    fn taken(&self, queue: usize, count: usize) {
+        self.attached.taken(queue, count);
+    }
+
+    fn throttles(&self) -> bool {
+        self.attached.throttles()
     }
 
     fn kicked(&self, queue: usize) {

@@ -70,14 +70,32 @@ pub trait QueueServices: Send + Sync {
         Verdict::Serve
     }
 
-    /// Before `work` is admitted, by a device that can make it wait (block: in its ring): how
-    /// long it must wait for the rate limits, `None` when it may go now (its tokens taken).
-    fn throttle(&self, _work: &Work) -> Option<std::time::Duration> {
+    /// `count` requests, frames or chunks were taken from queue `queue` (before their
+    /// `admit`; once per batch where a device takes them in batches).
+    fn taken(&self, _queue: usize, _count: usize) {}
+
+    /// Whether [`QueueServices::throttle`] may hold anything back (lets a device skip asking).
+    fn throttles(&self) -> bool {
+        false
+    }
+
+    /// Before `works` (taken together at `now`) are admitted, by a device that can make work
+    /// wait (block: in its ring): the first that must wait for the rate limits and for how
+    /// long, `None` when all may go (their tokens are taken).
+    fn throttle(&self, _works: &[Work], _now: Instant) -> Option<(usize, std::time::Duration)> {
         None
     }
 
     /// After a request or frame completed.
     fn completed(&self, _completion: &Completion) {}
+
+    /// After a batch of requests completed together (one hook call for the batch, so that
+    /// counting costs little per request).
+    fn completed_batch(&self, completions: &[Completion]) {
+        for completion in completions {
+            self.completed(completion);
+        }
+    }
 
     /// The device wrote `len` bytes of guest memory at `addr`.
     fn guest_written(&self, _addr: GuestAddress, _len: u64) {}
@@ -111,6 +129,7 @@ pub fn admit(services: &dyn QueueServices, work: Work) -> Option<Admission> {
     if !services.is_active() {
         return None;
     }
+    services.taken(work.queue, 1);
     let served = services.admit(&work) == Verdict::Serve;
     Some(Admission { work, started: Instant::now(), served })
 }

@@ -129,13 +129,16 @@ impl Bucket {
         self.updated = now;
     }
 
-    /// How long until `cost` tokens may be taken (zero: now).
-    fn wait_for(&mut self, cost: f64, now: Instant) -> Duration {
-        self.refill(now);
-        let usable = self.tokens + self.burst;
-        // More than the bucket holds: pass once it is full, going into debt.
-        let needed = cost.min(self.size);
-        if usable >= needed { Duration::ZERO } else { Duration::from_secs_f64((needed - usable) / self.rate) }
+    /// Whether `cost` tokens may be taken now (after [`Bucket::refill`]). More than the bucket
+    /// holds passes once it is full, going into debt.
+    fn ready(&self, cost: f64) -> bool {
+        self.tokens + self.burst >= cost.min(self.size)
+    }
+
+    /// How long until `cost` tokens may be taken (after [`Bucket::refill`]).
+    fn wait_for(&self, cost: f64) -> Duration {
+        let missing = cost.min(self.size) - (self.tokens + self.burst);
+        if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / self.rate) }
     }
 
     fn take(&mut self, cost: f64) {
@@ -162,9 +165,19 @@ impl Limiter {
         }
     }
 
-    fn wait_for(&mut self, bytes: u64, now: Instant) -> Duration {
-        let ops = self.ops.as_mut().map_or(Duration::ZERO, |b| b.wait_for(1.0, now));
-        let bw = self.bytes.as_mut().map_or(Duration::ZERO, |b| b.wait_for(bytes as f64, now));
+    fn refill(&mut self, now: Instant) {
+        for bucket in [self.ops.as_mut(), self.bytes.as_mut()].into_iter().flatten() {
+            bucket.refill(now);
+        }
+    }
+
+    fn ready(&self, bytes: u64) -> bool {
+        self.ops.as_ref().is_none_or(|b| b.ready(1.0)) && self.bytes.as_ref().is_none_or(|b| b.ready(bytes as f64))
+    }
+
+    fn wait_for(&self, bytes: u64) -> Duration {
+        let ops = self.ops.as_ref().map_or(Duration::ZERO, |b| b.wait_for(1.0));
+        let bw = self.bytes.as_ref().map_or(Duration::ZERO, |b| b.wait_for(bytes as f64));
         ops.max(bw)
     }
 
@@ -232,30 +245,45 @@ impl Limits {
         })
     }
 
-    /// Whether `work` may go now; otherwise how long it must wait. Tokens are taken from
-    /// every class that applies only when all of them allow it.
+    /// Whether `work` may go now; otherwise how long it must wait.
     pub fn admit(&self, work: &Work) -> Option<Duration> {
+        self.admit_batch(std::slice::from_ref(work), Instant::now()).map(|(_, wait)| wait)
+    }
+
+    /// The first of `works`, taken together at `now`, that must wait, and how long; the
+    /// tokens of those before it are taken. Tokens are taken from every class that applies to
+    /// a work only when all of them allow it.
+    pub fn admit_batch(&self, works: &[Work], now: Instant) -> Option<(usize, Duration)> {
         if !self.any.load(Relaxed) {
             return None;
         }
         let mut limiters = crate::lock(&self.limiters);
-        let now = Instant::now();
-        let classes = ["all", work.kind];
-        let mut wait = Duration::ZERO;
-        for class in classes {
-            if let Some(limiter) = limiters.get_mut(class) {
-                wait = wait.max(limiter.wait_for(work.bytes, now));
+        // One refill for the batch: every work of it was taken at `now`.
+        limiters.values_mut().for_each(|limiter| limiter.refill(now));
+        for (index, work) in works.iter().enumerate() {
+            let applies = |class: &String| class == "all" || class == work.kind;
+            if !limiters.iter().all(|(class, limiter)| !applies(class) || limiter.ready(work.bytes)) {
+                let wait = limiters
+                    .iter()
+                    .filter(|(class, _)| applies(class))
+                    .map(|(_, limiter)| limiter.wait_for(work.bytes))
+                    .max()
+                    .unwrap_or(Duration::ZERO)
+                    .max(Duration::from_micros(1));
+                return Some((index, wait));
             }
-        }
-        if wait > Duration::ZERO {
-            return Some(wait);
-        }
-        for class in classes {
-            if let Some(limiter) = limiters.get_mut(class) {
-                limiter.take(work.bytes);
+            for (class, limiter) in limiters.iter_mut() {
+                if class == "all" || class == work.kind {
+                    limiter.take(work.bytes);
+                }
             }
         }
         None
+    }
+
+    /// Whether any limit is set.
+    pub fn is_active(&self) -> bool {
+        self.any.load(Relaxed)
     }
 
     /// A queue waited `time` for its limits.

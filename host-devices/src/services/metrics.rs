@@ -60,9 +60,9 @@ impl QueueMetrics {
         last
     }
 
-    /// A request, frame or chunk was taken.
-    pub fn admitted(&self) {
-        self.admitted.fetch_add(1, Relaxed);
+    /// `count` requests, frames or chunks were taken.
+    pub fn admitted(&self, count: u64) {
+        self.admitted.fetch_add(count, Relaxed);
     }
 
     /// Work of operation `op` moving `bytes` ended (`ok` or not) after `latency`.
@@ -79,6 +79,26 @@ impl QueueMetrics {
         let bucket = LATENCY_BUCKETS.iter().position(|le| seconds <= *le).unwrap_or(LATENCY_BUCKETS.len());
         self.latency_buckets[bucket].fetch_add(1, Relaxed);
         self.latency_sum_ns.fetch_add(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Work of operation `op` moving `bytes` ended (`ok` or not) `count` times, all with
+    /// the same latency: one update of each counter.
+    fn completed_many(&self, op: &'static str, ok: (u64, u64, u64), latency: Duration, count: u64) {
+        let counters = self.op(op);
+        let (ok_count, failed, bytes) = ok;
+        if ok_count > 0 {
+            counters.ok.fetch_add(ok_count, Relaxed);
+            counters.bytes.fetch_add(bytes, Relaxed);
+        }
+        if failed > 0 {
+            counters.failed.fetch_add(failed, Relaxed);
+        }
+        self.completed.fetch_add(count, Relaxed);
+        let seconds = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.iter().position(|le| seconds <= *le).unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[bucket].fetch_add(count, Relaxed);
+        let total = latency.as_nanos().saturating_mul(u128::from(count));
+        self.latency_sum_ns.fetch_add(u64::try_from(total).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// The driver kicked the queue.
@@ -148,6 +168,27 @@ impl Metrics {
     /// Queue `queue`'s counters (`None` for a queue the device does not have).
     pub fn queue(&self, queue: usize) -> Option<&QueueMetrics> {
         self.queues.get(queue)
+    }
+
+    /// A batch of completions, ended at `now`: consecutive ones of one queue, operation and
+    /// start are counted together.
+    pub fn completed_batch(&self, completions: &[crate::queue::services::Completion], now: std::time::Instant) {
+        let mut rest = completions;
+        while let Some(first) = rest.first() {
+            let same = rest
+                .iter()
+                .take_while(|c| {
+                    c.work.queue == first.work.queue && c.work.kind == first.work.kind && c.started == first.started
+                })
+                .count();
+            let (run, after) = rest.split_at(same);
+            rest = after;
+            let Some(queue) = self.queue(first.work.queue) else { continue };
+            let ok = run.iter().filter(|c| c.ok).count() as u64;
+            let bytes = run.iter().filter(|c| c.ok).map(|c| c.work.bytes).sum();
+            let latency = now.saturating_duration_since(first.started);
+            queue.completed_many(first.work.kind, (ok, same as u64 - ok, bytes), latency, same as u64);
+        }
     }
 
     /// The device's program name.
@@ -280,9 +321,7 @@ mod tests {
     fn counters_histogram_and_quantiles_follow_the_completions() {
         let metrics = Metrics::new("vhost-user-blk", 2);
         let q = metrics.queue(1).unwrap();
-        for _ in 0..3 {
-            q.admitted();
-        }
+        q.admitted(3);
         q.completed("read", 4096, true, Duration::from_micros(30));
         q.completed("read", 4096, true, Duration::from_micros(40));
         q.completed("write", 512, false, Duration::from_millis(3));

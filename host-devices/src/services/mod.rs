@@ -22,7 +22,7 @@ use limits::{LimitError, LimitSpec, Limits};
 use metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The service options every backend takes.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -189,17 +189,28 @@ impl DeviceServices {
 }
 
 impl QueueServices for DeviceServices {
-    fn throttle(&self, work: &Work) -> Option<Duration> {
-        let wait = self.limits.admit(work)?;
+    fn throttle(&self, works: &[Work], now: Instant) -> Option<(usize, Duration)> {
+        let (index, wait) = self.limits.admit_batch(works, now)?;
         self.limits.note_throttled(wait);
-        Some(wait)
+        Some((index, wait))
+    }
+
+    fn completed_batch(&self, completions: &[Completion]) {
+        self.metrics.completed_batch(completions, Instant::now());
+    }
+
+    fn taken(&self, queue: usize, count: usize) {
+        if let Some(queue) = self.metrics.queue(queue) {
+            queue.admitted(count as u64);
+        }
     }
 
     fn admit(&self, work: &Work) -> Verdict {
-        if let Some(queue) = self.metrics.queue(work.queue) {
-            queue.admitted();
-        }
         self.faults.admit(work)
+    }
+
+    fn throttles(&self) -> bool {
+        self.limits.is_active()
     }
 
     fn completed(&self, completion: &Completion) {

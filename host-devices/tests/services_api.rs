@@ -198,3 +198,23 @@ fn rate_limits_hold_libblkio_to_them_and_change_at_run_time() {
     assert!(free > 1000.0, "no limits: {free}/s");
     println!("limits: {ops} reads/s at 500/s; {:.2} MB/s of writes at 2 MB/s; unlimited {free} reads/s", bytes / 1e6);
 }
+
+#[test]
+fn a_torn_write_leaves_exactly_its_prefix_on_the_image() {
+    let b = backend(&["--fault", "op=write,sectors=0-64,trigger=once,action=torn:4500"]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    let data: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8 + 1).collect();
+    let torn = client.write(0, 0, &data);
+    assert!(matches!(torn, Err(BlkioError::Request { ret, .. }) if ret == -libc::EIO), "{torn:?}");
+    // 4500 bytes asked: whole sectors only, so 4096 reached the disk.
+    let image = std::fs::read(b.dir.path().join("disk.img")).unwrap();
+    assert_eq!(&image[..4096], &data[..4096], "the prefix is on the image");
+    assert!(image[4096..16384].iter().all(|b| *b == 0), "nothing after it");
+    client.write(0, 0, &data).unwrap();
+    assert_eq!(client.read(0, 0, 16384).unwrap(), data, "the rule fired once");
+    let faults = api(&b, "GET", "/faults", "").json();
+    assert_eq!(
+        (faults["rules"][0]["action"]["torn"].as_u64(), faults["rules"][0]["injected"].as_u64()),
+        (Some(4500), Some(1))
+    );
+}

@@ -295,11 +295,13 @@ impl BlkDevice {
         let services = self.shared.core.services();
         let started = started.or_else(|| services.is_active().then(Instant::now));
         let mut done = Vec::new();
+        // Writes a fault rule tears: served in part, then failed.
+        let mut torn = vec![false; batch.len()];
         if let Some(started) = started {
             services.taken(queue, batch.iter().filter(|parsed| parsed.result.is_ok()).count());
             done.reserve(batch.len());
-            for parsed in &mut batch {
-                admit(services, queue, parsed, started, &mut done);
+            for (parsed, torn) in batch.iter_mut().zip(&mut torn) {
+                *torn = admit(services, queue, parsed, started, &mut done);
             }
         }
         let mut ops = Vec::new();
@@ -344,6 +346,8 @@ impl BlkDevice {
                             .unwrap_or_else(|| Err(io::Error::other("lost result")))
                     })
                     .or_else(|| unsliceable[i].take());
+                // A torn write wrote its prefix; it fails all the same.
+                let rw = if torn[i] { rw.map(|r| r.and(Err(io::Error::other("torn by a fault rule")))) } else { rw };
                 self.finish(mem, queue, parsed, rw, started, &mut done)
             })
             .collect();
@@ -451,23 +455,40 @@ impl BlkDevice {
 }
 
 /// Asks the services whether a parsed request may be served; a refused one fails, and its
-/// completion (not ok) is reported at once.
+/// completion (not ok) is recorded at once. Returns whether it is a write to tear: its data
+/// cut to the rule's prefix, to be failed once that prefix is written.
 fn admit(
     services: &dyn QueueServices,
     queue: usize,
     parsed: &mut request::Parsed,
     started: Instant,
     done: &mut Vec<Completion>,
-) {
-    let Ok(req) = &parsed.result else { return };
+) -> bool {
+    let Ok(req) = &mut parsed.result else { return false };
     let work = work_of(queue, req);
     let refused = match services.admit(&work) {
-        Verdict::Serve => return,
-        Verdict::Fail => RequestError::FailedByService,
+        Verdict::Serve => return false,
+        Verdict::Torn(bytes) if matches!(req.operation, Operation::Write { .. }) && bytes >= blk::SECTOR_SIZE => {
+            keep_prefix(&mut req.data, bytes / blk::SECTOR_SIZE * blk::SECTOR_SIZE);
+            return true;
+        }
+        Verdict::Fail | Verdict::Torn(_) => RequestError::FailedByService,
         Verdict::Unsupported => RequestError::UnsupportedByService,
     };
     done.push(Completion { work, started, ok: false });
     parsed.result = Err(refused);
+    false
+}
+
+/// Cuts `data` to its first `bytes` bytes.
+fn keep_prefix(data: &mut Vec<Segment>, bytes: u64) {
+    let mut left = bytes;
+    data.retain_mut(|segment| {
+        let keep = segment.len.min(left);
+        segment.len = keep;
+        left -= keep;
+        keep > 0
+    });
 }
 
 /// Tells the services a request completed, and which guest memory it wrote (the data of a

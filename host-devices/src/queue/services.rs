@@ -47,6 +47,9 @@ pub enum Verdict {
     Fail,
     /// Refuse it: a block request completes with UNSUPP; anything else is dropped as by `Fail`.
     Unsupported,
+    /// A block write: serve only its first this many bytes (whole sectors), then fail it
+    /// with IOERR; anything else as by `Fail`.
+    Torn(u64),
 }
 
 /// A completed request or frame.

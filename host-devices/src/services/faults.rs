@@ -5,7 +5,8 @@
 //! `any`), optionally a sector range (block), a trigger (`always`, `once`, `every:N`, or
 //! `probability:P` drawn from a generator seeded with `seed`) and an action: `ioerr` (the
 //! request completes with VIRTIO_BLK_S_IOERR; a frame or chunk is dropped), `unsupp` (block:
-//! VIRTIO_BLK_S_UNSUPP) or `drop` (net, console). Rules are tried in order; the first that
+//! VIRTIO_BLK_S_UNSUPP), `torn:BYTES` (block writes: only that prefix, in whole sectors,
+//! reaches the disk, then IOERR) or `drop` (net, console). Rules are tried in order; the first that
 //! matches and triggers acts. Each rule counts what it matched and injected. The same rules
 //! and seeds on the same sequence of requests inject the same faults.
 //!
@@ -70,6 +71,9 @@ pub enum Action {
     Unsupp,
     /// Net and console: the frame or chunk is dropped.
     Drop,
+    /// Block writes: only the first this many bytes (whole sectors) reach the disk, then the
+    /// request completes with VIRTIO_BLK_S_IOERR (other requests: as `ioerr`).
+    Torn(u64),
 }
 
 /// One rule as given (command line or API).
@@ -122,7 +126,10 @@ impl RuleSpec {
                         "ioerr" => Action::Ioerr,
                         "unsupp" => Action::Unsupp,
                         "drop" => Action::Drop,
-                        _ => return Err(bad("action", value, "is not ioerr, unsupp or drop")),
+                        torn if torn.starts_with("torn:") => Action::Torn(
+                            torn["torn:".len()..].parse().map_err(|_| bad("action", value, "is not torn:BYTES"))?,
+                        ),
+                        _ => return Err(bad("action", value, "is not ioerr, unsupp, drop or torn:BYTES")),
                     })
                 }
                 _ => return Err(FaultError::BadPair(pair.to_string())),
@@ -150,7 +157,8 @@ impl RuleSpec {
             }
             _ => {}
         }
-        if !actions.contains(&self.action) {
+        let kind = |action: &Action| std::mem::discriminant(action);
+        if !actions.iter().any(|a| kind(a) == kind(&self.action)) {
             return Err(bad("action", &format!("{:?}", self.action).to_lowercase(), "does not apply to this device"));
         }
         Ok(())
@@ -260,6 +268,7 @@ impl Faults {
                 rule.injected.fetch_add(1, Relaxed);
                 return match rule.spec.action {
                     Action::Unsupp => Verdict::Unsupported,
+                    Action::Torn(bytes) => Verdict::Torn(bytes),
                     Action::Ioerr | Action::Drop => Verdict::Fail,
                 };
             }
@@ -296,7 +305,7 @@ mod tests {
     use super::*;
 
     const BLK_OPS: &[&str] = &["read", "write", "flush", "discard", "write-zeroes", "get-id"];
-    const BLK_ACTIONS: &[Action] = &[Action::Ioerr, Action::Unsupp];
+    const BLK_ACTIONS: &[Action] = &[Action::Ioerr, Action::Unsupp, Action::Torn(0)];
 
     fn read_at(sector: u64, bytes: u64) -> Work {
         Work::new(0, "read", bytes).at_sector(sector)
@@ -327,6 +336,9 @@ mod tests {
         assert!(matches!(bad_op, Err(FaultError::BadValue { key: "op", .. })));
         let empty = RuleSpec::parse("sectors=5-5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);
         assert!(matches!(empty, Err(FaultError::BadValue { key: "sectors", .. })));
+        let torn = RuleSpec::parse("op=write,action=torn:4096").unwrap();
+        assert_eq!((torn.action, torn.check(BLK_OPS, BLK_ACTIONS)), (Action::Torn(4096), Ok(())));
+        assert!(matches!(RuleSpec::parse("action=torn:half"), Err(FaultError::BadValue { key: "action", .. })));
         let drop = RuleSpec::parse("action=drop").unwrap().check(BLK_OPS, BLK_ACTIONS);
         assert!(matches!(drop, Err(FaultError::BadValue { key: "action", .. })));
         let odds = RuleSpec::parse("trigger=probability:1.5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);

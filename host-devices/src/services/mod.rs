@@ -36,8 +36,8 @@ pub struct ServiceArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A fault-injection rule, repeatable: `op=OP,sectors=FIRST-END,trigger=T,seed=N,action=A`
     /// (every key but `action` optional). OP: an operation of the device or `any`; T: `always`,
-    /// `once`, `every:N` or `probability:P`; A: `ioerr` or `unsupp` (blk), `drop` (net,
-    /// console).
+    /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp` or `torn:BYTES` (blk),
+    /// `drop` (net, console).
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
@@ -116,7 +116,7 @@ pub struct DeviceKind {
 pub const BLK: DeviceKind = DeviceKind {
     name: "vhost-user-blk",
     ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
-    actions: &[Action::Ioerr, Action::Unsupp],
+    actions: &[Action::Ioerr, Action::Unsupp, Action::Torn(0)],
     limit_classes: &["all", "read", "write"],
 };
 /// The net device.
@@ -163,7 +163,10 @@ impl DeviceServices {
         let name = "pvkit_faults_injected_total";
         out.push_str(&format!("# HELP {name} Faults injected, by rule.\n# TYPE {name} counter\n"));
         for (rule, action, count) in self.faults.injected() {
-            let action = format!("{action:?}").to_lowercase();
+            let action = match action {
+                Action::Torn(_) => "torn".to_string(),
+                other => format!("{other:?}").to_lowercase(),
+            };
             out.push_str(&format!(
                 "{name}{{device=\"{}\",rule=\"{rule}\",action=\"{action}\"}} {count}\n",
                 self.metrics.device()

@@ -218,3 +218,30 @@ fn a_torn_write_leaves_exactly_its_prefix_on_the_image() {
         (Some(4500), Some(1))
     );
 }
+
+#[test]
+fn a_delay_rule_holds_the_matched_completions_and_nothing_else() {
+    let b = backend(&["--fault", "op=read,sectors=0-8,action=delay:300"]);
+    let mut client = BlkioClient::connect(&b.socket, 1).unwrap();
+    client.write(0, 0, &[9; 4096]).unwrap();
+    let timed = |client: &mut BlkioClient, offset: u64| {
+        let started = Instant::now();
+        let data = client.read(0, offset, 4096).unwrap();
+        (started.elapsed(), data)
+    };
+    let (slow, data) = timed(&mut client, 0);
+    assert_eq!(data, vec![9; 4096], "the held read's data");
+    assert!(slow >= Duration::from_millis(300) && slow < Duration::from_secs(3), "{slow:?}");
+    let (fast, _) = timed(&mut client, 1 << 20);
+    assert!(fast < Duration::from_millis(100), "an unmatched read is not held: {fast:?}");
+    // A spread, changed at run time: every delay falls inside it.
+    let rule = r#"{"rules":[{"op":"read","seed":3,"action":{"delay":[50,150]}}]}"#;
+    assert_eq!(api(&b, "PUT", "/faults", rule).status, 200);
+    for _ in 0..5 {
+        let (took, _) = timed(&mut client, 8192);
+        assert!(took >= Duration::from_millis(50) && took < Duration::from_millis(1000), "{took:?}");
+    }
+    let stats = api(&b, "GET", "/stats", "").json();
+    assert!(stats["queues"][0]["latency"]["p99_us_at_most"].as_f64() >= Some(250_000.0), "{stats}");
+    assert_eq!(stats["queues"][0]["in_flight"], 0, "{stats}");
+}

@@ -194,11 +194,22 @@ impl BlkDevice {
         let ring_mem = memory.memory();
         let mut state = vring.get_mut();
         // The worker's check that the queue may be served, under the lock the pass takes anyway.
-        if !state.is_enabled() || self.shared.core.is_broken(queue) || self.shared.throttles.is_waiting(queue) {
+        if !state.is_enabled() || self.shared.core.is_broken(queue) {
             return Ok(0);
         }
+        let PassBuffers { heads, used } = reused;
+        // Completions held back until now go first.
+        self.shared.core.held().take_due(queue, Instant::now(), used, self.shared.core.services());
+        let released = used.len();
         let vq = state.get_queue_mut();
         let tracked = self.shared.core.inflight().queue(queue);
+        if self.shared.throttles.is_waiting(queue) {
+            used.publish_tracked(vq, &*ring_mem, self.shared.core.services(), tracked.as_ref())
+                .map_err(io::Error::other)?;
+            drop(state);
+            self.rearm_timer(queue)?;
+            return Ok(released);
+        }
         // After a restart, the requests the last backend left in flight come first.
         let resubmission = tracked.as_ref().and_then(|t| resubmission(t, vq, &ring_mem));
         let mut chains = resubmission.as_ref().map(Resubmission::chains).unwrap_or_default();
@@ -210,13 +221,12 @@ impl BlkDevice {
             }
             chains.push(chain);
         }
-        if chains.is_empty() {
+        if chains.is_empty() && released == 0 {
             return popper.finish(0);
         }
         // Only services need the time a batch was taken.
         let started = self.shared.core.services().is_active().then(Instant::now);
         let data_mem = memory.memory();
-        let PassBuffers { heads, used } = reused;
         heads.clear();
         heads.extend(chains.iter().map(|c| c.head_index()));
         let mut batch: Vec<request::Parsed> =
@@ -232,8 +242,14 @@ impl BlkDevice {
             batch.truncate(index);
             self.shared.throttles.wait(queue, wait)?;
         }
-        for (head, used_len) in heads.iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
-            used.push(*head, used_len);
+        let held = self.shared.core.held();
+        for (head, (used_len, delay)) in heads.iter().zip(self.complete_batch(&data_mem, queue, batch, started)) {
+            match (delay, started) {
+                (Some((delay, completion)), Some(started)) => {
+                    held.hold(queue, vring, started + delay, (*head, used_len), completion);
+                }
+                _ => used.push(*head, used_len),
+            }
         }
         // Published under the vring's lock; the signal takes it again, so after dropping it.
         let notify = used
@@ -244,7 +260,18 @@ impl BlkDevice {
             vring.signal_used_queue()?;
             self.shared.core.services().notified(queue);
         }
-        popper.finish(heads.len())
+        self.rearm_timer(queue)?;
+        popper.finish(heads.len() + released)
+    }
+
+    /// Sets queue `queue`'s timer for the earlier of its limits' wait and its next held
+    /// completion.
+    fn rearm_timer(&self, queue: usize) -> io::Result<()> {
+        let held = self.shared.core.held().next_due(queue);
+        match held.into_iter().chain(self.shared.throttles.until(queue)).min() {
+            Some(at) => self.shared.throttles.wake_at(queue, at),
+            None => Ok(()),
+        }
     }
 
     /// The first request of `batch` (after the `resubmitted` ones, which are no longer in the
@@ -280,28 +307,28 @@ impl BlkDevice {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let parsed = request::parse(chain, mem, &self.shared.limits);
-        self.complete_batch(mem, 0, vec![parsed], None).pop().unwrap_or(0)
+        self.complete_batch(mem, 0, vec![parsed], None).pop().map_or(0, |(len, _)| len)
     }
 
     /// Runs a batch: its reads and writes together through the engine, everything else one by
-    /// one; writes each status byte and returns each chain's used length, in order.
+    /// one; writes each status byte and returns each chain's used length, in order, with the
+    /// time a service holds its completion back for.
     pub(crate) fn complete_batch(
         &self,
         mem: &GuestMemoryMmap,
         queue: usize,
         mut batch: Vec<request::Parsed>,
         started: Option<Instant>,
-    ) -> Vec<u32> {
+    ) -> Vec<(u32, Option<HeldFor>)> {
         let services = self.shared.core.services();
         let started = started.or_else(|| services.is_active().then(Instant::now));
         let mut done = Vec::new();
-        // Writes a fault rule tears: served in part, then failed.
-        let mut torn = vec![false; batch.len()];
+        let mut admitted = vec![Admitted::Plain; batch.len()];
         if let Some(started) = started {
             services.taken(queue, batch.iter().filter(|parsed| parsed.result.is_ok()).count());
             done.reserve(batch.len());
-            for (parsed, torn) in batch.iter_mut().zip(&mut torn) {
-                *torn = admit(services, queue, parsed, started, &mut done);
+            for (parsed, admitted) in batch.iter_mut().zip(&mut admitted) {
+                *admitted = admit(services, queue, parsed, started, &mut done);
             }
         }
         let mut ops = Vec::new();
@@ -334,7 +361,7 @@ impl BlkDevice {
                 }
             }
         }
-        let lengths: Vec<u32> = batch
+        let lengths: Vec<(u32, Option<HeldFor>)> = batch
             .into_iter()
             .enumerate()
             .map(|(i, parsed)| {
@@ -347,8 +374,16 @@ impl BlkDevice {
                     })
                     .or_else(|| unsliceable[i].take());
                 // A torn write wrote its prefix; it fails all the same.
-                let rw = if torn[i] { rw.map(|r| r.and(Err(io::Error::other("torn by a fault rule")))) } else { rw };
-                self.finish(mem, queue, parsed, rw, started, &mut done)
+                let torn = admitted[i] == Admitted::Torn;
+                let rw = if torn { rw.map(|r| r.and(Err(io::Error::other("torn by a fault rule")))) } else { rw };
+                let before = done.len();
+                let len = self.finish(mem, queue, parsed, rw, started, &mut done);
+                // A held completion is reported when its used entry is published.
+                let held = match admitted[i] {
+                    Admitted::Delayed(delay) => Some((delay, if done.len() > before { done.pop() } else { None })),
+                    Admitted::Plain | Admitted::Torn => None,
+                };
+                (len, held)
             })
             .collect();
         if !done.is_empty() {
@@ -454,30 +489,44 @@ impl BlkDevice {
     }
 }
 
+/// How long a service holds a request's completion back, and the completion to report then.
+type HeldFor = (std::time::Duration, Option<Completion>);
+
+/// What becomes of a request the services admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    /// Served and completed as usual (or refused already, its completion recorded).
+    Plain,
+    /// A write cut to a fault rule's prefix, failed once that prefix is written.
+    Torn,
+    /// Served, its completion held back this long after it was taken.
+    Delayed(std::time::Duration),
+}
+
 /// Asks the services whether a parsed request may be served; a refused one fails, and its
-/// completion (not ok) is recorded at once. Returns whether it is a write to tear: its data
-/// cut to the rule's prefix, to be failed once that prefix is written.
+/// completion (not ok) is recorded at once.
 fn admit(
     services: &dyn QueueServices,
     queue: usize,
     parsed: &mut request::Parsed,
     started: Instant,
     done: &mut Vec<Completion>,
-) -> bool {
-    let Ok(req) = &mut parsed.result else { return false };
+) -> Admitted {
+    let Ok(req) = &mut parsed.result else { return Admitted::Plain };
     let work = work_of(queue, req);
     let refused = match services.admit(&work) {
-        Verdict::Serve => return false,
+        Verdict::Serve => return Admitted::Plain,
+        Verdict::Delay(delay) => return Admitted::Delayed(delay),
         Verdict::Torn(bytes) if matches!(req.operation, Operation::Write { .. }) && bytes >= blk::SECTOR_SIZE => {
             keep_prefix(&mut req.data, bytes / blk::SECTOR_SIZE * blk::SECTOR_SIZE);
-            return true;
+            return Admitted::Torn;
         }
         Verdict::Fail | Verdict::Torn(_) => RequestError::FailedByService,
         Verdict::Unsupported => RequestError::UnsupportedByService,
     };
     done.push(Completion { work, started, ok: false });
     parsed.result = Err(refused);
-    false
+    Admitted::Plain
 }
 
 /// Cuts `data` to its first `bytes` bytes.

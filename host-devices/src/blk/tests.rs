@@ -371,7 +371,7 @@ fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
         f.mem.write_slice(&vec![(i as u8).wrapping_mul(37) | 1; 8192], GuestAddress(DATA + i * 8192)).unwrap();
     }
     let writes: Vec<_> = (0..count).map(|i| parse_one(&f, RequestType::Out, i, READ)).collect();
-    assert!(f.device.complete_batch(&f.mem, 0, writes, None).iter().all(|&used| used == 1));
+    assert!(f.device.complete_batch(&f.mem, 0, writes, None).iter().all(|&(used, _)| used == 1));
     let disk = std::fs::read(&f.path).unwrap();
     for i in 0..count {
         let at = ((i * 16 + 3) * 512) as usize;
@@ -382,7 +382,7 @@ fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
     }
     f.mem.write_slice(&vec![0u8; (count * 8192) as usize], GuestAddress(DATA)).unwrap();
     let reads: Vec<_> = (0..count).map(|i| parse_one(&f, RequestType::In, i, WRITE)).collect();
-    assert!(f.device.complete_batch(&f.mem, 0, reads, None).iter().all(|&used| used == 8193));
+    assert!(f.device.complete_batch(&f.mem, 0, reads, None).iter().all(|&(used, _)| used == 8193));
     for i in 0..count {
         let mut back = vec![0u8; 8192];
         f.mem.read_slice(&mut back, GuestAddress(DATA + i * 8192)).unwrap();

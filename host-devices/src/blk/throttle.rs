@@ -12,10 +12,25 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm_sys_util::timerfd::TimerFd;
 
+/// A timer whose read never blocks: re-arming it clears an expiration that epoll may already
+/// have reported, and the worker must not then wait for the next one.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let timer = TimerFd::new().map_err(io::Error::from)?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `timer` owns; only its O_NONBLOCK flag changes.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok { Ok(timer) } else { Err(io::Error::last_os_error()) }
+}
+
 /// One timer per request queue, and until when each queue waits.
 pub struct Throttles {
     timers: Vec<Mutex<TimerFd>>,
     until: Vec<Mutex<Option<Instant>>>,
+    /// When each queue's timer fires next.
+    armed: Vec<Mutex<Option<Instant>>>,
     /// The event id of queue 0's timer (queue `q`'s is this plus `q`).
     first_event: u64,
 }
@@ -23,10 +38,9 @@ pub struct Throttles {
 impl Throttles {
     /// Timers for `queues` queues, whose events are `first_event` onwards.
     pub fn new(queues: usize, first_event: u64) -> io::Result<Throttles> {
-        let timers = (0..queues)
-            .map(|_| TimerFd::new().map(Mutex::new).map_err(io::Error::from))
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Throttles { timers, until: (0..queues).map(|_| Mutex::new(None)).collect(), first_event })
+        let timers = (0..queues).map(|_| nonblocking_timer().map(Mutex::new)).collect::<io::Result<Vec<_>>>()?;
+        let none = || (0..queues).map(|_| Mutex::new(None)).collect();
+        Ok(Throttles { timers, until: none(), armed: none(), first_event })
     }
 
     /// The timer of queue `queue`, with its event id, for the queue's worker to watch.
@@ -48,19 +62,44 @@ impl Throttles {
 
     /// Queue `queue` waits `wait` from now: its timer is set to wake its worker then.
     pub fn wait(&self, queue: usize, wait: Duration) -> io::Result<()> {
-        let (Some(until), Some(timer)) = (self.until.get(queue), self.timers.get(queue)) else { return Ok(()) };
-        // A zero timer would be disarmed: wait at least a microsecond.
-        let wait = wait.max(Duration::from_micros(1));
-        *lock(until) = Some(Instant::now() + wait);
+        let Some(until) = self.until.get(queue) else { return Ok(()) };
+        let at = Instant::now() + wait;
+        *lock(until) = Some(at);
+        self.wake_at(queue, at)
+    }
+
+    /// Queue `queue`'s worker wakes at `at`, or earlier if its timer is set for earlier.
+    pub fn wake_at(&self, queue: usize, at: Instant) -> io::Result<()> {
+        let (Some(armed), Some(timer)) = (self.armed.get(queue), self.timers.get(queue)) else { return Ok(()) };
+        let mut armed = lock(armed);
+        let now = Instant::now();
+        if armed.is_some_and(|t| t > now && t <= at) {
+            return Ok(());
+        }
+        *armed = Some(at);
+        // A zero timer would be disarmed: at least a microsecond.
+        let wait = at.saturating_duration_since(now).max(Duration::from_micros(1));
         lock(timer).reset(wait, None).map_err(io::Error::from)
     }
 
-    /// Queue `queue`'s timer fired: its expiration is consumed (the event is level-triggered)
-    /// and the queue waits no longer.
+    /// Until when queue `queue` waits for its limits.
+    pub fn until(&self, queue: usize) -> Option<Instant> {
+        self.until.get(queue).and_then(|until| *lock(until))
+    }
+
+    /// Queue `queue`'s timer fired: its expiration is consumed (the event is level-triggered),
+    /// and a wait for the limits that has passed is over.
     pub fn fired(&self, queue: usize) {
-        if let (Some(until), Some(timer)) = (self.until.get(queue), self.timers.get(queue)) {
-            let _ = lock(timer).wait();
-            *lock(until) = None;
+        let (Some(until), Some(timer), Some(armed)) =
+            (self.until.get(queue), self.timers.get(queue), self.armed.get(queue))
+        else {
+            return;
+        };
+        let _ = lock(timer).wait();
+        *lock(armed) = None;
+        let mut until = lock(until);
+        if until.is_some_and(|t| t <= Instant::now()) {
+            *until = None;
         }
     }
 }

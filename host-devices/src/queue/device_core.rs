@@ -4,6 +4,7 @@
 
 use super::Memory;
 use super::dirty_log::{CoreServices, DirtyLog};
+use super::held::HeldUsed;
 use super::inflight::Inflight;
 use super::quiesce::Gates;
 use super::ring::RingError;
@@ -33,6 +34,7 @@ pub struct DeviceCore {
     /// Each queue's call descriptor when its worker last looked (-1: none yet).
     call_fds: Vec<std::sync::atomic::AtomicI32>,
     inflight: Arc<Inflight>,
+    held: HeldUsed,
 }
 
 impl DeviceCore {
@@ -62,6 +64,7 @@ impl DeviceCore {
             services: CoreServices { dirty: Arc::new(DirtyLog::new()), attached: Arc::new(NoServices) },
             call_fds: (0..queues).map(|_| std::sync::atomic::AtomicI32::new(-1)).collect(),
             inflight: Arc::new(Inflight::new(queues, Arc::new(AtomicU64::new(0)))),
+            held: HeldUsed::new(queues),
         })
     }
 
@@ -82,6 +85,11 @@ impl DeviceCore {
     /// SET_INFLIGHT_FD and SET_VRING_KICK).
     pub fn inflight(&self) -> &Arc<Inflight> {
         &self.inflight
+    }
+
+    /// Used entries a service holds back until their time.
+    pub fn held(&self) -> &HeldUsed {
+        &self.held
     }
 
     /// The services' hooks: the connection's dirty log, then the attached services.
@@ -185,6 +193,8 @@ impl DeviceCore {
     /// The frontend stopped queue `queue` (GET_VRING_BASE): whatever broke it is gone with
     /// the ring's old state.
     pub fn stop_vring(&self, queue: usize) {
+        // Nothing taken may stay uncompleted once the frontend is told the ring's index.
+        self.held.release_all(queue, self.memory(), self.services(), &self.inflight);
         if let Some(flag) = self.broken.get(queue) {
             flag.store(false, Ordering::Relaxed);
         }

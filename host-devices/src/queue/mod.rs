@@ -30,6 +30,7 @@
 pub mod chain;
 pub mod device_core;
 pub mod dirty_log;
+pub mod held;
 pub mod inflight;
 mod inflight_resume;
 #[cfg(test)]

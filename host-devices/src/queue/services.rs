@@ -50,6 +50,9 @@ pub enum Verdict {
     /// A block write: serve only its first this many bytes (whole sectors), then fail it
     /// with IOERR; anything else as by `Fail`.
     Torn(u64),
+    /// A block request: serve it, but complete it no sooner than this long after it was
+    /// taken (others: serve).
+    Delay(std::time::Duration),
 }
 
 /// A completed request or frame.
@@ -133,7 +136,8 @@ pub fn admit(services: &dyn QueueServices, work: Work) -> Option<Admission> {
         return None;
     }
     services.taken(work.queue, 1);
-    let served = services.admit(&work) == Verdict::Serve;
+    // A delay is the block device's to enact; anything else serves it at once.
+    let served = matches!(services.admit(&work), Verdict::Serve | Verdict::Delay(_));
     Some(Admission { work, started: Instant::now(), served })
 }
 

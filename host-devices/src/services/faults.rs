@@ -74,7 +74,13 @@ pub enum Action {
     /// Block writes: only the first this many bytes (whole sectors) reach the disk, then the
     /// request completes with VIRTIO_BLK_S_IOERR (other requests: as `ioerr`).
     Torn(u64),
+    /// Block: the request is served, but completes only after a delay drawn uniformly between
+    /// these milliseconds (equal: a fixed delay), from the rule's seeded generator.
+    Delay(u64, u64),
 }
+
+/// The longest delay a rule may add (a guest's own timeouts are shorter).
+pub const MAX_DELAY_MS: u64 = 120_000;
 
 /// One rule as given (command line or API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,7 +135,10 @@ impl RuleSpec {
                         torn if torn.starts_with("torn:") => Action::Torn(
                             torn["torn:".len()..].parse().map_err(|_| bad("action", value, "is not torn:BYTES"))?,
                         ),
-                        _ => return Err(bad("action", value, "is not ioerr, unsupp, drop or torn:BYTES")),
+                        delay if delay.starts_with("delay:") => parse_delay(value, &delay["delay:".len()..])?,
+                        _ => {
+                            return Err(bad("action", value, "is not ioerr, unsupp, drop, torn:BYTES or delay:MS[-MS]"));
+                        }
                     })
                 }
                 _ => return Err(FaultError::BadPair(pair.to_string())),
@@ -157,11 +166,25 @@ impl RuleSpec {
             }
             _ => {}
         }
+        if let Action::Delay(low, high) = self.action
+            && (low > high || high > MAX_DELAY_MS)
+        {
+            let why = format!("must have MIN <= MAX <= {MAX_DELAY_MS}");
+            return Err(bad("action", &format!("delay:{low}-{high}"), &why));
+        }
         let kind = |action: &Action| std::mem::discriminant(action);
         if !actions.iter().any(|a| kind(a) == kind(&self.action)) {
             return Err(bad("action", &format!("{:?}", self.action).to_lowercase(), "does not apply to this device"));
         }
         Ok(())
+    }
+}
+
+fn parse_delay(value: &str, ms: &str) -> Result<Action, FaultError> {
+    let number = |v: &str| v.parse::<u64>().map_err(|_| bad("action", value, "is not delay:MS or delay:MIN-MAX"));
+    match ms.split_once('-') {
+        Some((low, high)) => Ok(Action::Delay(number(low)?, number(high)?)),
+        None => number(ms).map(|ms| Action::Delay(ms, ms)),
     }
 }
 
@@ -207,24 +230,26 @@ impl Rule {
         }
     }
 
+    /// The next number of the rule's generator (xorshift64*).
+    fn draw(&self) -> u64 {
+        let next = |x: u64| {
+            let mut x = x;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x
+        };
+        let state = self.random.fetch_update(Relaxed, Relaxed, |x| Some(next(x))).unwrap_or(0);
+        next(state).wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
     fn triggers(&self) -> bool {
         let nth = self.matched.fetch_add(1, Relaxed) + 1;
         match self.spec.trigger {
             Trigger::Always => true,
             Trigger::Once => !self.fired.swap(true, Relaxed),
             Trigger::Every(n) => nth.is_multiple_of(n.max(1)),
-            Trigger::Probability(p) => {
-                let next = |x: u64| {
-                    let mut x = x;
-                    x ^= x >> 12;
-                    x ^= x << 25;
-                    x ^= x >> 27;
-                    x
-                };
-                let state = self.random.fetch_update(Relaxed, Relaxed, |x| Some(next(x))).unwrap_or(0);
-                let draw = next(state).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
-                (draw as f64 / (1u64 << 53) as f64) < p
-            }
+            Trigger::Probability(p) => ((self.draw() >> 11) as f64 / (1u64 << 53) as f64) < p,
         }
     }
 }
@@ -269,6 +294,11 @@ impl Faults {
                 return match rule.spec.action {
                     Action::Unsupp => Verdict::Unsupported,
                     Action::Torn(bytes) => Verdict::Torn(bytes),
+                    Action::Delay(low, high) => {
+                        let spread = high - low;
+                        let extra = if spread == 0 { 0 } else { rule.draw() % (spread + 1) };
+                        Verdict::Delay(std::time::Duration::from_millis(low + extra))
+                    }
                     Action::Ioerr | Action::Drop => Verdict::Fail,
                 };
             }
@@ -305,7 +335,7 @@ mod tests {
     use super::*;
 
     const BLK_OPS: &[&str] = &["read", "write", "flush", "discard", "write-zeroes", "get-id"];
-    const BLK_ACTIONS: &[Action] = &[Action::Ioerr, Action::Unsupp, Action::Torn(0)];
+    const BLK_ACTIONS: &[Action] = &[Action::Ioerr, Action::Unsupp, Action::Torn(0), Action::Delay(0, 0)];
 
     fn read_at(sector: u64, bytes: u64) -> Work {
         Work::new(0, "read", bytes).at_sector(sector)
@@ -339,6 +369,11 @@ mod tests {
         let torn = RuleSpec::parse("op=write,action=torn:4096").unwrap();
         assert_eq!((torn.action, torn.check(BLK_OPS, BLK_ACTIONS)), (Action::Torn(4096), Ok(())));
         assert!(matches!(RuleSpec::parse("action=torn:half"), Err(FaultError::BadValue { key: "action", .. })));
+        assert_eq!(RuleSpec::parse("action=delay:5").unwrap().action, Action::Delay(5, 5));
+        let spread = RuleSpec::parse("action=delay:5-20").unwrap();
+        assert_eq!((spread.action, spread.check(BLK_OPS, BLK_ACTIONS)), (Action::Delay(5, 20), Ok(())));
+        let backwards = RuleSpec::parse("action=delay:20-5").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        assert!(matches!(backwards, Err(FaultError::BadValue { key: "action", .. })));
         let drop = RuleSpec::parse("action=drop").unwrap().check(BLK_OPS, BLK_ACTIONS);
         assert!(matches!(drop, Err(FaultError::BadValue { key: "action", .. })));
         let odds = RuleSpec::parse("trigger=probability:1.5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);

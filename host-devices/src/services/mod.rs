@@ -36,8 +36,8 @@ pub struct ServiceArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A fault-injection rule, repeatable: `op=OP,sectors=FIRST-END,trigger=T,seed=N,action=A`
     /// (every key but `action` optional). OP: an operation of the device or `any`; T: `always`,
-    /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp` or `torn:BYTES` (blk),
-    /// `drop` (net, console).
+    /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp`, `torn:BYTES` or
+    /// `delay:MS[-MS]` (blk), `drop` (net, console).
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
@@ -116,7 +116,7 @@ pub struct DeviceKind {
 pub const BLK: DeviceKind = DeviceKind {
     name: "vhost-user-blk",
     ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
-    actions: &[Action::Ioerr, Action::Unsupp, Action::Torn(0)],
+    actions: &[Action::Ioerr, Action::Unsupp, Action::Torn(0), Action::Delay(0, 0)],
     limit_classes: &["all", "read", "write"],
 };
 /// The net device.
@@ -165,6 +165,7 @@ impl DeviceServices {
         for (rule, action, count) in self.faults.injected() {
             let action = match action {
                 Action::Torn(_) => "torn".to_string(),
+                Action::Delay(..) => "delay".to_string(),
                 other => format!("{other:?}").to_lowercase(),
             };
             out.push_str(&format!(

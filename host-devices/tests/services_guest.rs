@@ -92,3 +92,38 @@ fn a_guest_sees_injected_read_errors_on_one_range_and_its_data_after_the_rule_is
     assert_eq!(value("AFTER"), value("BEFORE"), "{}", run.log);
     println!("guest: {}; injected {}", kernel.trim(), faults["rules"][0]["injected"]);
 }
+
+/// fio in a Linux guest sees a delay rule in its completion latency: reads of the first 4 MiB
+/// are held 20 ms each, reads elsewhere are not.
+#[test]
+fn a_delay_rule_shows_in_fio_completion_latency() {
+    if !facility::require_programs("services_guest_delay", &["qemu-system-x86_64", "apt-get"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let (_backend, socket) =
+        common::start_blk(dir.path(), &image, &["--fault", "op=read,sectors=0-8192,action=delay:20"]);
+    let script = r#"
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || { echo "no /dev/vda"; exit 10; }
+for range in 0 8M; do
+    fio --name=lat --filename=/dev/vda --ioengine=libaio --direct=1 --iodepth=1 --rw=randread --bs=4k \
+        --offset=$range --size=4M --runtime=2 --time_based --output-format=terse --terse-version=3 > /tmp/fio.out 2>&1
+    echo "CLAT_US_$range=$(grep '^3;' /tmp/fio.out | cut -d';' -f16)"
+done
+"#;
+    let run = LinuxGuest::new(script)
+        .vhost_user_blk(&socket, 1)
+        .memory_mib(512)
+        .timeout(Duration::from_secs(240))
+        .run()
+        .unwrap();
+    run.assert_passed();
+    let mean = |key: &str| run.values(key).next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
+    let (held, free) = (mean("CLAT_US_0"), mean("CLAT_US_8M"));
+    println!("fio completion latency: {held:.0} us on the delayed range, {free:.0} us elsewhere");
+    assert!((20_000.0..60_000.0).contains(&held), "{held} us\n{}", run.log);
+    assert!((0.0..10_000.0).contains(&free), "{free} us\n{}", run.log);
+}

@@ -137,7 +137,11 @@ impl RuleSpec {
                         ),
                         delay if delay.starts_with("delay:") => parse_delay(value, &delay["delay:".len()..])?,
                         _ => {
-                            return Err(bad("action", value, "is not ioerr, unsupp, drop, torn:BYTES or delay:MS[-MS]"));
+                            return Err(bad(
+                                "action",
+                                value,
+                                "is not ioerr, unsupp, drop, torn:BYTES or delay:MS[-MS]",
+                            ));
                         }
                     })
                 }

@@ -180,7 +180,18 @@ def inflight_seeds():
     yield "last-batch", region(0, {0: (1, 1, 3), 3: (1, 2, 0)}, last_batch_head=0) + bytes([1]) + rest
 
 
-for target, seeds in [("inflight", inflight_seeds), ("backend", backend_seeds), ("blk", blk_seeds), ("net", net_seeds), ("console", console_seeds), ("mmio", mmio_seeds),
+def api_seeds():
+    """Requests: a method byte, a path byte, a body length (u16), the body, a listener byte."""
+    def request(method, path, body=b"", metrics_only=0):
+        return bytes([method, path]) + struct.pack("<H", len(body)) + body + bytes([metrics_only])
+    rule = b'{"rules":[{"op":"read","sectors":[0,8],"trigger":{"every":2},"seed":1,"action":{"delay":[1,5]}}]}'
+    limit = b'{"limits":{"all":{"ops":1000,"bw":1e6,"ops_burst":10}}}'
+    yield "put-faults", request(1, 2, rule) + request(0, 0) + request(2, 2)
+    yield "put-limits", request(1, 3, limit) + request(0, 3) + request(0, 1, b"", 1)
+    yield "bad", request(1, 2, b'{"rules":[{"action":"drop"}]}') + request(3, 5)
+
+
+for target, seeds in [("api", api_seeds), ("inflight", inflight_seeds), ("backend", backend_seeds), ("blk", blk_seeds), ("net", net_seeds), ("console", console_seeds), ("mmio", mmio_seeds),
                       ("relay", relay_seeds), ("protocol", protocol_seeds)]:
     folder = os.path.join(HERE, "corpus", target)
     os.makedirs(folder, exist_ok=True)

@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 
 /// How much of its rate a bucket holds (besides a one-time burst).
 const BUCKET_SECONDS: f64 = 0.1;
+/// The slowest rate accepted (one per thousand seconds) and the fastest.
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 1e15;
+/// The longest a request is told to wait at once (it is asked again then).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Why a limit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,9 +101,14 @@ impl LimitSpec {
     fn check(&self) -> Result<(), LimitError> {
         for (key, rate) in [("ops", self.ops), ("bw", self.bw)] {
             if let Some(rate) = rate
-                && !(rate > 0.0 && rate.is_finite())
+                && !(MIN_RATE..=MAX_RATE).contains(&rate)
             {
                 return Err(LimitError::Value { key, value: rate.to_string() });
+            }
+        }
+        for (key, burst) in [("ops_burst", self.ops_burst), ("bw_burst", self.bw_burst)] {
+            if burst as f64 > MAX_RATE {
+                return Err(LimitError::Value { key, value: burst.to_string() });
             }
         }
         Ok(())
@@ -138,7 +148,11 @@ impl Bucket {
     /// How long until `cost` tokens may be taken (after [`Bucket::refill`]).
     fn wait_for(&self, cost: f64) -> Duration {
         let missing = cost.min(self.size) - (self.tokens + self.burst);
-        if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / self.rate) }
+        if missing <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(missing / self.rate).map_or(MAX_WAIT, |wait| wait.min(MAX_WAIT))
+        }
     }
 
     fn take(&mut self, cost: f64) {
@@ -333,6 +347,11 @@ mod tests {
         assert!(matches!(LimitSpec::parse("all:speed=5"), Err(LimitError::Syntax(_))));
         assert!(matches!(LimitSpec::parse("all:ops=-5"), Err(LimitError::Value { key: "ops", .. })));
         assert!(matches!(LimitSpec::parse("all:bw=fast"), Err(LimitError::Value { key: "bw", .. })));
+        let blk = Limits::new(BLK);
+        for spec in ["all:ops=0.0000001", "all:bw=1e300", "all:ops=5,ops_burst=1e18"] {
+            let parsed = LimitSpec::parse(spec).map(|p| [p].into_iter().collect());
+            assert!(parsed.is_err() || blk.set(parsed.unwrap()).is_err(), "{spec}");
+        }
         let net = Limits::new(&[]);
         let refused = net.set([LimitSpec::parse("all:ops=5").unwrap()].into_iter().collect());
         assert!(matches!(refused, Err(LimitError::Class { .. })));

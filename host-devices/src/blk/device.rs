@@ -515,7 +515,8 @@ fn admit(
     let Ok(req) = &mut parsed.result else { return Admitted::Plain };
     let work = work_of(queue, req);
     let refused = match services.admit(&work) {
-        Verdict::Serve => return Admitted::Plain,
+        // Corruption and duplicates are for frames; a block device cannot be given them.
+        Verdict::Serve | Verdict::Corrupt(_) | Verdict::Duplicate => return Admitted::Plain,
         Verdict::Delay(delay) => return Admitted::Delayed(delay),
         Verdict::Torn(bytes) if matches!(req.operation, Operation::Write { .. }) && bytes >= blk::SECTOR_SIZE => {
             keep_prefix(&mut req.data, bytes / blk::SECTOR_SIZE * blk::SECTOR_SIZE);

@@ -8,7 +8,7 @@ use super::rings::{self, FrameFormat, Refused, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
 use crate::lock;
-use crate::queue::services::{Admission, Work, admit, complete, is_served};
+use crate::queue::services::{Admission, Verdict, Work, admit, complete, is_served, verdict_of};
 use crate::queue::worker::PassContext;
 use crate::queue::{
     ChainBuffers, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch,
@@ -338,6 +338,9 @@ impl NetDevice {
                         complete(services, admission, false);
                         continue;
                     }
+                    if let Verdict::Corrupt(pick) = verdict_of(&admission) {
+                        corrupt(&mut frame.data, pick);
+                    }
                     (frame, admission)
                 }
             };
@@ -348,7 +351,22 @@ impl NetDevice {
                 RxOutcome::Delivered(_) => {
                     packets += 1;
                     bytes += frame.data.len() as u64;
+                    // A duplicate goes right after the original when buffers are there for it.
+                    let duplicate = verdict_of(&admission) == Verdict::Duplicate;
                     complete(services, admission, true);
+                    if duplicate
+                        && let RxOutcome::Delivered(_) = rings::write_rx_frame(
+                            (queue, &mut popper),
+                            &*data_mem,
+                            format,
+                            frame_parts,
+                            &mut used,
+                            services,
+                        )
+                    {
+                        packets += 1;
+                        bytes += frame.data.len() as u64;
+                    }
                 }
                 RxOutcome::NoBuffers => {
                     let avail = virtio_queue::QueueT::avail_idx(vring.get_queue(), &*ring_mem, Ordering::Acquire);
@@ -438,6 +456,19 @@ impl NetDevice {
             [WorkerQueue { index: rx_queue(thread), vring: rx }, WorkerQueue { index: tx_queue(thread), vring: tx }];
         let mut pass = PairPass { device: self, pair: thread, state: &mut state, rx, tx };
         self.shared.core.serve(thread, &queues, &mut pass)
+    }
+}
+
+/// Inverts the byte of `frame` after its Ethernet header that `pick` chooses (fault
+/// injection's `corrupt`); a frame with nothing after its header is left alone.
+fn corrupt(frame: &mut [u8], pick: u64) {
+    const ETHERNET_HEADER: usize = 14;
+    let payload = frame.len().saturating_sub(ETHERNET_HEADER);
+    if payload > 0 {
+        let at = ETHERNET_HEADER + (pick % payload as u64) as usize;
+        if let Some(byte) = frame.get_mut(at) {
+            *byte = !*byte;
+        }
     }
 }
 

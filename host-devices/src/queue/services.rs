@@ -53,6 +53,11 @@ pub enum Verdict {
     /// A block request: serve it, but complete it no sooner than this long after it was
     /// taken (others: serve).
     Delay(std::time::Duration),
+    /// A received frame: deliver it with one byte after its Ethernet header inverted, the one
+    /// this number picks (others: serve).
+    Corrupt(u64),
+    /// A received frame: deliver it twice (others: serve).
+    Duplicate,
 }
 
 /// A completed request or frame.
@@ -127,6 +132,7 @@ pub struct Admission {
     work: Work,
     started: Instant,
     served: bool,
+    verdict: Verdict,
 }
 
 /// Asks the services whether `work` may be served. `None` when no service is active (serve it,
@@ -136,9 +142,15 @@ pub fn admit(services: &dyn QueueServices, work: Work) -> Option<Admission> {
         return None;
     }
     services.taken(work.queue, 1);
-    // A delay is the block device's to enact; anything else serves it at once.
-    let served = matches!(services.admit(&work), Verdict::Serve | Verdict::Delay(_));
-    Some(Admission { work, started: Instant::now(), served })
+    // Delays, corruption and duplicates are for the device to enact on work it serves.
+    let verdict = services.admit(&work);
+    let served = matches!(verdict, Verdict::Serve | Verdict::Delay(_) | Verdict::Corrupt(_) | Verdict::Duplicate);
+    Some(Admission { work, started: Instant::now(), served, verdict })
+}
+
+/// What the services said of admitted work (`Serve` when none is active).
+pub fn verdict_of(admission: &Option<Admission>) -> Verdict {
+    admission.as_ref().map_or(Verdict::Serve, |a| a.verdict)
 }
 
 /// Whether an admission from [`admit`] lets the work be served.
@@ -149,7 +161,7 @@ pub fn is_served(admission: &Option<Admission>) -> bool {
 /// Reports the end of admitted work: `ok` when it was served successfully (never for work a
 /// service failed).
 pub fn complete(services: &dyn QueueServices, admission: Option<Admission>, ok: bool) {
-    if let Some(Admission { work, started, served }) = admission {
+    if let Some(Admission { work, started, served, .. }) = admission {
         services.completed(&Completion { work, started, ok: ok && served });
     }
 }

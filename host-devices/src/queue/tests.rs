@@ -572,3 +572,52 @@ fn a_new_call_descriptor_gets_one_signal() {
     device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
     assert!(second.read().is_err(), "and only once");
 }
+
+/// Fault rules on received frames: `corrupt` inverts exactly one byte after the Ethernet
+/// header, `duplicate` delivers the frame twice.
+#[test]
+fn received_frames_are_corrupted_or_duplicated_by_their_rules() {
+    use crate::services::{DeviceServices, NET, ServiceArgs, faults::RuleSpec};
+    let (mem, atomic) = memory();
+    let args = ServiceArgs { faults: vec!["op=rx,seed=5,action=corrupt".into()], ..ServiceArgs::default() };
+    let services = DeviceServices::new(NET, 2, &args).unwrap();
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
+    let device = NetDevice::with_services(
+        options,
+        NetworkSide::Loopback,
+        Arc::new(NetStats::default()),
+        Arc::new(Gates::new(1)),
+        services.clone(),
+    )
+    .unwrap();
+    device.acked_features(device.features());
+    device.update_memory(atomic.clone()).unwrap();
+    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
+    rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000), receive(0x90_2000)], 0).unwrap();
+    let send = post_frame(&mem, 0x80_0000);
+    let mut sent = vec![0u8; 72];
+    mem.read_slice(&mut sent, GuestAddress(0x80_0000)).unwrap();
+    let frame_at = |at: u64| {
+        let mut got = vec![0u8; 72];
+        mem.read_slice(&mut got, GuestAddress(at)).unwrap();
+        got
+    };
+    tx_mock.add_desc_chains(&[send], 0).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    let got = frame_at(0x90_0000);
+    let differing: Vec<usize> = (12..72).filter(|&i| got[i] != sent[i]).collect();
+    assert_eq!(differing.len(), 1, "one byte inverted: {differing:?}");
+    assert!(differing[0] >= 12 + 14, "after the Ethernet header: {differing:?}");
+    assert_eq!(got[differing[0]], !sent[differing[0]]);
+
+    services.faults.set(vec![RuleSpec::parse("op=rx,action=duplicate").unwrap()]).unwrap();
+    tx_mock.add_desc_chains(&[send], 1).unwrap();
+    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
+    device.handle_event(0, EventSet::IN, &[rx.clone(), tx], 0).unwrap();
+    assert_eq!(used_idx(&mem, &rx_mock), 3, "the second frame arrived twice");
+    assert_eq!(frame_at(0x90_1000)[12..], sent[12..]);
+    assert_eq!(frame_at(0x90_2000)[12..], sent[12..]);
+}

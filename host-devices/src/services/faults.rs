@@ -77,6 +77,11 @@ pub enum Action {
     /// Block: the request is served, but completes only after a delay drawn uniformly between
     /// these milliseconds (equal: a fixed delay), from the rule's seeded generator.
     Delay(u64, u64),
+    /// Net, received frames: one byte after the Ethernet header is inverted (which one, from
+    /// the rule's generator).
+    Corrupt,
+    /// Net, received frames: delivered twice.
+    Duplicate,
 }
 
 /// The longest delay a rule may add (a guest's own timeouts are shorter).
@@ -132,6 +137,8 @@ impl RuleSpec {
                         "ioerr" => Action::Ioerr,
                         "unsupp" => Action::Unsupp,
                         "drop" => Action::Drop,
+                        "corrupt" => Action::Corrupt,
+                        "duplicate" => Action::Duplicate,
                         torn if torn.starts_with("torn:") => Action::Torn(
                             torn["torn:".len()..].parse().map_err(|_| bad("action", value, "is not torn:BYTES"))?,
                         ),
@@ -303,6 +310,8 @@ impl Faults {
                         let extra = if spread == 0 { 0 } else { rule.draw() % (spread + 1) };
                         Verdict::Delay(std::time::Duration::from_millis(low + extra))
                     }
+                    Action::Corrupt => Verdict::Corrupt(rule.draw()),
+                    Action::Duplicate => Verdict::Duplicate,
                     Action::Ioerr | Action::Drop => Verdict::Fail,
                 };
             }

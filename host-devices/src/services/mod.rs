@@ -37,7 +37,8 @@ pub struct ServiceArgs {
     /// A fault-injection rule, repeatable: `op=OP,sectors=FIRST-END,trigger=T,seed=N,action=A`
     /// (every key but `action` optional). OP: an operation of the device or `any`; T: `always`,
     /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp`, `torn:BYTES` or
-    /// `delay:MS[-MS]` (blk), `drop` (net, console).
+    /// `delay:MS[-MS]` (blk), `drop` (net, console), `corrupt` or `duplicate` (net, received
+    /// frames: `op=rx`).
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
@@ -123,7 +124,7 @@ pub const BLK: DeviceKind = DeviceKind {
 pub const NET: DeviceKind = DeviceKind {
     name: "vhost-user-net",
     ops: &["tx", "rx"],
-    actions: &[Action::Drop, Action::Ioerr],
+    actions: &[Action::Drop, Action::Ioerr, Action::Corrupt, Action::Duplicate],
     limit_classes: &[],
 };
 /// The console device.

@@ -5,11 +5,11 @@
 use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
-use super::throttle::Throttles;
 use crate::queue::chain::stream_len;
 use crate::queue::inflight::TrackedQueue;
 use crate::queue::resubmit::Resubmission;
 use crate::queue::services::{Completion, Work};
+use crate::queue::throttle::Throttles;
 use crate::queue::worker::PassContext;
 use crate::queue::{
     DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch, Verdict,

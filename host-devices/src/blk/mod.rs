@@ -6,7 +6,6 @@ pub mod request;
 pub mod stats;
 #[cfg(test)]
 mod tests;
-pub mod throttle;
 pub mod uring;
 
 use crate::server::{self, ListenOn, ServerError};

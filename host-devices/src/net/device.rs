@@ -9,6 +9,7 @@ use super::side::{Frame, INBOX_CAPACITY, Inbox, NetworkSide};
 use super::stats::{DropReason, NetStats};
 use crate::lock;
 use crate::queue::services::{Admission, Verdict, Work, admit, complete, is_served, verdict_of};
+use crate::queue::throttle::Throttles;
 use crate::queue::worker::PassContext;
 use crate::queue::{
     ChainBuffers, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch,
@@ -78,6 +79,7 @@ struct Shared {
     acked: AtomicU64,
     inboxes: Arc<Vec<Inbox>>,
     pairs: Vec<Mutex<PairState>>,
+    throttles: Throttles,
 }
 
 /// The net device of one frontend connection; cheap to clone (all state is shared).
@@ -92,6 +94,8 @@ enum Event {
     Queue,
     Inbox,
     Tap,
+    /// A queue's rate-limit timer: its tokens are back.
+    Timer(usize),
 }
 
 impl NetDevice {
@@ -132,7 +136,11 @@ impl NetDevice {
                 })
             })
             .collect();
-        let shared = Shared { core, options, side, stats, acked: AtomicU64::new(0), inboxes, pairs: pair_states };
+        let queues = usize::from(pairs) * 2;
+        // Each queue's timer event comes after the inbox's and the tap's.
+        let throttles = Throttles::new(queues, queues as u64 + 3)?;
+        let acked = AtomicU64::new(0);
+        let shared = Shared { core, options, side, stats, acked, inboxes, pairs: pair_states, throttles };
         Ok(NetDevice { shared: Arc::new(shared) })
     }
 
@@ -210,7 +218,7 @@ impl NetDevice {
             0 | 1 => Some(Event::Queue),
             id if id == self.inbox_event() => Some(Event::Inbox),
             id if id == self.tap_event() => Some(Event::Tap),
-            _ => None,
+            id => self.shared.throttles.queue_of(id).map(Event::Timer),
         }
     }
 
@@ -235,7 +243,8 @@ impl NetDevice {
         let services = self.shared.core.services();
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut popper = ring::Popper::new(tx_queue(pair));
-        while used.len() < TX_BATCH {
+        let throttles = &self.shared.throttles;
+        while used.len() < TX_BATCH && !throttles.is_waiting(tx_queue(pair)) {
             let Some(chain) = popper.next(vring.get_queue_mut(), &*ring_mem) else { break };
             used.push(chain.head_index(), 0);
             // Buffers are looked up in a map loaded after the chain was seen (see DESIGN.md).
@@ -244,7 +253,15 @@ impl NetDevice {
             let buffer = if copy { Some(tx_frame) } else { None };
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
                 Ok(frame) => {
-                    let admission = admit(services, Work::new(tx_queue(pair), "tx", frame.frame_len as u64));
+                    let work = Work::new(tx_queue(pair), "tx", frame.frame_len as u64);
+                    if let Some(wait) = self.over_limit(&work) {
+                        // Back to the ring: sent when the tokens are back.
+                        used.pop_last();
+                        virtio_queue::QueueOwnedT::go_to_previous_position(vring.get_queue_mut());
+                        throttles.wait(tx_queue(pair), wait)?;
+                        break;
+                    }
+                    let admission = admit(services, work);
                     let sent = is_served(&admission) && self.pass_on(pair, state, frame.header, format);
                     if sent {
                         packets += 1;
@@ -263,6 +280,25 @@ impl NetDevice {
             used.publish_and_release(vring, tx, tx_queue(pair), &*ring_mem, services)?;
         }
         popper.finish(count)
+    }
+
+    /// How long `work` must wait for the rate limits (`None`: it may go, its tokens taken).
+    fn over_limit(&self, work: &Work) -> Option<std::time::Duration> {
+        let services = self.shared.core.services();
+        if !services.throttles() {
+            return None;
+        }
+        services.throttle(std::slice::from_ref(work), std::time::Instant::now()).map(|(_, wait)| wait)
+    }
+
+    /// Whether a frame received for pair `pair` must wait for the rate limits (its queue's
+    /// timer is then set).
+    fn over_limit_rx(&self, pair: usize, frame: &Frame) -> io::Result<bool> {
+        let work = Work::new(rx_queue(pair), "rx", frame.data.len() as u64);
+        match self.over_limit(&work) {
+            Some(wait) => self.shared.throttles.wait(rx_queue(pair), wait).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Sends the frame in `state.tx_frame` (header `header`) to the network side; returns
@@ -322,8 +358,15 @@ impl NetDevice {
         let services = self.shared.core.services();
         let mut popper = ring::Popper::new(rx_queue(pair));
         loop {
-            // A held frame was prepared and admitted before it waited for buffers.
+            if self.shared.throttles.is_waiting(rx_queue(pair)) {
+                break;
+            }
+            // A held frame was prepared and admitted before it waited for buffers or tokens.
             let (frame, admission) = match state.held.take() {
+                Some(Held { frame, admission, blocked_at: None }) if self.over_limit_rx(pair, &frame)? => {
+                    state.held = Some(Held { frame, admission, blocked_at: None });
+                    break;
+                }
                 Some(Held { frame, admission, .. }) => (frame, admission),
                 None => {
                     let next = state.loopback.pop_front().or_else(|| inbox.pop());
@@ -340,6 +383,11 @@ impl NetDevice {
                     }
                     if let Verdict::Corrupt(pick) = verdict_of(&admission) {
                         corrupt(&mut frame.data, pick);
+                    }
+                    if self.over_limit_rx(pair, &frame)? {
+                        // Waits here, admitted, until the tokens are back.
+                        state.held = Some(Held { frame, admission, blocked_at: None });
+                        break;
                     }
                     (frame, admission)
                 }
@@ -442,6 +490,9 @@ impl NetDevice {
         if event == Event::Inbox {
             self.inbox(thread).consume_signal();
         }
+        if let Event::Timer(queue) = event {
+            self.shared.throttles.fired(queue);
+        }
         if event == Event::Queue {
             // The pair's receive queue is its worker's event 0, its transmit queue event 1.
             let queue = if device_event == 0 { rx_queue(thread) } else { tx_queue(thread) };
@@ -499,6 +550,10 @@ impl QueueService for PairPass<'_> {
     /// The receive queue's kicks are wanted only while frames wait for its buffers, and
     /// while the first of them waits for more buffers than the ring holds, only new ones count.
     fn rearm(&self, queue: usize) -> Rearm {
+        // Waiting for its limits, a queue takes no kicks: its timer wakes it.
+        if self.device.shared.throttles.is_waiting(queue) {
+            return Rearm::Parked;
+        }
         if queue == tx_queue(self.pair) {
             return Rearm::Work;
         }
@@ -591,6 +646,11 @@ impl crate::server::ServedDevice for NetDevice {
 
     fn attach(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) -> io::Result<()> {
         for (pair, handler) in handlers.iter().enumerate() {
+            for queue in [rx_queue(pair), tx_queue(pair)] {
+                if let Some((fd, event)) = self.shared.throttles.timer(queue) {
+                    handler.register_listener(fd, EventSet::IN, event)?;
+                }
+            }
             let inbox = self.inbox(pair);
             handler.register_listener(inbox.ready_fd(), EventSet::IN, self.inbox_event())?;
             if let NetworkSide::Tap(tap) = &self.shared.side

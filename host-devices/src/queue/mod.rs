@@ -41,6 +41,7 @@ pub mod ring;
 pub mod services;
 #[cfg(test)]
 mod tests;
+pub mod throttle;
 pub mod used;
 pub mod worker;
 

@@ -621,3 +621,42 @@ fn received_frames_are_corrupted_or_duplicated_by_their_rules() {
     assert_eq!(frame_at(0x90_1000)[12..], sent[12..]);
     assert_eq!(frame_at(0x90_2000)[12..], sent[12..]);
 }
+
+/// Rate limits on a net device: a transmitted frame over the limit goes back to its ring and
+/// leaves when the queue's timer says the tokens are back; a received one waits in the backend.
+#[test]
+fn net_limits_hold_frames_back_until_the_tokens_are_back() {
+    use crate::services::{DeviceServices, NET, ServiceArgs};
+    let (mem, atomic) = memory();
+    // Buckets hold a tenth of a second: one frame each way, then one per 100 ms.
+    let args = ServiceArgs { limits: vec!["tx:ops=10".into(), "rx:ops=10".into()], ..ServiceArgs::default() };
+    let services = DeviceServices::new(NET, 2, &args).unwrap();
+    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
+    let stats = Arc::new(NetStats::default());
+    let device =
+        NetDevice::with_services(options, NetworkSide::Loopback, stats, Arc::new(Gates::new(1)), services.clone())
+            .unwrap();
+    device.acked_features(device.features());
+    device.update_memory(atomic.clone()).unwrap();
+    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
+    rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000), receive(0x90_2000)], 0).unwrap();
+    let send = post_frame(&mem, 0x80_0000);
+    tx_mock.add_desc_chains(&[send], 0).unwrap();
+    tx_mock.add_desc_chains(&[send], 1).unwrap();
+    let vrings = [rx.clone(), tx.clone()];
+    device.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 1, "the second frame waits in the ring");
+    assert_eq!(virtio_queue::QueueT::next_avail(tx.get_ref().get_queue()), 1, "put back");
+    assert_eq!((used_idx(&mem, &rx_mock), services.limits.throttled().0), (1, 1));
+    // The transmit queue's timer (event: queues + 3 + queue 1) fires after 100 ms.
+    std::thread::sleep(Duration::from_millis(120));
+    device.handle_event(2 + 3 + 1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 2, "sent once the tokens were back");
+    // Its looped-back copy may wait for the receive queue's tokens, then arrives.
+    std::thread::sleep(Duration::from_millis(120));
+    device.handle_event(2 + 3, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(used_idx(&mem, &rx_mock), 2, "received once the tokens were back");
+    assert!(services.limits.throttled().0 >= 1);
+}

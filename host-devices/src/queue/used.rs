@@ -33,6 +33,11 @@ impl UsedBatch {
         self.entries.push((head, len));
     }
 
+    /// Takes the last entry back (its chain goes back to the available ring).
+    pub fn pop_last(&mut self) -> Option<(u16, u32)> {
+        self.entries.pop()
+    }
+
     /// Number of entries waiting.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -42,8 +42,9 @@ pub struct ServiceArgs {
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
-    /// K/M/G allowed; each key optional). Block classes: `all`, `read`, `write`. Requests over
-    /// the limit wait in their ring; none is failed.
+    /// K/M/G allowed; each key optional; ops are packets for net). Block classes: `all`,
+    /// `read`, `write`; net: `tx`, `rx`. Work over the limit waits (in its ring, or a received
+    /// frame in the backend); none is failed or dropped.
     #[arg(long = "limit", value_name = "LIMIT")]
     pub limits: Vec<String>,
 }
@@ -125,7 +126,7 @@ pub const NET: DeviceKind = DeviceKind {
     name: "vhost-user-net",
     ops: &["tx", "rx"],
     actions: &[Action::Drop, Action::Ioerr, Action::Corrupt, Action::Duplicate],
-    limit_classes: &[],
+    limit_classes: &["tx", "rx"],
 };
 /// The console device.
 pub const CONSOLE: DeviceKind = DeviceKind {

@@ -1,9 +1,7 @@
-//! Block requests over the rate limits wait in their ring. A pass that finds a request the
-//! limits hold back puts it, and every request after it, back in the available ring (`next_avail`
-//! moves back; a head marked in flight is unmarked), and the queue sleeps without taking kicks
-//! until a timer of its own fires when the tokens are back. Nothing is failed, nothing is held
-//! in the backend (a frontend stopping the ring finds no request taken and not completed), and
-//! order is kept.
+//! A timer per queue, for work that waits: requests over the rate limits (block requests and
+//! transmitted frames go back to their ring, received frames wait in the backend) and
+//! completions a service holds back. A queue waiting for its limits takes no kicks; its timer
+//! wakes its worker when the tokens are back. Nothing is failed and order is kept.
 
 use crate::lock;
 use std::io;
@@ -25,7 +23,7 @@ fn nonblocking_timer() -> io::Result<TimerFd> {
     if ok { Ok(timer) } else { Err(io::Error::last_os_error()) }
 }
 
-/// One timer per request queue, and until when each queue waits.
+/// One timer per queue, and until when each queue waits for its limits.
 pub struct Throttles {
     timers: Vec<Mutex<TimerFd>>,
     until: Vec<Mutex<Option<Instant>>>,

@@ -283,3 +283,66 @@ echo "CLEAN_REPLIES=$(grep -c 'bytes from' /tmp/clean.out)"
     assert!((50..=85).contains(&lossy), "{lossy} of 100 answered through a 30% loss rule\n{stats}\n{}", run.log);
     assert_eq!(clean, 100, "loss without the rule\n{}", run.log);
 }
+
+/// A guest on a tap sends 100 pings as fast as it may through a limit of 20 packets/s on what
+/// it transmits: the backend passes them on at that rate (read from its API while they go),
+/// and drops none.
+#[test]
+fn a_packet_limit_slows_pings_without_losing_any() {
+    let test = "net_linux_guest_limit";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
+        return;
+    }
+    if !is_root() {
+        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
+        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, api) = (dir.path().join("net.sock"), dir.path().join("api.sock"));
+    let ns = Netns::create(&format!("pvkit-r{}", std::process::id()));
+    let program = env!("CARGO_BIN_EXE_vhost-user-net");
+    let args = [program, "--tap", "pvkr0", "--api-socket", api.to_str().unwrap(), "--limit", "tx:ops=20"];
+    let backend = start_backend(&mut ns.exec(&args), &[&socket]);
+    ns.run(&["ip", "addr", "add", "10.80.0.1/24", "dev", "pvkr0"]);
+    ns.run(&["ip", "link", "set", "pvkr0", "up"]);
+    // The guest's busybox ping stops waiting for replies soon after its last request: the
+    // rate is read from the backend instead, while the guest stays up.
+    let script = NET_UP.replace("ADDR", "10.80.0.2/24")
+        + r#"
+for i in $(seq 30); do ping -c 1 -W 1 10.80.0.1 > /dev/null 2>&1 && break; done
+ping -c 100 -i 0.01 10.80.0.1 > /dev/null 2>&1
+sleep 12
+"#;
+    let guest = std::thread::spawn(move || {
+        LinuxGuest::new(script).vhost_user_net(&socket, 1, "52:54:00:80:00:02").timeout(Duration::from_secs(180)).run()
+    });
+    let sent = || {
+        let stats = pvkit_test_support::http::unix(&api, "GET", "/stats", "").unwrap().json();
+        let tx = &stats["queues"][1]["ops"]["tx"];
+        (tx["ok"].as_u64().unwrap_or(0), tx["failed"].as_u64().unwrap_or(0))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let mut from: Option<(std::time::Instant, u64)> = None;
+    let (to, count) = loop {
+        let (ok, failed) = sent();
+        assert_eq!(failed, 0, "a frame was dropped");
+        if from.is_none() && ok >= 20 {
+            from = Some((std::time::Instant::now(), ok));
+        }
+        if ok >= 100 {
+            break (std::time::Instant::now(), ok);
+        }
+        assert!(std::time::Instant::now() < deadline && !guest.is_finished(), "only {ok} frames sent");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (started, at_start) = from.unwrap();
+    let rate = (count - at_start) as f64 / to.duration_since(started).as_secs_f64();
+    let run = guest.join().unwrap().unwrap();
+    let limits = pvkit_test_support::http::unix(&api, "GET", "/limits", "").unwrap().json();
+    let _ = backend.terminate(WAIT);
+    run.assert_passed();
+    println!("{test}: {rate:.1} packets/s passed on through a 20 packets/s limit, none dropped; {limits}");
+    assert!((14.0..=26.0).contains(&rate), "{rate} packets/s\n{}", run.log);
+    assert!(limits["throttled"].as_u64() > Some(0), "{limits}");
+}

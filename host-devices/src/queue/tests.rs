@@ -660,3 +660,53 @@ fn net_limits_hold_frames_back_until_the_tokens_are_back() {
     assert_eq!(used_idx(&mem, &rx_mock), 2, "received once the tokens were back");
     assert!(services.limits.throttled().0 >= 1);
 }
+
+/// A completion a delay rule holds: not published by the pass that served the request, but at
+/// once when the frontend stops the ring (GET_VRING_BASE), so the index it is told counts no
+/// request taken and not completed; and by the pass after its time otherwise.
+#[test]
+fn held_completions_are_published_when_due_or_when_the_ring_stops() {
+    use crate::services::{BLK, DeviceServices, ServiceArgs};
+    let (mem, atomic) = memory();
+    let args = ServiceArgs { faults: vec!["op=read,action=delay:60000".into()], ..ServiceArgs::default() };
+    let services = DeviceServices::new(BLK, 1, &args).unwrap();
+    let options = BlkOptions {
+        num_queues: 1,
+        queue_size: 256,
+        serial: "held".into(),
+        logical_block_size: 512,
+        read_only: false,
+        poll_us: 0,
+    };
+    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
+    let device = BlkDevice::with_services(
+        Arc::new(engine),
+        options,
+        Arc::new(Stats::default()),
+        Arc::new(Gates::new(1)),
+        services.clone(),
+    )
+    .unwrap();
+    device.update_memory(atomic.clone()).unwrap();
+    let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
+    post_read(&mem, &queue, 512, 0x80_2000);
+    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "served: its status is written");
+    assert_eq!(used_idx(&mem, &queue), 0, "but its completion is held for a minute");
+    assert_eq!(services.metrics.queue(0).unwrap().in_flight(), 1);
+    device.stop_vring(0).unwrap();
+    assert_eq!(used_idx(&mem, &queue), 1, "published when the frontend stops the ring");
+    assert_eq!(services.metrics.queue(0).unwrap().in_flight(), 0);
+
+    // A short delay: published by the pass after its time.
+    services.faults.set(vec![crate::services::faults::RuleSpec::parse("op=read,action=delay:50").unwrap()]).unwrap();
+    vring.set_queue_ready(true);
+    mem.write_obj(0xffu8, GuestAddress(0x80_2000)).unwrap();
+    post_read(&mem, &queue, 512, 0x80_2000);
+    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert_eq!(used_idx(&mem, &queue), 1, "held");
+    std::thread::sleep(Duration::from_millis(80));
+    // The queue's timer event (queues + 1 + queue).
+    device.handle_event(2, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    assert_eq!(used_idx(&mem, &queue), 2, "published once due");
+}

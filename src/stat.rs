@@ -1,5 +1,6 @@
 //! `pvkit stat`: live rates of running backends from their control API, one line per backend
-//! per interval, in the manner of `iostat`; `--json` for scripts.
+//! per interval, in the manner of `iostat`: requests, MB/s, failures, latency bounds, requests
+//! in flight, injected faults and waits for the rate limits; `--json` for scripts.
 
 use pvkit_host_devices::services::client::{self, ClientError};
 use serde_json::{Value, json};
@@ -58,6 +59,7 @@ struct Totals {
     bytes: u64,
     in_flight: u64,
     injected: u64,
+    throttled: u64,
     /// Cumulative latency histogram: (upper bound in seconds, count); the last bound is +Inf.
     buckets: Vec<(f64, u64)>,
 }
@@ -92,6 +94,7 @@ fn totals(stats: &Value) -> Totals {
         }
     }
     t.injected = stats["faults"].as_array().into_iter().flatten().map(|r| number(&r["injected"])).sum();
+    t.throttled = number(&stats["limits"]["throttled"]);
     t
 }
 
@@ -127,13 +130,14 @@ fn line(socket: &Path, before: &Totals, now: &Totals, seconds: f64) -> Value {
         "p99_us_at_most": us(quantile(before, now, 0.99)),
         "in_flight": now.in_flight,
         "injected_per_s": rate(before.injected, now.injected, seconds),
+        "throttled_per_s": rate(before.throttled, now.throttled, seconds),
     })
 }
 
 fn print_table_line(value: &Value) {
     let latency = |key: &str| value[key].as_f64().map_or("-".to_string(), |v| format!("<={v}"));
     println!(
-        "{:<19} {:>10.0} {:>9.2} {:>8.0} {:>10} {:>10} {:>8} {:>9.0}  {}",
+        "{:<19} {:>10.0} {:>9.2} {:>8.0} {:>10} {:>10} {:>8} {:>9.0} {:>11.0}  {}",
         value["device"].as_str().unwrap_or("?"),
         value["requests_per_s"].as_f64().unwrap_or(0.0),
         value["mb_per_s"].as_f64().unwrap_or(0.0),
@@ -142,6 +146,7 @@ fn print_table_line(value: &Value) {
         latency("p99_us_at_most"),
         value["in_flight"],
         value["injected_per_s"].as_f64().unwrap_or(0.0),
+        value["throttled_per_s"].as_f64().unwrap_or(0.0),
         value["socket"].as_str().unwrap_or("")
     );
 }
@@ -169,8 +174,8 @@ fn run(args: &StatArgs) -> Result<(), StatError> {
         taken = Instant::now();
         if !args.json && lines.is_multiple_of(20) {
             println!(
-                "{:<19} {:>10} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9}  socket",
-                "device", "req/s", "MB/s", "fail/s", "p50(us)", "p99(us)", "inflight", "faults/s"
+                "{:<19} {:>10} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9} {:>11}  socket",
+                "device", "req/s", "MB/s", "fail/s", "p50(us)", "p99(us)", "inflight", "faults/s", "throttled/s"
             );
         }
         for ((socket, before), after) in args.sockets.iter().zip(&previous).zip(&now) {
@@ -195,7 +200,8 @@ mod tests {
                 "in_flight": 2,
                 "latency": {"buckets": [[0.00005, fast], [0.001, fast + slow], ["+Inf", fast + slow]]}
             }],
-            "faults": [{"injected": failed}]
+            "faults": [{"injected": failed}],
+            "limits": {"throttled": ok / 100}
         })
     }
 
@@ -211,6 +217,7 @@ mod tests {
         assert_eq!(value["p99_us_at_most"], 1000.0);
         assert_eq!(value["in_flight"], 2);
         assert_eq!(value["injected_per_s"], 5.0);
+        assert_eq!(value["throttled_per_s"], 5.0, "10 more waits in 2 s");
         let idle = line(&PathBuf::from("api.sock"), &after, &after, 1.0);
         assert_eq!((idle["requests_per_s"].as_f64(), idle["p50_us_at_most"].is_null()), (Some(0.0), true));
     }

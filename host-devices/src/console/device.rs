@@ -8,6 +8,7 @@ use super::port::PENDING_LIMIT;
 use crate::backend_channel::BackendChannel;
 use crate::lock;
 use crate::queue::services::{Work, admit, complete, is_served};
+use crate::queue::throttle::Throttles;
 use crate::queue::worker::PassContext;
 use crate::queue::{
     ChainBuffers, ChainError, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm,
@@ -105,6 +106,8 @@ enum Event {
     Output(usize),
     /// The periodic check of the console's terminal size.
     SizeCheck,
+    /// A queue's rate-limit timer: its tokens are back.
+    Timer(usize),
 }
 
 /// How often the console's terminal size is checked (stdio and pty ports).
@@ -122,6 +125,8 @@ struct Shared {
     refused: AtomicU64,
     size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
     last_size: Mutex<Option<(u16, u16)>>,
+    /// Each queue's wait for the rate limits.
+    throttles: Throttles,
     /// Where configuration changes (a new terminal size) are announced to the frontend.
     backend_channel: Arc<BackendChannel>,
 }
@@ -161,6 +166,8 @@ impl ConsoleDevice {
                 refused: AtomicU64::new(0),
                 size_timer: Mutex::new(None),
                 last_size: Mutex::new(size),
+                // Timer events come after the ports' events and the size check's.
+                throttles: Throttles::new(num_queues, (num_queues + 2 + port_count * 3) as u64)?,
                 backend_channel: Arc::new(BackendChannel::new()),
             }),
         })
@@ -243,6 +250,9 @@ impl ConsoleDevice {
         if id as u64 == self.size_check_id() {
             return Some(Event::SizeCheck);
         }
+        if let Some(queue) = self.shared.throttles.queue_of(id as u64) {
+            return Some(Event::Timer(queue));
+        }
         let rel = id.checked_sub(self.shared.num_queues + 1)?;
         let port = rel / 3;
         let event = match rel % 3 {
@@ -296,7 +306,7 @@ impl ConsoleDevice {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
-            while port.has_room() {
+            while port.has_room() && !self.shared.throttles.is_waiting(queue) {
                 let Some(chain) = popper.next(vq, &*mem) else { break };
                 let head = chain.head_index();
                 match transmit_buffers(chain, MAX_TX_CHAIN) {
@@ -304,6 +314,11 @@ impl ConsoleDevice {
                     Ok(buffers) if !port.has_room_for(buffers.readable_len()) => {
                         vq.go_to_previous_position();
                         rewound = true;
+                        break;
+                    }
+                    Ok(buffers) if self.over_limit(queue, buffers.readable_len())? => {
+                        // Back to the ring until the port's tokens are back.
+                        vq.go_to_previous_position();
                         break;
                     }
                     Ok(buffers) => {
@@ -342,6 +357,21 @@ impl ConsoleDevice {
         popper.finish((taken, full))
     }
 
+    /// Whether `bytes` of work on queue `queue` must wait for the rate limits (the queue's
+    /// timer is then set).
+    fn over_limit(&self, queue: usize, bytes: u64) -> io::Result<bool> {
+        let services = self.shared.core.services();
+        if !services.throttles() {
+            return Ok(false);
+        }
+        let transmit = matches!(cq::port_of(queue as u16), Some((_, true)));
+        let work = Work::new(queue, if transmit { "tx" } else { "rx" }, bytes);
+        match services.throttle(std::slice::from_ref(&work), std::time::Instant::now()) {
+            Some((_, wait)) => self.shared.throttles.wait(queue, wait).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Delivers host input for port `p` into the receive buffers the guest posted; stops
     /// watching the input while the guest has none, so input waits on the host side.
     pub(crate) fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> Result<usize, PassError> {
@@ -356,7 +386,7 @@ impl ConsoleDevice {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
-            while port.input_fd().is_some() {
+            while port.input_fd().is_some() && !self.shared.throttles.is_waiting(queue) {
                 let Some(chain) = popper.next(vq, &*mem) else { break };
                 let head = chain.head_index();
                 let buffers = ChainBuffers::collect(chain, MAX_RX_CHAIN).ok().filter(|b| b.writable_len() > 0);
@@ -367,6 +397,13 @@ impl ConsoleDevice {
                 };
                 let mut data = vec![0u8; (buffers.writable_len() as usize).min(MAX_RX_CHUNK)];
                 match port.read(&mut data) {
+                    Ok(Some(n)) if self.over_limit(queue, n as u64)? => {
+                        // The input waits in the port, ahead of the rest, for the tokens;
+                        // meanwhile the port's input is not watched.
+                        port.unread(&data[..n]);
+                        vq.go_to_previous_position();
+                        break;
+                    }
                     Ok(Some(n)) => {
                         let admission = admit(services, Work::new(queue, "rx", n as u64));
                         if !is_served(&admission) {
@@ -539,6 +576,10 @@ impl QueueService for ConsolePass<'_> {
     /// Receive queues keep free buffers on purpose: their kicks are wanted, but waiting
     /// buffers are not work; a full port's transmit queue waits for the port to drain.
     fn rearm(&self, queue: usize) -> Rearm {
+        // Waiting for its limits, a queue takes no kicks: its timer wakes the worker.
+        if self.device.shared.throttles.is_waiting(queue) {
+            return Rearm::Parked;
+        }
         match self.device.role(queue) {
             Some(QueueRole::Tx(p)) if self.full.get(p).copied().unwrap_or(false) => Rearm::Parked,
             Some(QueueRole::Tx(_) | QueueRole::ControlTx) => Rearm::Work,
@@ -630,6 +671,7 @@ impl VhostUserBackend for ConsoleDevice {
                     }
                 }
                 Some(Event::SizeCheck) => self.check_size(),
+                Some(Event::Timer(queue)) => self.shared.throttles.fired(queue),
                 Some(Event::Queue(queue)) => self.shared.core.services().kicked(queue),
                 Some(Event::Input(_) | Event::Output(_)) => {}
                 None => return Err(io::Error::other(format!("unknown event {device_event}"))),
@@ -664,6 +706,11 @@ impl crate::server::ServedDevice for ConsoleDevice {
     fn attach(&self, handlers: Vec<Arc<VringEpollHandler<Self>>>) -> io::Result<()> {
         let Some(handler) = handlers.first() else { return Ok(()) };
         *lock(&self.shared.handler) = Some(Arc::downgrade(handler));
+        for queue in 0..self.shared.num_queues {
+            if let Some((fd, event)) = self.shared.throttles.timer(queue) {
+                handler.register_listener(fd, EventSet::IN, event)?;
+            }
+        }
         let listeners: Vec<(usize, Option<i32>)> =
             self.shared.host.lock().iter().enumerate().map(|(p, port)| (p, port.listener_fd())).collect();
         for (p, fd) in listeners {

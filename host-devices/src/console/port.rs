@@ -119,6 +119,8 @@ pub struct HostPort {
     output: Option<File>,
     /// Guest output the host side has not taken yet, in order.
     pub pending: VecDeque<u8>,
+    /// Host input read but put back (it waits for the rate limits), delivered first.
+    unread: VecDeque<u8>,
     /// The pty's path, for `pty` ports.
     pub pty_path: Option<PathBuf>,
 }
@@ -176,6 +178,7 @@ impl HostPort {
             input: None,
             output: None,
             pending: VecDeque::new(),
+            unread: VecDeque::new(),
             pty_path: None,
         };
         match &spec.kind {
@@ -325,6 +328,13 @@ impl HostPort {
     /// Reads host input into `buf`: `Ok(Some(n))` with n > 0 bytes, `Ok(None)` when nothing
     /// is waiting, `Err` when the client went away (it is then disconnected).
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if !self.unread.is_empty() {
+            let n = buf.len().min(self.unread.len());
+            for (slot, byte) in buf.iter_mut().zip(self.unread.drain(..n)) {
+                *slot = byte;
+            }
+            return Ok(Some(n));
+        }
         let Some(input) = self.input.as_mut() else { return Ok(None) };
         match input.read(buf) {
             Ok(0) => {
@@ -342,6 +352,13 @@ impl HostPort {
                 self.disconnect();
                 Err(e)
             }
+        }
+    }
+
+    /// Puts `data`, read with [`HostPort::read`], back in front of the input still to come.
+    pub fn unread(&mut self, data: &[u8]) {
+        for byte in data.iter().rev() {
+            self.unread.push_front(*byte);
         }
     }
 

@@ -710,3 +710,40 @@ fn held_completions_are_published_when_due_or_when_the_ring_stops() {
     device.handle_event(2, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
     assert_eq!(used_idx(&mem, &queue), 2, "published once due");
 }
+
+/// A console port's output over its byte limit waits in its ring and reaches the port once
+/// the queue's timer says the tokens are back.
+#[test]
+fn console_output_over_its_limit_waits_for_the_tokens() {
+    use crate::services::{CONSOLE, DeviceServices, ServiceArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let host = Arc::new(ConsoleHost::new(vec![
+        HostPort::open(PortSpec { kind: PortKind::File(out.clone()), name: None }).unwrap(),
+    ]));
+    // 1000 bytes/s: the bucket holds 100 bytes, so one 60-byte chunk goes at once.
+    let args = ServiceArgs { limits: vec!["tx:bw=1000".into()], ..ServiceArgs::default() };
+    let services = DeviceServices::new(CONSOLE, 2, &args).unwrap();
+    let device = ConsoleDevice::with_services(host, Arc::new(Gates::new(1)), services.clone()).unwrap();
+    let (mem, atomic) = memory();
+    device.update_memory(atomic.clone()).unwrap();
+    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
+    mem.write_slice(&[b'a'; 60], GuestAddress(0x80_0000)).unwrap();
+    mem.write_slice(&[b'b'; 60], GuestAddress(0x80_1000)).unwrap();
+    let chains = [
+        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 60, 0, 0)),
+        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 60, 0, 0)),
+    ];
+    tx_mock.add_desc_chains(&chains, 0).unwrap();
+    let vrings = [rx.clone(), tx.clone()];
+    device.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), [b'a'; 60], "the second chunk waits");
+    assert_eq!(used_idx(&mem, &tx_mock), 1);
+    std::thread::sleep(Duration::from_millis(60));
+    // The transmit queue's timer: queues + 2 + ports x 3 + queue.
+    device.handle_event(2 + 2 + 3 + 1, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(used_idx(&mem, &tx_mock), 2);
+    assert_eq!(std::fs::read(&out).unwrap(), [[b'a'; 60], [b'b'; 60]].concat(), "in order, once the tokens were back");
+    assert_eq!(services.limits.throttled().0, 1);
+}

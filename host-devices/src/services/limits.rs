@@ -22,6 +22,8 @@ const BUCKET_SECONDS: f64 = 0.1;
 /// The slowest rate accepted (one per thousand seconds) and the fastest.
 const MIN_RATE: f64 = 0.001;
 const MAX_RATE: f64 = 1e15;
+/// The most queues with buckets of their own (more share the last ones).
+const MAX_QUEUES: usize = 64;
 /// The longest a request is told to wait at once (it is asked again then).
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
@@ -165,7 +167,6 @@ impl Bucket {
 /// One class's buckets.
 #[derive(Debug)]
 struct Limiter {
-    spec: LimitSpec,
     ops: Option<Bucket>,
     bytes: Option<Bucket>,
 }
@@ -173,7 +174,6 @@ struct Limiter {
 impl Limiter {
     fn new(spec: LimitSpec) -> Limiter {
         Limiter {
-            spec,
             ops: spec.ops.map(|rate| Bucket::new(rate, spec.ops_burst)),
             bytes: spec.bw.map(|rate| Bucket::new(rate, spec.bw_burst)),
         }
@@ -205,20 +205,40 @@ impl Limiter {
     }
 }
 
+/// One class's limits and its buckets: one for the device, or one per queue.
+struct Class {
+    spec: LimitSpec,
+    buckets: Vec<Limiter>,
+}
+
+impl Class {
+    /// The buckets of `key` (0, or a queue), made full the first time they are needed.
+    fn buckets(&mut self, key: usize) -> &mut Limiter {
+        while self.buckets.len() <= key {
+            self.buckets.push(Limiter::new(self.spec));
+        }
+        &mut self.buckets[key]
+    }
+}
+
 /// A device's limits.
 pub struct Limits {
     classes: &'static [&'static str],
-    limiters: Mutex<BTreeMap<String, Limiter>>,
+    /// Whether each queue has buckets of its own (a console's ports), or the device one set.
+    per_queue: bool,
+    limiters: Mutex<BTreeMap<String, Class>>,
     any: AtomicBool,
     throttled: AtomicU64,
     throttled_ns: AtomicU64,
 }
 
 impl Limits {
-    /// No limits, for a device whose classes are `classes` (none: it takes no limits).
-    pub fn new(classes: &'static [&'static str]) -> Limits {
+    /// No limits, for a device whose classes are `classes` (none: it takes no limits), with
+    /// buckets for each queue (`per_queue`) or for the whole device.
+    pub fn new(classes: &'static [&'static str], per_queue: bool) -> Limits {
         Limits {
             classes,
+            per_queue,
             limiters: Mutex::new(BTreeMap::new()),
             any: AtomicBool::new(false),
             throttled: AtomicU64::new(0),
@@ -241,7 +261,8 @@ impl Limits {
             spec.check()?;
         }
         let mut limiters = crate::lock(&self.limiters);
-        *limiters = specs.into_iter().map(|(class, spec)| (class, Limiter::new(spec))).collect();
+        *limiters =
+            specs.into_iter().map(|(class, spec)| (class, Class { spec, buckets: vec![Limiter::new(spec)] })).collect();
         self.any.store(!limiters.is_empty(), Relaxed);
         Ok(())
     }
@@ -250,7 +271,7 @@ impl Limits {
     pub fn to_json(&self) -> serde_json::Value {
         let classes: serde_json::Map<String, serde_json::Value> = crate::lock(&self.limiters)
             .iter()
-            .map(|(class, limiter)| (class.clone(), serde_json::to_value(limiter.spec).unwrap_or_default()))
+            .map(|(name, class)| (name.clone(), serde_json::to_value(class.spec).unwrap_or_default()))
             .collect();
         serde_json::json!({
             "limits": classes,
@@ -273,23 +294,22 @@ impl Limits {
         }
         let mut limiters = crate::lock(&self.limiters);
         // One refill for the batch: every work of it was taken at `now`.
-        limiters.values_mut().for_each(|limiter| limiter.refill(now));
+        limiters.values_mut().flat_map(|class| class.buckets.iter_mut()).for_each(|limiter| limiter.refill(now));
         for (index, work) in works.iter().enumerate() {
-            let applies = |class: &String| class == "all" || class == work.kind;
-            if !limiters.iter().all(|(class, limiter)| !applies(class) || limiter.ready(work.bytes)) {
-                let wait = limiters
-                    .iter()
-                    .filter(|(class, _)| applies(class))
-                    .map(|(_, limiter)| limiter.wait_for(work.bytes))
-                    .max()
-                    .unwrap_or(Duration::ZERO)
-                    .max(Duration::from_micros(1));
+            let key = if self.per_queue { work.queue.min(MAX_QUEUES) } else { 0 };
+            let applies = |name: &String| name == "all" || name == work.kind;
+            let mut wait = Duration::ZERO;
+            for (_, class) in limiters.iter_mut().filter(|(name, _)| applies(name)) {
+                let limiter = class.buckets(key);
+                if !limiter.ready(work.bytes) {
+                    wait = wait.max(limiter.wait_for(work.bytes).max(Duration::from_micros(1)));
+                }
+            }
+            if wait > Duration::ZERO {
                 return Some((index, wait));
             }
-            for (class, limiter) in limiters.iter_mut() {
-                if class == "all" || class == work.kind {
-                    limiter.take(work.bytes);
-                }
+            for (_, class) in limiters.iter_mut().filter(|(name, _)| applies(name)) {
+                class.buckets(key).take(work.bytes);
             }
         }
         None
@@ -319,7 +339,7 @@ mod tests {
     const BLK: &[&str] = &["all", "read", "write"];
 
     fn limits(specs: &[&str]) -> Limits {
-        let limits = Limits::new(BLK);
+        let limits = Limits::new(BLK, false);
         limits.set(specs.iter().map(|s| LimitSpec::parse(s).unwrap()).collect()).unwrap();
         limits
     }
@@ -347,12 +367,12 @@ mod tests {
         assert!(matches!(LimitSpec::parse("all:speed=5"), Err(LimitError::Syntax(_))));
         assert!(matches!(LimitSpec::parse("all:ops=-5"), Err(LimitError::Value { key: "ops", .. })));
         assert!(matches!(LimitSpec::parse("all:bw=fast"), Err(LimitError::Value { key: "bw", .. })));
-        let blk = Limits::new(BLK);
+        let blk = Limits::new(BLK, false);
         for spec in ["all:ops=0.0000001", "all:bw=1e300", "all:ops=5,ops_burst=1e18"] {
             let parsed = LimitSpec::parse(spec).map(|p| [p].into_iter().collect());
             assert!(parsed.is_err() || blk.set(parsed.unwrap()).is_err(), "{spec}");
         }
-        let net = Limits::new(&[]);
+        let net = Limits::new(&[], false);
         let refused = net.set([LimitSpec::parse("all:ops=5").unwrap()].into_iter().collect());
         assert!(matches!(refused, Err(LimitError::Class { .. })));
     }
@@ -365,6 +385,20 @@ mod tests {
         assert!((1_800_000..=2_600_000).contains(&bytes), "{bytes} bytes in 0.5 s at 4 MB/s");
         let other = admitted_in(&limits(&["write:bw=4M"]), Work::new(0, "read", 65536), 0.1);
         assert!(other > 1000, "reads are not limited by a write limit: {other}");
+    }
+
+    #[test]
+    fn per_queue_buckets_keep_one_queue_from_holding_another_back() {
+        let limits = Limits::new(&["tx"], true);
+        limits.set([LimitSpec::parse("tx:ops=10").unwrap()].into_iter().collect()).unwrap();
+        let on = |queue: usize| Work::new(queue, "tx", 1);
+        assert_eq!(limits.admit(&on(1)), None, "port 0's bucket holds one");
+        assert!(limits.admit(&on(1)).is_some(), "then port 0 waits");
+        assert_eq!(limits.admit(&on(5)), None, "port 1 has a bucket of its own");
+        let shared = Limits::new(&["tx"], false);
+        shared.set([LimitSpec::parse("tx:ops=10").unwrap()].into_iter().collect()).unwrap();
+        assert_eq!(shared.admit(&on(1)), None);
+        assert!(shared.admit(&on(5)).is_some(), "one bucket for the device");
     }
 
     #[test]

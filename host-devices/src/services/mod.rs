@@ -43,8 +43,8 @@ pub struct ServiceArgs {
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,
     /// K/M/G allowed; each key optional; ops are packets for net). Block classes: `all`,
-    /// `read`, `write`; net: `tx`, `rx`. Work over the limit waits (in its ring, or a received
-    /// frame in the backend); none is failed or dropped.
+    /// `read`, `write`; net: `tx`, `rx`; console: `tx`, `rx` (bytes per port). Work over the
+    /// limit waits (in its ring, or received data in the backend); none is failed or dropped.
     #[arg(long = "limit", value_name = "LIMIT")]
     pub limits: Vec<String>,
 }
@@ -112,6 +112,8 @@ pub struct DeviceKind {
     pub actions: &'static [Action],
     /// Its classes of rate limits (none: it takes no limits yet).
     pub limit_classes: &'static [&'static str],
+    /// Whether each queue has buckets of its own (a console's ports) instead of the device.
+    pub limits_per_queue: bool,
 }
 
 /// The block device.
@@ -120,6 +122,7 @@ pub const BLK: DeviceKind = DeviceKind {
     ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
     actions: &[Action::Ioerr, Action::Unsupp, Action::Torn(0), Action::Delay(0, 0)],
     limit_classes: &["all", "read", "write"],
+    limits_per_queue: false,
 };
 /// The net device.
 pub const NET: DeviceKind = DeviceKind {
@@ -127,13 +130,15 @@ pub const NET: DeviceKind = DeviceKind {
     ops: &["tx", "rx"],
     actions: &[Action::Drop, Action::Ioerr, Action::Corrupt, Action::Duplicate],
     limit_classes: &["tx", "rx"],
+    limits_per_queue: false,
 };
 /// The console device.
 pub const CONSOLE: DeviceKind = DeviceKind {
     name: "vhost-user-console",
     ops: &["tx", "rx"],
     actions: &[Action::Drop, Action::Ioerr],
-    limit_classes: &[],
+    limit_classes: &["tx", "rx"],
+    limits_per_queue: true,
 };
 
 /// One device process's services.
@@ -152,7 +157,7 @@ impl DeviceServices {
         let faults = Faults::new(kind.ops, kind.actions);
         let rules = args.faults.iter().map(|text| RuleSpec::parse(text)).collect::<Result<Vec<_>, _>>()?;
         faults.set(rules)?;
-        let limits = Limits::new(kind.limit_classes);
+        let limits = Limits::new(kind.limit_classes, kind.limits_per_queue);
         let specs = args.limits.iter().map(|text| LimitSpec::parse(text)).collect::<Result<_, _>>()?;
         limits.set(specs)?;
         Ok(Arc::new(DeviceServices { metrics: Metrics::new(kind.name, queues), faults, limits }))

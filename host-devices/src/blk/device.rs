@@ -323,13 +323,12 @@ impl BlkDevice {
         let services = self.shared.core.services();
         let started = started.or_else(|| services.is_active().then(Instant::now));
         let mut done = Vec::new();
-        let mut admitted = vec![Admitted::Plain; batch.len()];
+        // What the services made of each request (nothing to keep when none is active).
+        let mut admitted = Vec::new();
         if let Some(started) = started {
             services.taken(queue, batch.iter().filter(|parsed| parsed.result.is_ok()).count());
             done.reserve(batch.len());
-            for (parsed, admitted) in batch.iter_mut().zip(&mut admitted) {
-                *admitted = admit(services, queue, parsed, started, &mut done);
-            }
+            admitted = batch.iter_mut().map(|parsed| admit(services, queue, parsed, started, &mut done)).collect();
         }
         let mut ops = Vec::new();
         let mut op_of = vec![None; batch.len()];
@@ -374,12 +373,13 @@ impl BlkDevice {
                     })
                     .or_else(|| unsliceable[i].take());
                 // A torn write wrote its prefix; it fails all the same.
-                let torn = admitted[i] == Admitted::Torn;
+                let admission = admitted.get(i).copied().unwrap_or(Admitted::Plain);
+                let torn = admission == Admitted::Torn;
                 let rw = if torn { rw.map(|r| r.and(Err(io::Error::other("torn by a fault rule")))) } else { rw };
                 let before = done.len();
                 let len = self.finish(mem, queue, parsed, rw, started, &mut done);
                 // A held completion is reported when its used entry is published.
-                let held = match admitted[i] {
+                let held = match admission {
                     Admitted::Delayed(delay) => Some((delay, if done.len() > before { done.pop() } else { None })),
                     Admitted::Plain | Admitted::Torn => None,
                 };

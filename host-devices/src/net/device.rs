@@ -241,6 +241,7 @@ impl NetDevice {
         let mut used = UsedBatch::default();
         let copy = self.shared.side.needs_frame_bytes();
         let services = self.shared.core.services();
+        let limited = services.throttles();
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut popper = ring::Popper::new(tx_queue(pair));
         let throttles = &self.shared.throttles;
@@ -254,7 +255,7 @@ impl NetDevice {
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
                 Ok(frame) => {
                     let work = Work::new(tx_queue(pair), "tx", frame.frame_len as u64);
-                    if let Some(wait) = self.over_limit(&work) {
+                    if let Some(wait) = self.over_limit(limited, &work) {
                         // Back to the ring: sent when the tokens are back.
                         used.pop_last();
                         virtio_queue::QueueOwnedT::go_to_previous_position(vring.get_queue_mut());
@@ -282,20 +283,21 @@ impl NetDevice {
         popper.finish(count)
     }
 
-    /// How long `work` must wait for the rate limits (`None`: it may go, its tokens taken).
-    fn over_limit(&self, work: &Work) -> Option<std::time::Duration> {
-        let services = self.shared.core.services();
-        if !services.throttles() {
+    /// How long `work` must wait for the rate limits (`None`: it may go, its tokens taken);
+    /// `limited` is whether any limit is set (asked once per pass, not per frame).
+    fn over_limit(&self, limited: bool, work: &Work) -> Option<std::time::Duration> {
+        if !limited {
             return None;
         }
+        let services = self.shared.core.services();
         services.throttle(std::slice::from_ref(work), std::time::Instant::now()).map(|(_, wait)| wait)
     }
 
     /// Whether a frame received for pair `pair` must wait for the rate limits (its queue's
     /// timer is then set).
-    fn over_limit_rx(&self, pair: usize, frame: &Frame) -> io::Result<bool> {
+    fn over_limit_rx(&self, limited: bool, pair: usize, frame: &Frame) -> io::Result<bool> {
         let work = Work::new(rx_queue(pair), "rx", frame.data.len() as u64);
-        match self.over_limit(&work) {
+        match self.over_limit(limited, &work) {
             Some(wait) => self.shared.throttles.wait(rx_queue(pair), wait).map(|()| true),
             None => Ok(false),
         }
@@ -356,6 +358,7 @@ impl NetDevice {
         let (mut packets, mut bytes) = (0u64, 0u64);
         let inbox = self.inbox(pair);
         let services = self.shared.core.services();
+        let limited = services.throttles();
         let mut popper = ring::Popper::new(rx_queue(pair));
         loop {
             if self.shared.throttles.is_waiting(rx_queue(pair)) {
@@ -363,7 +366,7 @@ impl NetDevice {
             }
             // A held frame was prepared and admitted before it waited for buffers or tokens.
             let (frame, admission) = match state.held.take() {
-                Some(Held { frame, admission, blocked_at: None }) if self.over_limit_rx(pair, &frame)? => {
+                Some(Held { frame, admission, blocked_at: None }) if self.over_limit_rx(limited, pair, &frame)? => {
                     state.held = Some(Held { frame, admission, blocked_at: None });
                     break;
                 }
@@ -384,7 +387,7 @@ impl NetDevice {
                     if let Verdict::Corrupt(pick) = verdict_of(&admission) {
                         corrupt(&mut frame.data, pick);
                     }
-                    if self.over_limit_rx(pair, &frame)? {
+                    if self.over_limit_rx(limited, pair, &frame)? {
                         // Waits here, admitted, until the tokens are back.
                         state.held = Some(Held { frame, admission, blocked_at: None });
                         break;

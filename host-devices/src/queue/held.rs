@@ -11,6 +11,7 @@ use super::services::{Completion, QueueServices};
 use super::used::UsedBatch;
 use crate::lock;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestAddressSpace;
@@ -28,6 +29,8 @@ struct Held {
 /// The held entries of every queue of a connection, and each queue's ring (for the stop).
 pub struct HeldUsed {
     queues: Vec<Mutex<Vec<Held>>>,
+    /// How many entries each queue holds: a pass looks here, without a lock.
+    counts: Vec<AtomicUsize>,
     vrings: Vec<Mutex<Option<VringRwLock>>>,
 }
 
@@ -36,6 +39,7 @@ impl HeldUsed {
     pub fn new(queues: usize) -> HeldUsed {
         HeldUsed {
             queues: (0..queues).map(|_| Mutex::new(Vec::new())).collect(),
+            counts: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             vrings: (0..queues).map(|_| Mutex::new(None)).collect(),
         }
     }
@@ -52,7 +56,10 @@ impl HeldUsed {
         completion: Option<Completion>,
     ) {
         if let (Some(held), Some(slot)) = (self.queues.get(queue), self.vrings.get(queue)) {
-            lock(held).push(Held { due, head, len, completion });
+            let mut held = lock(held);
+            held.push(Held { due, head, len, completion });
+            self.counts[queue].store(held.len(), Ordering::Relaxed);
+            drop(held);
             lock(slot).get_or_insert_with(|| vring.clone());
         }
     }
@@ -60,11 +67,11 @@ impl HeldUsed {
     /// Moves queue `queue`'s entries due by `now` into `used`, in the order they were held,
     /// and reports their completions to `services`.
     pub fn take_due(&self, queue: usize, now: Instant, used: &mut UsedBatch, services: &dyn QueueServices) {
-        let Some(held) = self.queues.get(queue) else { return };
-        let mut held = lock(held);
-        if held.is_empty() {
+        if !self.holds(queue) {
             return;
         }
+        let Some(held) = self.queues.get(queue) else { return };
+        let mut held = lock(held);
         held.retain(|entry| {
             let due = entry.due <= now;
             if due {
@@ -75,17 +82,30 @@ impl HeldUsed {
             }
             !due
         });
+        self.counts[queue].store(held.len(), Ordering::Relaxed);
+    }
+
+    /// Whether queue `queue` holds any entry.
+    fn holds(&self, queue: usize) -> bool {
+        self.counts.get(queue).is_some_and(|count| count.load(Ordering::Relaxed) > 0)
     }
 
     /// When queue `queue`'s next held entry is due.
     pub fn next_due(&self, queue: usize) -> Option<Instant> {
+        if !self.holds(queue) {
+            return None;
+        }
         lock(self.queues.get(queue)?).iter().map(|entry| entry.due).min()
     }
 
     /// The frontend stops queue `queue`: every entry still held is published now.
     pub fn release_all(&self, queue: usize, memory: Option<Memory>, services: &dyn QueueServices, inflight: &Inflight) {
         let (Some(held), Some(slot)) = (self.queues.get(queue), self.vrings.get(queue)) else { return };
-        let entries = std::mem::take(&mut *lock(held));
+        let entries = {
+            let mut held = lock(held);
+            self.counts[queue].store(0, Ordering::Relaxed);
+            std::mem::take(&mut *held)
+        };
         let (Some(vring), Some(memory)) = (lock(slot).clone(), memory) else { return };
         if entries.is_empty() {
             return;

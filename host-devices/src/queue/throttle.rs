@@ -7,6 +7,7 @@ use crate::lock;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -29,6 +30,8 @@ pub struct Throttles {
     until: Vec<Mutex<Option<Instant>>>,
     /// When each queue's timer fires next.
     armed: Vec<Mutex<Option<Instant>>>,
+    /// Whether each queue's `until` is set: the hot paths look here, without a lock.
+    waiting: Vec<AtomicBool>,
     /// The event id of queue 0's timer (queue `q`'s is this plus `q`).
     first_event: u64,
 }
@@ -38,7 +41,8 @@ impl Throttles {
     pub fn new(queues: usize, first_event: u64) -> io::Result<Throttles> {
         let timers = (0..queues).map(|_| nonblocking_timer().map(Mutex::new)).collect::<io::Result<Vec<_>>>()?;
         let none = || (0..queues).map(|_| Mutex::new(None)).collect();
-        Ok(Throttles { timers, until: none(), armed: none(), first_event })
+        let waiting = (0..queues).map(|_| AtomicBool::new(false)).collect();
+        Ok(Throttles { timers, until: none(), armed: none(), waiting, first_event })
     }
 
     /// The timer of queue `queue`, with its event id, for the queue's worker to watch.
@@ -55,7 +59,7 @@ impl Throttles {
 
     /// Whether queue `queue` waits for its limits now.
     pub fn is_waiting(&self, queue: usize) -> bool {
-        self.until.get(queue).is_some_and(|until| lock(until).is_some_and(|t| t > Instant::now()))
+        self.until(queue).is_some_and(|t| t > Instant::now())
     }
 
     /// Queue `queue` waits `wait` from now: its timer is set to wake its worker then.
@@ -63,6 +67,9 @@ impl Throttles {
         let Some(until) = self.until.get(queue) else { return Ok(()) };
         let at = Instant::now() + wait;
         *lock(until) = Some(at);
+        if let Some(flag) = self.waiting.get(queue) {
+            flag.store(true, Ordering::Relaxed);
+        }
         self.wake_at(queue, at)
     }
 
@@ -82,6 +89,9 @@ impl Throttles {
 
     /// Until when queue `queue` waits for its limits.
     pub fn until(&self, queue: usize) -> Option<Instant> {
+        if !self.waiting.get(queue)?.load(Ordering::Relaxed) {
+            return None;
+        }
         self.until.get(queue).and_then(|until| *lock(until))
     }
 
@@ -98,6 +108,9 @@ impl Throttles {
         let mut until = lock(until);
         if until.is_some_and(|t| t <= Instant::now()) {
             *until = None;
+            if let Some(flag) = self.waiting.get(queue) {
+                flag.store(false, Ordering::Relaxed);
+            }
         }
     }
 }

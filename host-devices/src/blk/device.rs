@@ -516,7 +516,7 @@ fn admit(
     let work = work_of(queue, req);
     let refused = match services.admit(&work) {
         // Corruption and duplicates are for frames; a block device cannot be given them.
-        Verdict::Serve | Verdict::Corrupt(_) | Verdict::Duplicate => return Admitted::Plain,
+        Verdict::Serve | Verdict::Corrupt(_) | Verdict::Duplicate | Verdict::Reorder => return Admitted::Plain,
         Verdict::Delay(delay) => return Admitted::Delayed(delay),
         Verdict::Torn(bytes) if matches!(req.operation, Operation::Write { .. }) && bytes >= blk::SECTOR_SIZE => {
             keep_prefix(&mut req.data, bytes / blk::SECTOR_SIZE * blk::SECTOR_SIZE);

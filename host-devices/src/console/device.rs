@@ -4,15 +4,14 @@
 
 use super::control::{Control, PortInfo};
 use super::port::HostPort;
-use super::port::PENDING_LIMIT;
+use super::pumps::{MAX_RX_CHAIN, transmit_buffers};
 use crate::backend_channel::BackendChannel;
 use crate::lock;
-use crate::queue::services::{Work, admit, complete, is_served};
 use crate::queue::throttle::Throttles;
 use crate::queue::worker::PassContext;
 use crate::queue::{
-    ChainBuffers, ChainError, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm,
-    UsedBatch, WorkerQueue, ring,
+    ChainBuffers, DeviceCore, Gates, Memory, NoServices, PassError, QueueService, QueueServices, Rearm, UsedBatch,
+    WorkerQueue, ring,
 };
 use log::warn;
 use pvkit_protocol::console::{self, ConfigRepr, ConfigWrite, feature as cf, queue as cq};
@@ -22,22 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
 /// Largest control message accepted from the guest.
 const MAX_CONTROL_MESSAGE: usize = 4096;
-/// Largest piece of host input delivered into one receive buffer.
-const MAX_RX_CHUNK: usize = 64 * 1024;
-/// Most bytes one transmit chain may hold (Linux's driver sends at most 32 KiB a chain): its
-/// descriptors may all point at the same guest memory, so the chain is not bounded by the
-/// guest's memory. A longer chain is refused (counted), never copied.
-const MAX_TX_CHAIN: u64 = PENDING_LIMIT as u64;
-/// Most bytes one receive chain may offer (nothing is allocated for more than
-/// [`MAX_RX_CHUNK`]).
-const MAX_RX_CHAIN: u64 = 1 << 32;
-
 /// The ports' host sides, shared by every frontend connection of the process.
 pub struct ConsoleHost {
     ports: Mutex<Vec<HostPort>>,
@@ -72,6 +60,8 @@ impl ConsoleHost {
         loop {
             let mut ports = self.lock();
             let waiting = ports.iter_mut().map(|p| {
+                // Nothing is lost at exit: delayed output goes now.
+                p.release_delayed(None);
                 p.flush();
                 p.is_open() && !p.pending.is_empty()
             });
@@ -83,7 +73,7 @@ impl ConsoleHost {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<HostPort>> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Vec<HostPort>> {
         lock(&self.ports)
     }
 }
@@ -113,28 +103,28 @@ enum Event {
 /// How often the console's terminal size is checked (stdio and pty ports).
 const SIZE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-struct Shared {
-    core: DeviceCore,
-    host: Arc<ConsoleHost>,
-    port_count: usize,
-    num_queues: usize,
-    control: Mutex<Control>,
-    handler: Mutex<Option<Weak<VringEpollHandler<ConsoleDevice>>>>,
-    watching: Mutex<Vec<[bool; 3]>>,
+pub(super) struct Shared {
+    pub(super) core: DeviceCore,
+    pub(super) host: Arc<ConsoleHost>,
+    pub(super) port_count: usize,
+    pub(super) num_queues: usize,
+    pub(super) control: Mutex<Control>,
+    pub(super) handler: Mutex<Option<Weak<VringEpollHandler<ConsoleDevice>>>>,
+    pub(super) watching: Mutex<Vec<[bool; 3]>>,
     /// Chains refused on this connection.
-    refused: AtomicU64,
-    size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
-    last_size: Mutex<Option<(u16, u16)>>,
+    pub(super) refused: AtomicU64,
+    pub(super) size_timer: Mutex<Option<vmm_sys_util::timerfd::TimerFd>>,
+    pub(super) last_size: Mutex<Option<(u16, u16)>>,
     /// Each queue's wait for the rate limits.
-    throttles: Throttles,
+    pub(super) throttles: Throttles,
     /// Where configuration changes (a new terminal size) are announced to the frontend.
-    backend_channel: Arc<BackendChannel>,
+    pub(super) backend_channel: Arc<BackendChannel>,
 }
 
 /// The console device for one frontend connection; cheap to clone.
 #[derive(Clone)]
 pub struct ConsoleDevice {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl ConsoleDevice {
@@ -265,7 +255,7 @@ impl ConsoleDevice {
 
     /// Starts or stops watching one of a port's descriptors (kind 0 listener, 1 input
     /// readable, 2 output writable).
-    fn watch(&self, port: usize, kind: usize, fd: Option<i32>, want: bool) {
+    pub(super) fn watch(&self, port: usize, kind: usize, fd: Option<i32>, want: bool) {
         let mut watching = lock(&self.shared.watching);
         let Some(slot) = watching.get_mut(port).map(|w| &mut w[kind]) else { return };
         let Some(handler) = self.shared.handler.lock().ok().and_then(|h| h.as_ref().and_then(Weak::upgrade)) else {
@@ -292,164 +282,8 @@ impl ConsoleDevice {
         matches!(self.shared.host.lock().get_mut(p).map(|port| port.accept()), Some(Ok(true)))
     }
 
-    /// Takes guest output from port `p`'s transmit queue while the port has room for the next
-    /// chain, and passes it on to the host side. Returns how many chains were taken and
-    /// whether the port is full (its queue is parked until the host side drains).
-    pub(crate) fn pump_tx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> Result<(usize, bool), PassError> {
-        let queue = usize::from(cq::port_tx(p as u16));
-        let mut ports = self.shared.host.lock();
-        let Some(port) = ports.get_mut(p) else { return Ok((0, false)) };
-        let mut closed = port.flush();
-        let services = self.shared.core.services();
-        let (mut used, mut rewound, mut popper) = (UsedBatch::default(), false, ring::Popper::new(queue));
-        let (full, taken) = {
-            let mem = memory.memory();
-            let mut state = vring.get_mut();
-            let vq = state.get_queue_mut();
-            while port.has_room() && !self.shared.throttles.is_waiting(queue) {
-                let Some(chain) = popper.next(vq, &*mem) else { break };
-                let head = chain.head_index();
-                match transmit_buffers(chain, MAX_TX_CHAIN) {
-                    // Backpressure: the chain waits in the ring until the port has room for it.
-                    Ok(buffers) if !port.has_room_for(buffers.readable_len()) => {
-                        vq.go_to_previous_position();
-                        rewound = true;
-                        break;
-                    }
-                    Ok(buffers) if self.over_limit(queue, buffers.readable_len())? => {
-                        // Back to the ring until the port's tokens are back.
-                        vq.go_to_previous_position();
-                        break;
-                    }
-                    Ok(buffers) => {
-                        let admission = admit(services, Work::new(queue, "tx", buffers.readable_len()));
-                        let mut bytes = Vec::with_capacity(buffers.readable_len() as usize);
-                        let taken = if !is_served(&admission) {
-                            self.refused(&format_args!("port {p}: a service failed a transmit chain"));
-                            false
-                        } else if let Err(why) = buffers.read_all(&*mem, &mut bytes) {
-                            self.refused(&format_args!("port {p}: transmit chain dropped: {why}"));
-                            false
-                        } else {
-                            port.pending.extend(bytes);
-                            true
-                        };
-                        complete(services, admission, taken);
-                    }
-                    Err(why) => self.refused(&format_args!("port {p}: transmit chain dropped: {why}")),
-                }
-                used.push(head, 0);
-                closed |= port.flush();
-            }
-            // Full: chains wait that the port cannot take until its host side drains (which
-            // wakes the worker: output writable, or a client connecting).
-            let full = rewound || (!port.has_room() && ring::has_available(vq, &*mem));
-            let taken = used.len();
-            used.publish_and_release(state, vring, queue, &*mem, services)?;
-            (full, taken)
-        };
-        let (fd, want) = (port.output_fd(), !port.pending.is_empty());
-        drop(ports);
-        self.watch(p, 2, fd, want);
-        if closed {
-            self.host_side_closed(p);
-        }
-        popper.finish((taken, full))
-    }
-
-    /// Whether `bytes` of work on queue `queue` must wait for the rate limits (the queue's
-    /// timer is then set).
-    fn over_limit(&self, queue: usize, bytes: u64) -> io::Result<bool> {
-        let services = self.shared.core.services();
-        if !services.throttles() {
-            return Ok(false);
-        }
-        let transmit = matches!(cq::port_of(queue as u16), Some((_, true)));
-        let work = Work::new(queue, if transmit { "tx" } else { "rx" }, bytes);
-        match services.throttle(std::slice::from_ref(&work), std::time::Instant::now()) {
-            Some((_, wait)) => self.shared.throttles.wait(queue, wait).map(|()| true),
-            None => Ok(false),
-        }
-    }
-
-    /// Delivers host input for port `p` into the receive buffers the guest posted; stops
-    /// watching the input while the guest has none, so input waits on the host side.
-    pub(crate) fn pump_rx(&self, p: usize, vring: &VringRwLock, memory: &Memory) -> Result<usize, PassError> {
-        let queue = usize::from(cq::port_rx(p as u16));
-        let mut ports = self.shared.host.lock();
-        let Some(port) = ports.get_mut(p) else { return Ok(0) };
-        let services = self.shared.core.services();
-        let (mut used, mut closed, mut has_buffers) = (UsedBatch::default(), false, false);
-        let mut popper = ring::Popper::new(queue);
-        let mut failed_reads = 0;
-        let returned = {
-            let mem = memory.memory();
-            let mut state = vring.get_mut();
-            let vq = state.get_queue_mut();
-            while port.input_fd().is_some() && !self.shared.throttles.is_waiting(queue) {
-                let Some(chain) = popper.next(vq, &*mem) else { break };
-                let head = chain.head_index();
-                let buffers = ChainBuffers::collect(chain, MAX_RX_CHAIN).ok().filter(|b| b.writable_len() > 0);
-                let Some(buffers) = buffers else {
-                    self.refused(&format_args!("port {p}: receive chain without writable buffers dropped"));
-                    used.push(head, 0);
-                    continue;
-                };
-                let mut data = vec![0u8; (buffers.writable_len() as usize).min(MAX_RX_CHUNK)];
-                match port.read(&mut data) {
-                    Ok(Some(n)) if self.over_limit(queue, n as u64)? => {
-                        // The input waits in the port, ahead of the rest, for the tokens;
-                        // meanwhile the port's input is not watched.
-                        port.unread(&data[..n]);
-                        vq.go_to_previous_position();
-                        break;
-                    }
-                    Ok(Some(n)) => {
-                        let admission = admit(services, Work::new(queue, "rx", n as u64));
-                        if !is_served(&admission) {
-                            // The input is dropped; the chain waits for the next, in a later
-                            // pass once enough input was dropped in this one.
-                            self.refused(&format_args!("port {p}: a service failed {n} bytes of input"));
-                            complete(services, admission, false);
-                            vq.go_to_previous_position();
-                            failed_reads += 1;
-                            if failed_reads >= MAX_FAILED_READS_PER_PASS {
-                                has_buffers = true;
-                                break;
-                            }
-                            continue;
-                        }
-                        let written = buffers.write(&*mem, &data[..n], services);
-                        used.push(head, written as u32);
-                        complete(services, admission, true);
-                    }
-                    Ok(None) => {
-                        vq.go_to_previous_position();
-                        has_buffers = true;
-                        break;
-                    }
-                    Err(_) => {
-                        vq.go_to_previous_position();
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            let returned = used.len();
-            used.publish_and_release(state, vring, queue, &*mem, services)?;
-            returned
-        };
-        let fd = port.input_fd();
-        drop(ports);
-        self.watch(p, 1, fd, has_buffers);
-        if closed {
-            self.host_side_closed(p);
-        }
-        popper.finish(returned)
-    }
-
     /// Logs a refused chain (the first of each connection; the rest are counted).
-    fn refused(&self, what: &dyn std::fmt::Display) {
+    pub(super) fn refused(&self, what: &dyn std::fmt::Display) {
         if self.shared.refused.fetch_add(1, Ordering::Relaxed) == 0 {
             warn!("console: {what} (further refused chains are only counted)");
         }
@@ -460,7 +294,7 @@ impl ConsoleDevice {
         self.shared.refused.load(Ordering::Relaxed)
     }
 
-    fn host_side_closed(&self, p: usize) {
+    pub(super) fn host_side_closed(&self, p: usize) {
         lock(&self.shared.control).host_open_changed(p as u32, false);
         self.watch(p, 1, None, false);
         self.watch(p, 2, None, false);
@@ -534,9 +368,6 @@ impl ConsoleDevice {
     }
 }
 
-/// Host reads a pass drops for its services before it yields to the other queues.
-const MAX_FAILED_READS_PER_PASS: usize = 64;
-
 /// One pass over every queue of the console's one worker.
 struct ConsolePass<'a> {
     device: &'a ConsoleDevice,
@@ -586,12 +417,6 @@ impl QueueService for ConsolePass<'_> {
             _ => Rearm::KickOnly,
         }
     }
-}
-
-/// The readable buffers of a transmit chain, refused when it has writable ones or holds more
-/// than `cap` bytes.
-fn transmit_buffers(chain: DescriptorChain<&GuestMemoryMmap>, cap: u64) -> Result<ChainBuffers, ChainError> {
-    ChainBuffers::collect(chain, cap)?.readable_only()
 }
 
 impl VhostUserBackend for ConsoleDevice {

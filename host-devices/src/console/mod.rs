@@ -3,6 +3,7 @@
 pub mod control;
 pub mod device;
 pub mod port;
+mod pumps;
 #[cfg(test)]
 mod tests;
 

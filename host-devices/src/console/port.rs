@@ -11,6 +11,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Instant;
 
 /// Bytes of guest output a port holds while its host side cannot take them; past this the
 /// backend stops taking guest output from the queue (backpressure).
@@ -119,6 +120,11 @@ pub struct HostPort {
     output: Option<File>,
     /// Guest output the host side has not taken yet, in order.
     pub pending: VecDeque<u8>,
+    /// Guest output a fault rule delays, each piece with the time it joins `pending`, in
+    /// order (output that comes meanwhile waits behind it, so the stream keeps its order).
+    delayed: VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes in `delayed`.
+    delayed_bytes: usize,
     /// Host input read but put back (it waits for the rate limits), delivered first.
     unread: VecDeque<u8>,
     /// The pty's path, for `pty` ports.
@@ -178,6 +184,8 @@ impl HostPort {
             input: None,
             output: None,
             pending: VecDeque::new(),
+            delayed: VecDeque::new(),
+            delayed_bytes: 0,
             unread: VecDeque::new(),
             pty_path: None,
         };
@@ -241,13 +249,52 @@ impl HostPort {
 
     /// Whether the port can take more guest output into its buffer.
     pub fn has_room(&self) -> bool {
-        self.pending.len() < PENDING_LIMIT
+        self.held_bytes() < PENDING_LIMIT
     }
 
     /// Whether `bytes` more fit in what the port holds (always, when it holds nothing, so a
     /// chain no larger than the limit is never refused for good).
     pub fn has_room_for(&self, bytes: u64) -> bool {
-        self.pending.is_empty() || self.pending.len() as u64 + bytes <= PENDING_LIMIT as u64
+        self.held_bytes() == 0 || self.held_bytes() as u64 + bytes <= PENDING_LIMIT as u64
+    }
+
+    /// Guest output held, delayed or waiting for the host side.
+    fn held_bytes(&self) -> usize {
+        self.pending.len() + self.delayed_bytes
+    }
+
+    /// Takes guest output: it waits for the host side, behind any delayed output.
+    pub fn queue_output(&mut self, bytes: Vec<u8>) {
+        match self.delayed.back() {
+            Some(&(last, _)) => self.delay_output(bytes, last),
+            None => self.pending.extend(bytes),
+        }
+    }
+
+    /// Takes guest output that a fault rule delays until `due` (or until the output before it
+    /// goes, if that is later).
+    pub fn delay_output(&mut self, bytes: Vec<u8>, due: Instant) {
+        let due = self.delayed.back().map_or(due, |&(last, _)| due.max(last));
+        self.delayed_bytes += bytes.len();
+        self.delayed.push_back((due, bytes));
+    }
+
+    /// When the next delayed output is due.
+    pub fn next_delayed(&self) -> Option<Instant> {
+        self.delayed.front().map(|&(due, _)| due)
+    }
+
+    /// Moves the delayed output due by `now` (all of it for `None`) to the output waiting for
+    /// the host side.
+    pub fn release_delayed(&mut self, now: Option<Instant>) {
+        while let Some(&(due, _)) = self.delayed.front()
+            && now.is_none_or(|now| due <= now)
+        {
+            if let Some((_, bytes)) = self.delayed.pop_front() {
+                self.delayed_bytes -= bytes.len();
+                self.pending.extend(bytes);
+            }
+        }
     }
 
     /// Accepts a waiting client on a listening port. A second client while one is connected
@@ -307,6 +354,9 @@ impl HostPort {
     /// Writes as much waiting output as the host side takes now. Returns true when the
     /// client went away.
     pub fn flush(&mut self) -> bool {
+        if !self.delayed.is_empty() {
+            self.release_delayed(Some(Instant::now()));
+        }
         while !self.pending.is_empty() {
             let Some(out) = self.output.as_mut() else { return false };
             let (front, _) = self.pending.as_slices();

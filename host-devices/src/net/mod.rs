@@ -1,7 +1,9 @@
 //! The `vhost-user-net` backend: options, and running it.
 
+pub mod delay;
 pub mod device;
 pub mod frame;
+mod pass;
 pub mod rings;
 pub mod side;
 pub mod stats;

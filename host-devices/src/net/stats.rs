@@ -25,11 +25,13 @@ pub enum DropReason {
     NoDestination,
     /// An attached service (fault injection) failed the frame on purpose.
     FailedByService,
+    /// A frame a fault rule delays or reorders found its direction's delay line full.
+    DelayLineFull,
 }
 
 impl DropReason {
     /// Every reason, in the order the summary prints them.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::ShortChain,
         DropReason::BadHeader,
         DropReason::TooLong,
@@ -39,6 +41,7 @@ impl DropReason {
         DropReason::TapWrite,
         DropReason::NoDestination,
         DropReason::FailedByService,
+        DropReason::DelayLineFull,
     ];
 
     /// A short name for logs and the summary.
@@ -53,6 +56,7 @@ impl DropReason {
             DropReason::TapWrite => "tap-write",
             DropReason::NoDestination => "no-destination",
             DropReason::FailedByService => "failed-by-service",
+            DropReason::DelayLineFull => "delay-line-full",
         }
     }
 }

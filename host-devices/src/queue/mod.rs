@@ -40,6 +40,8 @@ pub mod resubmit;
 pub mod ring;
 pub mod services;
 #[cfg(test)]
+mod services_tests;
+#[cfg(test)]
 mod tests;
 pub mod throttle;
 pub mod used;

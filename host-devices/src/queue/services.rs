@@ -50,14 +50,16 @@ pub enum Verdict {
     /// A block write: serve only its first this many bytes (whole sectors), then fail it
     /// with IOERR; anything else as by `Fail`.
     Torn(u64),
-    /// A block request: serve it, but complete it no sooner than this long after it was
-    /// taken (others: serve).
+    /// Serve it, but let it take effect this long from now: a block request completes then, a
+    /// frame leaves then, console output reaches its port then.
     Delay(std::time::Duration),
-    /// A received frame: deliver it with one byte after its Ethernet header inverted, the one
-    /// this number picks (others: serve).
+    /// A frame: pass it on with one byte after its Ethernet header inverted, the one this
+    /// number picks (others: serve).
     Corrupt(u64),
-    /// A received frame: deliver it twice (others: serve).
+    /// A frame: pass it on twice (others: serve).
     Duplicate,
+    /// A frame: pass it on after the next frame in its direction (others: serve).
+    Reorder,
 }
 
 /// A completed request or frame.
@@ -144,7 +146,10 @@ pub fn admit(services: &dyn QueueServices, work: Work) -> Option<Admission> {
     services.taken(work.queue, 1);
     // Delays, corruption and duplicates are for the device to enact on work it serves.
     let verdict = services.admit(&work);
-    let served = matches!(verdict, Verdict::Serve | Verdict::Delay(_) | Verdict::Corrupt(_) | Verdict::Duplicate);
+    let served = matches!(
+        verdict,
+        Verdict::Serve | Verdict::Delay(_) | Verdict::Corrupt(_) | Verdict::Duplicate | Verdict::Reorder
+    );
     Some(Admission { work, started: Instant::now(), served, verdict })
 }
 

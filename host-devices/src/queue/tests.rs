@@ -24,9 +24,9 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-const RING_SIZE: u16 = 16;
+pub(super) const RING_SIZE: u16 = 16;
 
-fn memory() -> (GuestMemoryMmap, Memory) {
+pub(super) fn memory() -> (GuestMemoryMmap, Memory) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
     let atomic = GuestMemoryAtomic::new(mem.clone());
     (mem, atomic)
@@ -34,7 +34,7 @@ fn memory() -> (GuestMemoryMmap, Memory) {
 
 /// A ring at `base` (a mock split queue), as the library's vring for it: set up, ready and
 /// enabled.
-fn ring<'a>(
+pub(super) fn ring<'a>(
     mem: &'a GuestMemoryMmap,
     atomic: &Memory,
     base: u64,
@@ -52,13 +52,13 @@ fn break_ring(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>)
     mem.write_obj(1000u16, mock.avail_addr().unchecked_add(2)).unwrap();
 }
 
-fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
+pub(super) fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
     mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap()
 }
 
 /// Posts a block read of `len` bytes from sector 0 on `mock`: its header at 0x80_0000, its data
 /// at 0x80_1000, its status byte at `status`.
-fn post_read(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>, len: u32, status: u64) {
+pub(super) fn post_read(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>, len: u32, status: u64) {
     let mut header = [0u8; 16];
     RequestHeaderRepr { request_type: RequestType::In, ioprio: 0, sector: 0 }.emit(&mut header).unwrap();
     mem.write_slice(&header, GuestAddress(0x80_0000)).unwrap();
@@ -72,7 +72,7 @@ fn post_read(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>, 
 
 /// Writes a 60-byte frame behind a zeroed 12-byte header at `at` and returns the transmit
 /// descriptor for it.
-fn post_frame(mem: &GuestMemoryMmap, at: u64) -> RawDescriptor {
+pub(super) fn post_frame(mem: &GuestMemoryMmap, at: u64) -> RawDescriptor {
     let mut frame = vec![0u8; 12 + 60];
     frame[12..18].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
     frame[24..26].copy_from_slice(&[0x08, 0x00]);
@@ -93,7 +93,7 @@ fn logging_on(core: &crate::queue::DeviceCore) -> std::fs::File {
 
 /// Runs `f` on a thread and fails the test if it does not return within five seconds (a
 /// worker spinning on a broken ring never returns).
-fn within_five_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) fn within_five_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(f());
@@ -571,179 +571,4 @@ fn a_new_call_descriptor_gets_one_signal() {
     assert_eq!(second.read().unwrap(), 1, "the new call descriptor is signalled once");
     device.handle_event(0, EventSet::IN, &[vring], 0).unwrap();
     assert!(second.read().is_err(), "and only once");
-}
-
-/// Fault rules on received frames: `corrupt` inverts exactly one byte after the Ethernet
-/// header, `duplicate` delivers the frame twice.
-#[test]
-fn received_frames_are_corrupted_or_duplicated_by_their_rules() {
-    use crate::services::{DeviceServices, NET, ServiceArgs, faults::RuleSpec};
-    let (mem, atomic) = memory();
-    let args = ServiceArgs { faults: vec!["op=rx,seed=5,action=corrupt".into()], ..ServiceArgs::default() };
-    let services = DeviceServices::new(NET, 2, &args).unwrap();
-    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
-    let device = NetDevice::with_services(
-        options,
-        NetworkSide::Loopback,
-        Arc::new(NetStats::default()),
-        Arc::new(Gates::new(1)),
-        services.clone(),
-    )
-    .unwrap();
-    device.acked_features(device.features());
-    device.update_memory(atomic.clone()).unwrap();
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
-    rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000), receive(0x90_2000)], 0).unwrap();
-    let send = post_frame(&mem, 0x80_0000);
-    let mut sent = vec![0u8; 72];
-    mem.read_slice(&mut sent, GuestAddress(0x80_0000)).unwrap();
-    let frame_at = |at: u64| {
-        let mut got = vec![0u8; 72];
-        mem.read_slice(&mut got, GuestAddress(at)).unwrap();
-        got
-    };
-    tx_mock.add_desc_chains(&[send], 0).unwrap();
-    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
-    device.handle_event(0, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
-    let got = frame_at(0x90_0000);
-    let differing: Vec<usize> = (12..72).filter(|&i| got[i] != sent[i]).collect();
-    assert_eq!(differing.len(), 1, "one byte inverted: {differing:?}");
-    assert!(differing[0] >= 12 + 14, "after the Ethernet header: {differing:?}");
-    assert_eq!(got[differing[0]], !sent[differing[0]]);
-
-    services.faults.set(vec![RuleSpec::parse("op=rx,action=duplicate").unwrap()]).unwrap();
-    tx_mock.add_desc_chains(&[send], 1).unwrap();
-    device.handle_event(1, EventSet::IN, &[rx.clone(), tx.clone()], 0).unwrap();
-    device.handle_event(0, EventSet::IN, &[rx.clone(), tx], 0).unwrap();
-    assert_eq!(used_idx(&mem, &rx_mock), 3, "the second frame arrived twice");
-    assert_eq!(frame_at(0x90_1000)[12..], sent[12..]);
-    assert_eq!(frame_at(0x90_2000)[12..], sent[12..]);
-}
-
-/// Rate limits on a net device: a transmitted frame over the limit goes back to its ring and
-/// leaves when the queue's timer says the tokens are back; a received one waits in the backend.
-#[test]
-fn net_limits_hold_frames_back_until_the_tokens_are_back() {
-    use crate::services::{DeviceServices, NET, ServiceArgs};
-    let (mem, atomic) = memory();
-    // Buckets hold a tenth of a second: one frame each way, then one per 100 ms.
-    let args = ServiceArgs { limits: vec!["tx:ops=10".into(), "rx:ops=10".into()], ..ServiceArgs::default() };
-    let services = DeviceServices::new(NET, 2, &args).unwrap();
-    let options = NetOptions { pairs: 1, queue_size: 256, mac: [2, 0, 0, 0, 0, 1], mtu: 1500, poll_us: 0 };
-    let stats = Arc::new(NetStats::default());
-    let device =
-        NetDevice::with_services(options, NetworkSide::Loopback, stats, Arc::new(Gates::new(1)), services.clone())
-            .unwrap();
-    device.acked_features(device.features());
-    device.update_memory(atomic.clone()).unwrap();
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    let receive = |at: u64| RawDescriptor::from(SplitDescriptor::new(at, 2048, WRITE, 0));
-    rx_mock.add_desc_chains(&[receive(0x90_0000), receive(0x90_1000), receive(0x90_2000)], 0).unwrap();
-    let send = post_frame(&mem, 0x80_0000);
-    tx_mock.add_desc_chains(&[send], 0).unwrap();
-    tx_mock.add_desc_chains(&[send], 1).unwrap();
-    let vrings = [rx.clone(), tx.clone()];
-    device.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
-    assert_eq!(used_idx(&mem, &tx_mock), 1, "the second frame waits in the ring");
-    assert_eq!(virtio_queue::QueueT::next_avail(tx.get_ref().get_queue()), 1, "put back");
-    assert_eq!((used_idx(&mem, &rx_mock), services.limits.throttled().0), (1, 1));
-    // The transmit queue's timer (event: queues + 3 + queue 1) fires after 100 ms.
-    std::thread::sleep(Duration::from_millis(120));
-    device.handle_event(2 + 3 + 1, EventSet::IN, &vrings, 0).unwrap();
-    assert_eq!(used_idx(&mem, &tx_mock), 2, "sent once the tokens were back");
-    // Its looped-back copy may wait for the receive queue's tokens, then arrives.
-    std::thread::sleep(Duration::from_millis(120));
-    device.handle_event(2 + 3, EventSet::IN, &vrings, 0).unwrap();
-    assert_eq!(used_idx(&mem, &rx_mock), 2, "received once the tokens were back");
-    assert!(services.limits.throttled().0 >= 1);
-}
-
-/// A completion a delay rule holds: not published by the pass that served the request, but at
-/// once when the frontend stops the ring (GET_VRING_BASE), so the index it is told counts no
-/// request taken and not completed; and by the pass after its time otherwise.
-#[test]
-fn held_completions_are_published_when_due_or_when_the_ring_stops() {
-    use crate::services::{BLK, DeviceServices, ServiceArgs};
-    let (mem, atomic) = memory();
-    let args = ServiceArgs { faults: vec!["op=read,action=delay:60000".into()], ..ServiceArgs::default() };
-    let services = DeviceServices::new(BLK, 1, &args).unwrap();
-    let options = BlkOptions {
-        num_queues: 1,
-        queue_size: 256,
-        serial: "held".into(),
-        logical_block_size: 512,
-        read_only: false,
-        poll_us: 0,
-    };
-    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
-    let device = BlkDevice::with_services(
-        Arc::new(engine),
-        options,
-        Arc::new(Stats::default()),
-        Arc::new(Gates::new(1)),
-        services.clone(),
-    )
-    .unwrap();
-    device.update_memory(atomic.clone()).unwrap();
-    let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
-    post_read(&mem, &queue, 512, 0x80_2000);
-    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x80_2000)).unwrap(), 0, "served: its status is written");
-    assert_eq!(used_idx(&mem, &queue), 0, "but its completion is held for a minute");
-    assert_eq!(services.metrics.queue(0).unwrap().in_flight(), 1);
-    device.stop_vring(0).unwrap();
-    assert_eq!(used_idx(&mem, &queue), 1, "published when the frontend stops the ring");
-    assert_eq!(services.metrics.queue(0).unwrap().in_flight(), 0);
-
-    // A short delay: published by the pass after its time.
-    services.faults.set(vec![crate::services::faults::RuleSpec::parse("op=read,action=delay:50").unwrap()]).unwrap();
-    vring.set_queue_ready(true);
-    mem.write_obj(0xffu8, GuestAddress(0x80_2000)).unwrap();
-    post_read(&mem, &queue, 512, 0x80_2000);
-    device.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
-    assert_eq!(used_idx(&mem, &queue), 1, "held");
-    std::thread::sleep(Duration::from_millis(80));
-    // The queue's timer event (queues + 1 + queue).
-    device.handle_event(2, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
-    assert_eq!(used_idx(&mem, &queue), 2, "published once due");
-}
-
-/// A console port's output over its byte limit waits in its ring and reaches the port once
-/// the queue's timer says the tokens are back.
-#[test]
-fn console_output_over_its_limit_waits_for_the_tokens() {
-    use crate::services::{CONSOLE, DeviceServices, ServiceArgs};
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let host = Arc::new(ConsoleHost::new(vec![
-        HostPort::open(PortSpec { kind: PortKind::File(out.clone()), name: None }).unwrap(),
-    ]));
-    // 1000 bytes/s: the bucket holds 100 bytes, so one 60-byte chunk goes at once.
-    let args = ServiceArgs { limits: vec!["tx:bw=1000".into()], ..ServiceArgs::default() };
-    let services = DeviceServices::new(CONSOLE, 2, &args).unwrap();
-    let device = ConsoleDevice::with_services(host, Arc::new(Gates::new(1)), services.clone()).unwrap();
-    let (mem, atomic) = memory();
-    device.update_memory(atomic.clone()).unwrap();
-    let (_rx, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    mem.write_slice(&[b'a'; 60], GuestAddress(0x80_0000)).unwrap();
-    mem.write_slice(&[b'b'; 60], GuestAddress(0x80_1000)).unwrap();
-    let chains = [
-        RawDescriptor::from(SplitDescriptor::new(0x80_0000, 60, 0, 0)),
-        RawDescriptor::from(SplitDescriptor::new(0x80_1000, 60, 0, 0)),
-    ];
-    tx_mock.add_desc_chains(&chains, 0).unwrap();
-    let vrings = [rx.clone(), tx.clone()];
-    device.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
-    assert_eq!(std::fs::read(&out).unwrap(), [b'a'; 60], "the second chunk waits");
-    assert_eq!(used_idx(&mem, &tx_mock), 1);
-    std::thread::sleep(Duration::from_millis(60));
-    // The transmit queue's timer: queues + 2 + ports x 3 + queue.
-    device.handle_event(2 + 2 + 3 + 1, EventSet::IN, &vrings, 0).unwrap();
-    assert_eq!(used_idx(&mem, &tx_mock), 2);
-    assert_eq!(std::fs::read(&out).unwrap(), [[b'a'; 60], [b'b'; 60]].concat(), "in order, once the tokens were back");
-    assert_eq!(services.limits.throttled().0, 1);
 }

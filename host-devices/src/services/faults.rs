@@ -6,8 +6,10 @@
 //! `probability:P` drawn from a generator seeded with `seed`) and an action: `ioerr` (the
 //! request completes with VIRTIO_BLK_S_IOERR; a frame or chunk is dropped), `unsupp` (block:
 //! VIRTIO_BLK_S_UNSUPP), `torn:BYTES` (block writes: only that prefix, in whole sectors,
-//! reaches the disk, then IOERR) or `drop` (net, console). Rules are tried in order; the first that
-//! matches and triggers acts. Each rule counts what it matched and injected. The same rules
+//! reaches the disk, then IOERR), `delay:MS[-MS]` (block: the completion; net: the frame, as
+//! netem's delay with jitter; console: the output), `reorder` (net: the frame goes after the
+//! next one), `corrupt` and `duplicate` (net) or `drop` (net, console). Rules are tried in
+//! order; the first that matches and triggers acts. Each rule counts what it matched and injected. The same rules
 //! and seeds on the same sequence of requests inject the same faults.
 //!
 //! On the command line a rule is `key=value` pairs separated by commas
@@ -74,14 +76,19 @@ pub enum Action {
     /// Block writes: only the first this many bytes (whole sectors) reach the disk, then the
     /// request completes with VIRTIO_BLK_S_IOERR (other requests: as `ioerr`).
     Torn(u64),
-    /// Block: the request is served, but completes only after a delay drawn uniformly between
-    /// these milliseconds (equal: a fixed delay), from the rule's seeded generator.
+    /// A delay drawn uniformly between these milliseconds (equal: a fixed delay), from the
+    /// rule's seeded generator. Block: the request is served but completes only after it. Net:
+    /// the frame leaves after it (frames whose delays cross are reordered, as by netem's
+    /// jitter). Console (output only): the output reaches the port after it, in order.
     Delay(u64, u64),
-    /// Net, received frames: one byte after the Ethernet header is inverted (which one, from
-    /// the rule's generator).
+    /// Net: one byte after the Ethernet header is inverted (which one, from the rule's
+    /// generator).
     Corrupt,
-    /// Net, received frames: delivered twice.
+    /// Net: the frame goes out twice.
     Duplicate,
+    /// Net: the frame is held until the next frame in its direction has gone past it (10 ms at
+    /// most).
+    Reorder,
 }
 
 /// The longest delay a rule may add (a guest's own timeouts are shorter).
@@ -139,6 +146,7 @@ impl RuleSpec {
                         "drop" => Action::Drop,
                         "corrupt" => Action::Corrupt,
                         "duplicate" => Action::Duplicate,
+                        "reorder" => Action::Reorder,
                         torn if torn.starts_with("torn:") => Action::Torn(
                             torn["torn:".len()..].parse().map_err(|_| bad("action", value, "is not torn:BYTES"))?,
                         ),
@@ -147,7 +155,7 @@ impl RuleSpec {
                             return Err(bad(
                                 "action",
                                 value,
-                                "is not ioerr, unsupp, drop, torn:BYTES or delay:MS[-MS]",
+                                "is not ioerr, unsupp, drop, torn:BYTES, delay:MS[-MS], corrupt, duplicate or reorder",
                             ));
                         }
                     })
@@ -160,8 +168,8 @@ impl RuleSpec {
     }
 
     /// Checks the rule against a device whose operations are `ops` and whose actions are
-    /// `actions`.
-    pub fn check(&self, ops: &[&str], actions: &[Action]) -> Result<(), FaultError> {
+    /// `actions`, of which those in `output_only` apply only to `op=tx`.
+    pub fn check(&self, ops: &[&str], actions: &[Action], output_only: &[Action]) -> Result<(), FaultError> {
         if self.op != "any" && !ops.contains(&self.op.as_str()) {
             return Err(bad("op", &self.op, &format!("is not one of any, {}", ops.join(", "))));
         }
@@ -184,8 +192,12 @@ impl RuleSpec {
             return Err(bad("action", &format!("delay:{low}-{high}"), &why));
         }
         let kind = |action: &Action| std::mem::discriminant(action);
+        let name = || format!("{:?}", self.action).to_lowercase();
         if !actions.iter().any(|a| kind(a) == kind(&self.action)) {
-            return Err(bad("action", &format!("{:?}", self.action).to_lowercase(), "does not apply to this device"));
+            return Err(bad("action", &name(), "does not apply to this device"));
+        }
+        if self.op != "tx" && output_only.iter().any(|a| kind(a) == kind(&self.action)) {
+            return Err(bad("action", &name(), "applies to this device's output only (op=tx)"));
         }
         Ok(())
     }
@@ -269,6 +281,7 @@ impl Rule {
 pub struct Faults {
     ops: &'static [&'static str],
     actions: &'static [Action],
+    output_only: &'static [Action],
     rules: RwLock<Vec<Rule>>,
     any: AtomicBool,
 }
@@ -276,7 +289,12 @@ pub struct Faults {
 impl Faults {
     /// No rules, for a device whose operations are `ops` and that can take `actions`.
     pub fn new(ops: &'static [&'static str], actions: &'static [Action]) -> Faults {
-        Faults { ops, actions, rules: RwLock::new(Vec::new()), any: AtomicBool::new(false) }
+        Faults { ops, actions, output_only: &[], rules: RwLock::new(Vec::new()), any: AtomicBool::new(false) }
+    }
+
+    /// The same, where the actions `output_only` apply only to `op=tx`.
+    pub fn with_output_only(self, output_only: &'static [Action]) -> Faults {
+        Faults { output_only, ..self }
     }
 
     /// Replaces every rule with `specs`, after checking them all (nothing changes on an
@@ -286,7 +304,7 @@ impl Faults {
             return Err(FaultError::TooMany(specs.len()));
         }
         for spec in &specs {
-            spec.check(self.ops, self.actions)?;
+            spec.check(self.ops, self.actions, self.output_only)?;
         }
         let mut rules = crate::write(&self.rules);
         *rules = specs.into_iter().map(Rule::new).collect();
@@ -312,6 +330,7 @@ impl Faults {
                     }
                     Action::Corrupt => Verdict::Corrupt(rule.draw()),
                     Action::Duplicate => Verdict::Duplicate,
+                    Action::Reorder => Verdict::Reorder,
                     Action::Ioerr | Action::Drop => Verdict::Fail,
                 };
             }
@@ -367,7 +386,7 @@ mod tests {
                 action: Action::Unsupp
             }
         );
-        assert_eq!(rule.check(BLK_OPS, BLK_ACTIONS), Ok(()));
+        assert_eq!(rule.check(BLK_OPS, BLK_ACTIONS, &[]), Ok(()));
         assert_eq!(RuleSpec::parse("op=read"), Err(FaultError::NoAction));
         assert!(matches!(RuleSpec::parse("colour=red,action=ioerr"), Err(FaultError::BadPair(_))));
         assert!(matches!(
@@ -375,21 +394,21 @@ mod tests {
             Err(FaultError::BadValue { key: "trigger", .. })
         ));
         assert!(matches!(RuleSpec::parse("sectors=9,action=ioerr"), Err(FaultError::BadValue { key: "sectors", .. })));
-        let bad_op = RuleSpec::parse("op=fly,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        let bad_op = RuleSpec::parse("op=fly,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS, &[]);
         assert!(matches!(bad_op, Err(FaultError::BadValue { key: "op", .. })));
-        let empty = RuleSpec::parse("sectors=5-5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        let empty = RuleSpec::parse("sectors=5-5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS, &[]);
         assert!(matches!(empty, Err(FaultError::BadValue { key: "sectors", .. })));
         let torn = RuleSpec::parse("op=write,action=torn:4096").unwrap();
-        assert_eq!((torn.action, torn.check(BLK_OPS, BLK_ACTIONS)), (Action::Torn(4096), Ok(())));
+        assert_eq!((torn.action, torn.check(BLK_OPS, BLK_ACTIONS, &[])), (Action::Torn(4096), Ok(())));
         assert!(matches!(RuleSpec::parse("action=torn:half"), Err(FaultError::BadValue { key: "action", .. })));
         assert_eq!(RuleSpec::parse("action=delay:5").unwrap().action, Action::Delay(5, 5));
         let spread = RuleSpec::parse("action=delay:5-20").unwrap();
-        assert_eq!((spread.action, spread.check(BLK_OPS, BLK_ACTIONS)), (Action::Delay(5, 20), Ok(())));
-        let backwards = RuleSpec::parse("action=delay:20-5").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        assert_eq!((spread.action, spread.check(BLK_OPS, BLK_ACTIONS, &[])), (Action::Delay(5, 20), Ok(())));
+        let backwards = RuleSpec::parse("action=delay:20-5").unwrap().check(BLK_OPS, BLK_ACTIONS, &[]);
         assert!(matches!(backwards, Err(FaultError::BadValue { key: "action", .. })));
-        let drop = RuleSpec::parse("action=drop").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        let drop = RuleSpec::parse("action=drop").unwrap().check(BLK_OPS, BLK_ACTIONS, &[]);
         assert!(matches!(drop, Err(FaultError::BadValue { key: "action", .. })));
-        let odds = RuleSpec::parse("trigger=probability:1.5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS);
+        let odds = RuleSpec::parse("trigger=probability:1.5,action=ioerr").unwrap().check(BLK_OPS, BLK_ACTIONS, &[]);
         assert!(matches!(odds, Err(FaultError::BadValue { key: "trigger", .. })));
     }
 

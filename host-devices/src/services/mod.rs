@@ -110,6 +110,8 @@ pub struct DeviceKind {
     pub ops: &'static [&'static str],
     /// The fault actions it can take.
     pub actions: &'static [Action],
+    /// Those of them that apply only to its output (`op=tx`).
+    pub output_only: &'static [Action],
     /// Its classes of rate limits (none: it takes no limits yet).
     pub limit_classes: &'static [&'static str],
     /// Whether each queue has buckets of its own (a console's ports) instead of the device.
@@ -121,6 +123,7 @@ pub const BLK: DeviceKind = DeviceKind {
     name: "vhost-user-blk",
     ops: &["read", "write", "flush", "get-id", "discard", "write-zeroes"],
     actions: &[Action::Ioerr, Action::Unsupp, Action::Torn(0), Action::Delay(0, 0)],
+    output_only: &[],
     limit_classes: &["all", "read", "write"],
     limits_per_queue: false,
 };
@@ -128,7 +131,8 @@ pub const BLK: DeviceKind = DeviceKind {
 pub const NET: DeviceKind = DeviceKind {
     name: "vhost-user-net",
     ops: &["tx", "rx"],
-    actions: &[Action::Drop, Action::Ioerr, Action::Corrupt, Action::Duplicate],
+    actions: &[Action::Drop, Action::Ioerr, Action::Delay(0, 0), Action::Reorder, Action::Corrupt, Action::Duplicate],
+    output_only: &[],
     limit_classes: &["tx", "rx"],
     limits_per_queue: false,
 };
@@ -136,7 +140,8 @@ pub const NET: DeviceKind = DeviceKind {
 pub const CONSOLE: DeviceKind = DeviceKind {
     name: "vhost-user-console",
     ops: &["tx", "rx"],
-    actions: &[Action::Drop, Action::Ioerr],
+    actions: &[Action::Drop, Action::Ioerr, Action::Delay(0, 0)],
+    output_only: &[Action::Delay(0, 0)],
     limit_classes: &["tx", "rx"],
     limits_per_queue: true,
 };
@@ -154,7 +159,7 @@ pub struct DeviceServices {
 impl DeviceServices {
     /// Services for a device of `kind` with `queues` queues, with the fault rules of `args`.
     pub fn new(kind: DeviceKind, queues: usize, args: &ServiceArgs) -> Result<Arc<DeviceServices>, ServiceError> {
-        let faults = Faults::new(kind.ops, kind.actions);
+        let faults = Faults::new(kind.ops, kind.actions).with_output_only(kind.output_only);
         let rules = args.faults.iter().map(|text| RuleSpec::parse(text)).collect::<Result<Vec<_>, _>>()?;
         faults.set(rules)?;
         let limits = Limits::new(kind.limit_classes, kind.limits_per_queue);

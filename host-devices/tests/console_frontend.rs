@@ -4,6 +4,7 @@
 
 use pvkit_protocol::console::{ControlEvent, ControlRepr, feature as cf, queue as cq};
 use pvkit_protocol::virtio::{Features, feature as vf};
+use pvkit_test_support::http;
 use pvkit_test_support::process::ChildGuard;
 use pvkit_test_support::vhost_frontend::{Buffer, TestFrontend};
 use std::collections::HashMap;
@@ -16,9 +17,14 @@ use vm_memory::{Bytes, GuestAddress};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn start(dir: &Path, ports: &[String]) -> (ChildGuard, PathBuf) {
+    start_with(dir, ports, &[])
+}
+
+/// As [`start`], with `extra` arguments.
+fn start_with(dir: &Path, ports: &[String], extra: &[&str]) -> (ChildGuard, PathBuf) {
     let socket = dir.join("console.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-console"));
-    cmd.arg("--socket-path").arg(&socket);
+    cmd.arg("--socket-path").arg(&socket).args(extra);
     for p in ports {
         cmd.args(["--port", p]);
     }
@@ -353,4 +359,73 @@ fn event_idx_frontends_keep_getting_served() {
     let got = reader.join().unwrap();
     let expected: Vec<u8> = (0..300u32).flat_map(|i| format!("{i:07}\n").into_bytes()).collect();
     assert_eq!(got, expected);
+}
+
+/// The console's services over a real socket: a delay rule holds the first output for 300 ms
+/// (what follows waits behind it, in order); a byte limit on output, set at run time through
+/// the API, paces 5000 bytes at 2000 bytes/s; a byte limit on input paces what the port's
+/// client types. Nothing is lost or reordered.
+#[test]
+fn services_delay_output_and_pace_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, api) = (dir.path().join("port.sock"), dir.path().join("api.sock"));
+    let extra = [
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--fault",
+        "op=tx,trigger=once,action=delay:300",
+        "--limit",
+        "rx:bw=2000",
+    ];
+    let (mut backend, socket) = start_with(dir.path(), &[format!("unix:{}", port.display())], &extra);
+    let mut client = std::os::unix::net::UnixStream::connect(&port).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut fe = TestFrontend::connect(&socket, 4 << 20, 2, 64, features(false)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    send(&mut fe, 1, b"first ");
+    send(&mut fe, 1, b"second");
+    let mut got = [0u8; 12];
+    client.read_exact(&mut got).unwrap();
+    let delayed = started.elapsed();
+    assert_eq!(&got, b"first second");
+    assert!(delayed >= Duration::from_millis(280), "the delayed output came after {delayed:?}");
+
+    let limits = r#"{"limits":{"tx":{"bw":2000},"rx":{"bw":2000}}}"#;
+    assert_eq!(http::unix(&api, "PUT", "/limits", limits).unwrap().status, 200);
+    let output = pattern(5000);
+    let started = Instant::now();
+    for chunk in output.chunks(500) {
+        send(&mut fe, 1, chunk);
+    }
+    let mut got = vec![0u8; output.len()];
+    client.read_exact(&mut got).unwrap();
+    let paced_out = started.elapsed().as_secs_f64();
+    assert_eq!(got, output, "output through the limit, in order");
+
+    let posted = post_rx(&mut fe, 0, 16, 512);
+    let input = pattern(3000);
+    let started = Instant::now();
+    client.write_all(&input).unwrap();
+    let mut got = Vec::new();
+    while got.len() < input.len() {
+        got.extend(receive(&mut fe, 0, &posted));
+    }
+    let paced_in = started.elapsed().as_secs_f64();
+    assert_eq!(got, input, "input through the limit, in order");
+    let (limits, faults) = (
+        http::unix(&api, "GET", "/limits", "").unwrap().json(),
+        http::unix(&api, "GET", "/faults", "").unwrap().json(),
+    );
+    println!(
+        "console services: delayed output after {delayed:?}; 5000 bytes out in {paced_out:.2} s and 3000 in \
+         {paced_in:.2} s at 2000 bytes/s"
+    );
+    // The buckets hold 0.1 s of their rate: 4800 bytes wait 2.4 s, 2800 bytes 1.4 s.
+    assert!((1.6..6.0).contains(&paced_out), "5000 bytes out in {paced_out} s at 2000 bytes/s");
+    assert!((0.9..5.0).contains(&paced_in), "3000 bytes in in {paced_in} s at 2000 bytes/s");
+    assert!(limits["throttled"].as_u64() > Some(0), "{limits}");
+    assert_eq!(faults["rules"][0]["injected"], 1, "{faults}");
+    backend.check_running().unwrap();
 }

@@ -57,6 +57,32 @@ impl Drop for Netns {
     }
 }
 
+/// The network namespace `pvkit-{tag}{pid}` for test `test`, or None when the test cannot
+/// run here (a program missing, or not root: the reason is printed; CI's strict mode fails).
+fn namespace_for(test: &str, tag: &str, programs: &[&str]) -> Option<Netns> {
+    if !facility::require_programs(test, programs) {
+        return None;
+    }
+    if !is_root() {
+        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
+        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
+        return None;
+    }
+    Some(Netns::create(&format!("pvkit-{tag}{}", std::process::id())))
+}
+
+/// Starts a backend in `ns` on tap `tap` with `extra` arguments, serving `socket`; the host's
+/// end of the tap gets `addr` and is up.
+fn backend_on_tap(ns: &Netns, tap: &str, addr: &str, socket: &Path, extra: &[&str]) -> ChildGuard {
+    let program = env!("CARGO_BIN_EXE_vhost-user-net");
+    let mut args = vec![program, "--tap", tap];
+    args.extend_from_slice(extra);
+    let backend = start_backend(&mut ns.exec(&args), &[socket]);
+    ns.run(&["ip", "addr", "add", addr, "dev", tap]);
+    ns.run(&["ip", "link", "set", tap, "up"]);
+    backend
+}
+
 fn start_backend(cmd: &mut Command, sockets: &[&Path]) -> ChildGuard {
     for s in sockets {
         cmd.arg("--socket-path").arg(s);
@@ -71,21 +97,10 @@ fn start_backend(cmd: &mut Command, sockets: &[&Path]) -> ChildGuard {
 #[test]
 fn linux_guest_reaches_a_namespace_through_a_tap() {
     let test = "net_linux_guest_tap";
-    if !facility::require_programs(test, &["qemu-system-x86_64", "ip", "iperf3"]) {
-        return;
-    }
-    if !is_root() {
-        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
-        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
-        return;
-    }
+    let Some(ns) = namespace_for(test, "t", &["qemu-system-x86_64", "ip", "iperf3"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("net.sock");
-    let ns = Netns::create(&format!("pvkit-t{}", std::process::id()));
-    let program = env!("CARGO_BIN_EXE_vhost-user-net");
-    let backend = start_backend(&mut ns.exec(&[program, "--tap", "pvkt0", "--num-queue-pairs", "2"]), &[&socket]);
-    ns.run(&["ip", "addr", "add", "10.77.0.1/30", "dev", "pvkt0"]);
-    ns.run(&["ip", "link", "set", "pvkt0", "up"]);
+    let backend = backend_on_tap(&ns, "pvkt0", "10.77.0.1/30", &socket, &["--num-queue-pairs", "2"]);
     ns.run(&["ip", "link", "set", "lo", "up"]);
     let mut iperf = ChildGuard::spawn("iperf3", &mut ns.exec(&["iperf3", "-s", "-1", "-B", "10.77.0.1"])).unwrap();
     let script = NET_UP.replace("ADDR", "10.77.0.2/30")
@@ -163,17 +178,9 @@ sleep 8
 #[test]
 fn a_pinging_guest_migrates_between_two_taps_on_one_bridge() {
     let test = "net_linux_guest_migration";
-    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
-        return;
-    }
-    if !is_root() {
-        assert!(!facility::strict(), "{test}: needs root for ip netns and the taps");
-        println!("SKIPPED {test}: creating a network namespace and taps needs root");
-        return;
-    }
+    let Some(ns) = namespace_for(test, "m", &["qemu-system-x86_64", "ip"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let (source, destination) = (dir.path().join("source.sock"), dir.path().join("destination.sock"));
-    let ns = Netns::create(&format!("pvkit-m{}", std::process::id()));
     ns.run(&["ip", "link", "add", "pvkbr0", "type", "bridge"]);
     ns.run(&["ip", "addr", "add", "10.79.0.1/24", "dev", "pvkbr0"]);
     let program = env!("CARGO_BIN_EXE_vhost-user-net");
@@ -226,23 +233,12 @@ echo "PING_REPLIES=$(grep -c 'bytes from' /tmp/ping.out)"
 #[test]
 fn a_loss_rule_drops_about_its_share_of_pings_and_none_once_removed() {
     let test = "net_linux_guest_loss";
-    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
-        return;
-    }
-    if !is_root() {
-        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
-        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
-        return;
-    }
+    let Some(ns) = namespace_for(test, "l", &["qemu-system-x86_64", "ip"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let (socket, api) = (dir.path().join("net.sock"), dir.path().join("api.sock"));
-    let ns = Netns::create(&format!("pvkit-l{}", std::process::id()));
-    let program = env!("CARGO_BIN_EXE_vhost-user-net");
     let rule = "op=tx,trigger=probability:0.3,seed=7,action=drop";
-    let args = [program, "--tap", "pvkl0", "--api-socket", api.to_str().unwrap(), "--fault", rule];
-    let backend = start_backend(&mut ns.exec(&args), &[&socket]);
-    ns.run(&["ip", "addr", "add", "10.78.0.1/24", "dev", "pvkl0"]);
-    ns.run(&["ip", "link", "set", "pvkl0", "up"]);
+    let extra = ["--api-socket", api.to_str().unwrap(), "--fault", rule];
+    let backend = backend_on_tap(&ns, "pvkl0", "10.78.0.1/24", &socket, &extra);
     let script = NET_UP.replace("ADDR", "10.78.0.2/24")
         + r#"
 for i in $(seq 30); do ping -c 1 -W 1 10.78.0.1 > /dev/null 2>&1 && break; done
@@ -290,22 +286,11 @@ echo "CLEAN_REPLIES=$(grep -c 'bytes from' /tmp/clean.out)"
 #[test]
 fn a_packet_limit_slows_pings_without_losing_any() {
     let test = "net_linux_guest_limit";
-    if !facility::require_programs(test, &["qemu-system-x86_64", "ip"]) {
-        return;
-    }
-    if !is_root() {
-        assert!(!facility::strict(), "{test}: needs root for ip netns and the tap");
-        println!("SKIPPED {test}: creating a network namespace and a tap needs root");
-        return;
-    }
+    let Some(ns) = namespace_for(test, "r", &["qemu-system-x86_64", "ip"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let (socket, api) = (dir.path().join("net.sock"), dir.path().join("api.sock"));
-    let ns = Netns::create(&format!("pvkit-r{}", std::process::id()));
-    let program = env!("CARGO_BIN_EXE_vhost-user-net");
-    let args = [program, "--tap", "pvkr0", "--api-socket", api.to_str().unwrap(), "--limit", "tx:ops=20"];
-    let backend = start_backend(&mut ns.exec(&args), &[&socket]);
-    ns.run(&["ip", "addr", "add", "10.80.0.1/24", "dev", "pvkr0"]);
-    ns.run(&["ip", "link", "set", "pvkr0", "up"]);
+    let extra = ["--api-socket", api.to_str().unwrap(), "--limit", "tx:ops=20"];
+    let backend = backend_on_tap(&ns, "pvkr0", "10.80.0.1/24", &socket, &extra);
     // The guest's busybox ping stops waiting for replies soon after its last request: the
     // rate is read from the backend instead, while the guest stays up.
     let script = NET_UP.replace("ADDR", "10.80.0.2/24")
@@ -345,4 +330,40 @@ sleep 12
     println!("{test}: {rate:.1} packets/s passed on through a 20 packets/s limit, none dropped; {limits}");
     assert!((14.0..=26.0).contains(&rate), "{rate} packets/s\n{}", run.log);
     assert!(limits["throttled"].as_u64() > Some(0), "{limits}");
+}
+
+/// A guest on a tap pings through a rule that delays what it transmits by 100 to 200 ms
+/// (uniform, seeded): every round trip takes at least the shortest delay, no longer than the
+/// longest plus the guest's own slowness, and the delays spread over the range.
+#[test]
+fn a_delay_rule_with_jitter_shows_in_the_round_trip_times() {
+    let test = "net_linux_guest_delay";
+    let Some(ns) = namespace_for(test, "d", &["qemu-system-x86_64", "ip"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, api) = (dir.path().join("net.sock"), dir.path().join("api.sock"));
+    let extra = ["--api-socket", api.to_str().unwrap(), "--fault", "op=tx,seed=3,action=delay:100-200"];
+    let backend = backend_on_tap(&ns, "pvkd0", "10.81.0.1/24", &socket, &extra);
+    let script = NET_UP.replace("ADDR", "10.81.0.2/24")
+        + r#"
+for i in $(seq 30); do ping -c 1 -W 2 10.81.0.1 > /dev/null 2>&1 && break; done
+ping -c 20 -i 0.3 -W 2 10.81.0.1 > /tmp/delayed.out 2>&1
+echo "REPLIES=$(grep -c 'bytes from' /tmp/delayed.out)"
+echo "RTTS=$(grep -o 'time=[0-9.]*' /tmp/delayed.out | cut -d= -f2 | tr '\n' ' ')"
+"#;
+    let run = LinuxGuest::new(script)
+        .vhost_user_net(&socket, 1, "52:54:00:81:00:02")
+        .timeout(Duration::from_secs(180))
+        .run()
+        .unwrap();
+    let faults = pvkit_test_support::http::unix(&api, "GET", "/faults", "").unwrap().json();
+    let _ = backend.terminate(WAIT);
+    run.assert_passed();
+    let rtts: Vec<f64> = first(&run, "RTTS").split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let (min, max) = rtts.iter().fold((f64::MAX, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    println!("{test}: {} replies, round trips {min:.0} to {max:.0} ms through a 100-200 ms delay", rtts.len());
+    assert_eq!(first(&run, "REPLIES"), "20", "{}", run.log);
+    assert!(min >= 100.0, "a round trip of {min} ms beat the 100 ms delay\n{}", run.log);
+    assert!(max <= 200.0 + 150.0, "a round trip of {max} ms\n{}", run.log);
+    assert!(max - min >= 30.0, "the delays did not spread: {rtts:?}");
+    assert!(faults["rules"][0]["injected"].as_u64() >= Some(20), "{faults}");
 }

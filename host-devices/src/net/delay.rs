@@ -4,8 +4,8 @@
 //! `reorder` keeps a frame until the next frame in its direction has gone past it, or until
 //! [`REORDER_WAIT`] at the latest when no other frame comes.
 //!
-//! A line holds at most [`DELAY_LINE_CAPACITY`] frames; a frame that finds it full is dropped
-//! by the device (counted). Nothing here allocates per frame beyond the line's own storage.
+//! A line holds at most [`DELAY_LINE_CAPACITY`] frames and [`DELAY_LINE_BYTES`] bytes; a
+//! frame that finds it full is dropped by the device (counted). Nothing here allocates per frame beyond the line's own storage.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// The most frames one line holds.
 pub const DELAY_LINE_CAPACITY: usize = 1024;
+/// The most bytes of frames one line holds (a GSO frame may be 64 KiB).
+pub const DELAY_LINE_BYTES: usize = 4 << 20;
 /// How long a reordered frame waits for a frame to overtake it.
 pub const REORDER_WAIT: Duration = Duration::from_millis(10);
 
@@ -20,6 +22,7 @@ pub const REORDER_WAIT: Duration = Duration::from_millis(10);
 struct Delayed<T> {
     due: Instant,
     order: u64,
+    bytes: usize,
     item: T,
 }
 
@@ -47,6 +50,7 @@ impl<T> Ord for Delayed<T> {
 struct Overtaken<T> {
     mark: u64,
     due: Instant,
+    bytes: usize,
     item: T,
 }
 
@@ -57,11 +61,13 @@ pub struct DelayLine<T> {
     arrivals: u64,
     /// Frames that went past the line directly.
     passed: u64,
+    /// Bytes held.
+    bytes: usize,
 }
 
 impl<T> Default for DelayLine<T> {
     fn default() -> Self {
-        DelayLine { delayed: BinaryHeap::new(), overtaken: VecDeque::new(), arrivals: 0, passed: 0 }
+        DelayLine { delayed: BinaryHeap::new(), overtaken: VecDeque::new(), arrivals: 0, passed: 0, bytes: 0 }
     }
 }
 
@@ -76,23 +82,31 @@ impl<T> DelayLine<T> {
         self.len() == 0
     }
 
-    /// Holds `item` until `due`; gives it back when the line is full.
-    pub fn hold_until(&mut self, item: T, due: Instant) -> Result<(), T> {
-        if self.len() >= DELAY_LINE_CAPACITY {
+    /// Whether a frame of `bytes` finds no room.
+    fn full_for(&self, bytes: usize) -> bool {
+        self.len() >= DELAY_LINE_CAPACITY || self.bytes.saturating_add(bytes) > DELAY_LINE_BYTES
+    }
+
+    /// Holds `item`, a frame of `bytes`, until `due`; gives it back when the line is full.
+    pub fn hold_until(&mut self, item: T, bytes: usize, due: Instant) -> Result<(), T> {
+        if self.full_for(bytes) {
             return Err(item);
         }
         self.arrivals += 1;
-        self.delayed.push(Reverse(Delayed { due, order: self.arrivals, item }));
+        self.bytes += bytes;
+        self.delayed.push(Reverse(Delayed { due, order: self.arrivals, bytes, item }));
         Ok(())
     }
 
-    /// Holds `item` until the next frame goes past it ([`DelayLine::passed`]), or until
-    /// [`REORDER_WAIT`] after `now`; gives it back when the line is full.
-    pub fn hold_for_next(&mut self, item: T, now: Instant) -> Result<(), T> {
-        if self.len() >= DELAY_LINE_CAPACITY {
+    /// Holds `item`, a frame of `bytes`, until the next frame goes past it
+    /// ([`DelayLine::passed`]), or until [`REORDER_WAIT`] after `now`; gives it back when the
+    /// line is full.
+    pub fn hold_for_next(&mut self, item: T, bytes: usize, now: Instant) -> Result<(), T> {
+        if self.full_for(bytes) {
             return Err(item);
         }
-        self.overtaken.push_back(Overtaken { mark: self.passed, due: now + REORDER_WAIT, item });
+        self.bytes += bytes;
+        self.overtaken.push_back(Overtaken { mark: self.passed, due: now + REORDER_WAIT, bytes, item });
         Ok(())
     }
 
@@ -105,13 +119,15 @@ impl<T> DelayLine<T> {
 
     /// The next frame free to go at `now`: one that was overtaken first, then the earliest due.
     pub fn pop_ready(&mut self, now: Instant) -> Option<T> {
-        if self.overtaken.front().is_some_and(|f| f.mark < self.passed || f.due <= now) {
-            return self.overtaken.pop_front().map(|f| f.item);
-        }
-        if self.delayed.peek().is_some_and(|Reverse(f)| f.due <= now) {
-            return self.delayed.pop().map(|Reverse(f)| f.item);
-        }
-        None
+        let (bytes, item) = if self.overtaken.front().is_some_and(|f| f.mark < self.passed || f.due <= now) {
+            self.overtaken.pop_front().map(|f| (f.bytes, f.item))?
+        } else if self.delayed.peek().is_some_and(|Reverse(f)| f.due <= now) {
+            self.delayed.pop().map(|Reverse(f)| (f.bytes, f.item))?
+        } else {
+            return None;
+        };
+        self.bytes -= bytes;
+        Some(item)
     }
 
     /// When the next frame falls due (a reordered frame's latest time included).
@@ -139,7 +155,7 @@ mod tests {
         let start = Instant::now();
         let mut line = DelayLine::default();
         for (item, delay) in [(1, 30), (2, 10), (3, 10), (4, 20)] {
-            line.hold_until(item, start + ms(delay)).unwrap();
+            line.hold_until(item, 60, start + ms(delay)).unwrap();
         }
         assert_eq!(line.next_due(), Some(start + ms(10)));
         assert_eq!(drain(&mut line, start + ms(5)), [] as [u32; 0], "nothing due yet");
@@ -153,15 +169,15 @@ mod tests {
     fn a_reordered_frame_goes_right_after_the_next_or_when_its_wait_is_over() {
         let start = Instant::now();
         let mut line = DelayLine::default();
-        line.hold_for_next(1, start).unwrap();
+        line.hold_for_next(1, 60, start).unwrap();
         assert_eq!(line.pop_ready(start), None, "waits to be overtaken");
         line.passed();
         assert_eq!(line.pop_ready(start), Some(1), "free once a frame went past");
-        line.hold_for_next(2, start).unwrap();
+        line.hold_for_next(2, 60, start).unwrap();
         assert_eq!(line.next_due(), Some(start + REORDER_WAIT));
         assert_eq!(line.pop_ready(start + REORDER_WAIT), Some(2), "nothing came: it goes after its wait");
         line.passed();
-        line.hold_for_next(3, start).unwrap();
+        line.hold_for_next(3, 60, start).unwrap();
         assert_eq!(line.pop_ready(start), None, "a frame that passed before it came does not count");
     }
 
@@ -170,10 +186,18 @@ mod tests {
         let now = Instant::now();
         let mut line = DelayLine::default();
         for item in 0..DELAY_LINE_CAPACITY as u32 {
-            line.hold_until(item, now).unwrap();
+            line.hold_until(item, 60, now).unwrap();
         }
-        assert_eq!(line.hold_until(7, now), Err(7));
-        assert_eq!(line.hold_for_next(8, now), Err(8));
+        assert_eq!(line.hold_until(7, 60, now), Err(7));
+        assert_eq!(line.hold_for_next(8, 60, now), Err(8));
         assert_eq!(drain(&mut line, now).len(), DELAY_LINE_CAPACITY);
+        let big = 64 << 10;
+        for item in 0..(DELAY_LINE_BYTES / big) as u32 {
+            line.hold_until(item, big, now).unwrap();
+        }
+        assert_eq!(line.hold_until(7, big, now), Err(7), "as many bytes as it holds");
+        assert_eq!(line.hold_until(8, 60, now), Err(8));
+        line.pop_ready(now);
+        assert_eq!(line.hold_until(9, big, now), Ok(()), "room again once a frame left");
     }
 }

@@ -170,9 +170,10 @@ impl NetDevice {
         };
         let frame = (Frame { header, data: state.tx_frame.clone() }, len);
         let line = &mut state.tx_delayed;
+        let bytes = len as usize;
         let refused = match held {
-            Some(due) => line.hold_until(frame, due).is_err(),
-            None => line.hold_for_next(frame, Instant::now()).is_err(),
+            Some(due) => line.hold_until(frame, bytes, due).is_err(),
+            None => line.hold_for_next(frame, bytes, Instant::now()).is_err(),
         };
         if refused {
             self.shared.stats.dropped(DropReason::DelayLineFull, &"the transmit delay line is full");
@@ -407,9 +408,10 @@ impl NetDevice {
     /// until the next frame has gone past it. A full line drops it (counted).
     fn hold_rx(&self, state: &mut PairState, frame: (Frame, Option<Admission>), due: Option<Instant>) {
         let line = &mut state.rx_delayed;
+        let bytes = frame.0.data.len();
         let refused = match due {
-            Some(due) => line.hold_until(frame, due),
-            None => line.hold_for_next(frame, Instant::now()),
+            Some(due) => line.hold_until(frame, bytes, due),
+            None => line.hold_for_next(frame, bytes, Instant::now()),
         };
         if let Err((_, admission)) = refused {
             self.shared.stats.dropped(DropReason::DelayLineFull, &"the receive delay line is full");

@@ -36,9 +36,9 @@ pub struct ServiceArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A fault-injection rule, repeatable: `op=OP,sectors=FIRST-END,trigger=T,seed=N,action=A`
     /// (every key but `action` optional). OP: an operation of the device or `any`; T: `always`,
-    /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp`, `torn:BYTES` or
-    /// `delay:MS[-MS]` (blk), `drop` (net, console), `corrupt` or `duplicate` (net, received
-    /// frames: `op=rx`).
+    /// `once`, `every:N` or `probability:P`; A: `ioerr`, `unsupp`, `torn:BYTES` (blk),
+    /// `delay:MS[-MS]` (blk completions, net frames, console output), `drop` (net, console),
+    /// `reorder`, `corrupt` or `duplicate` (net frames, `op=tx` or `op=rx`).
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
     /// A rate limit, repeatable: `CLASS:ops=RATE,bw=RATE,ops_burst=N,bw_burst=N` (per second,

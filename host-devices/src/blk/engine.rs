@@ -262,6 +262,8 @@ pub enum Engine {
     Sync(SyncEngine),
     /// Zeros and drops.
     Null(NullEngine),
+    /// A qcow2 image (imago).
+    Qcow2(super::qcow2::Qcow2Engine),
 }
 
 impl Engine {
@@ -271,6 +273,7 @@ impl Engine {
             Engine::Uring(_) => "io_uring",
             Engine::Sync(_) => "sync",
             Engine::Null(_) => "null",
+            Engine::Qcow2(_) => "qcow2",
         }
     }
 }
@@ -281,6 +284,7 @@ macro_rules! dispatch {
             Engine::Uring($e) => $body,
             Engine::Sync($e) => $body,
             Engine::Null($e) => $body,
+            Engine::Qcow2($e) => $body,
         }
     };
 }

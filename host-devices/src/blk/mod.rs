@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod engine;
+pub mod qcow2;
 pub mod request;
 pub mod stats;
 #[cfg(test)]
@@ -32,6 +33,18 @@ pub enum BlkError {
     /// A service could not start.
     #[error(transparent)]
     Services(#[from] crate::services::ServiceError),
+    /// A qcow2 image or its chain could not be opened.
+    #[error(transparent)]
+    Qcow2(#[from] qcow2::Qcow2Error),
+}
+
+/// Image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    /// The bytes of the file are the disk's.
+    Raw,
+    /// qcow2 (v2 or v3), through the imago crate, with backing files as --allow-backing allows.
+    Qcow2,
 }
 
 /// I/O engine choices.
@@ -59,9 +72,18 @@ pub struct BlkArgs {
     #[command(flatten)]
     /// Metrics, fault injection and the control API.
     pub services: crate::services::ServiceArgs,
-    /// Raw image file or block device to serve.
+    /// Image file or block device to serve.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]
     pub blk_file: Option<String>,
+    /// The image's format; never guessed from its content.
+    #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
+    pub format: ImageFormat,
+    /// qcow2: open the backing files the images name (read-only), in the allowed directories.
+    #[arg(long)]
+    pub allow_backing: bool,
+    /// qcow2: a directory backing files may be in, repeatable (default: the image's own).
+    #[arg(long = "backing-dir", value_name = "DIR", requires = "allow_backing")]
+    pub backing_dirs: Vec<std::path::PathBuf>,
     /// Refuse writes (offers VIRTIO_BLK_F_RO).
     #[arg(long)]
     pub read_only: bool,
@@ -74,7 +96,7 @@ pub struct BlkArgs {
     /// Open the image with O_DIRECT.
     #[arg(long)]
     pub direct: bool,
-    /// I/O engine.
+    /// I/O engine for raw images (qcow2 images do their own I/O through imago).
     #[arg(long, value_enum, default_value_t = EngineKind::IoUring)]
     pub engine: EngineKind,
     /// Disk size in bytes for --engine null (instead of --blk-file).
@@ -108,6 +130,19 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
 pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only", "blk-file"]}"#;
 
 fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
+    if args.format == ImageFormat::Qcow2 {
+        return open_qcow2(args);
+    }
+    if args.allow_backing {
+        return Err(BlkError::Usage("--allow-backing goes with --format qcow2".into()));
+    }
+    if let Some(path) = &args.blk_file
+        && qcow2::looks_like_qcow2(std::path::Path::new(path))
+    {
+        log::warn!(
+            "{path} starts like a qcow2 image but is served raw, as asked (give --format qcow2 to open it as one)"
+        );
+    }
     match (args.engine, &args.blk_file, args.size) {
         (EngineKind::Null, _, Some(size)) => Ok(Engine::Null(NullEngine::new(size)?)),
         (EngineKind::Null, None, None) => Err(BlkError::Usage("--engine null needs --size BYTES".into())),
@@ -131,6 +166,25 @@ fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
             Err(BlkError::Usage("--size only goes with --engine null".into()))
         }
     }
+}
+
+fn open_qcow2(args: &BlkArgs) -> Result<Engine, BlkError> {
+    let Some(path) = &args.blk_file else {
+        return Err(BlkError::Usage("--format qcow2 needs --blk-file PATH".into()));
+    };
+    if args.engine == EngineKind::Null || args.size.is_some() {
+        return Err(BlkError::Usage("--format qcow2 does not go with --engine null or --size".into()));
+    }
+    let options = qcow2::ChainOptions {
+        read_only: args.read_only,
+        direct: args.direct,
+        allow_backing: args.allow_backing,
+        backing_dirs: args.backing_dirs.clone(),
+    };
+    let engine = qcow2::Qcow2Engine::open(std::path::Path::new(path), &options)?;
+    let chain: Vec<String> = engine.chain().iter().map(|p| p.display().to_string()).collect();
+    log::info!("vhost-user-blk: qcow2 chain {}", chain.join(" <- "));
+    Ok(Engine::Qcow2(engine))
 }
 
 /// Runs the backend with `args` (without the program name).
@@ -174,6 +228,11 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
     let mut sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Blk, args.sandbox.sandbox);
     if let Some(path) = &args.blk_file {
         sandbox = sandbox.file(std::path::Path::new(path), args.read_only || engine_name == "null");
+    }
+    if let Engine::Qcow2(image) = &*engine {
+        for backing in image.chain().iter().skip(1) {
+            sandbox = sandbox.file(backing, true);
+        }
     }
     let prepared = crate::services::prepare(crate::services::BLK, args.num_queues.into(), &args.services)?;
     let attached = prepared.attached();

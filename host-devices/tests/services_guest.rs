@@ -94,17 +94,23 @@ fn a_guest_sees_injected_read_errors_on_one_range_and_its_data_after_the_rule_is
 }
 
 /// fio in a Linux guest sees a delay rule in its completion latency: reads of the first 4 MiB
-/// are held 20 ms each, reads elsewhere are not.
+/// are held 20 ms each, reads elsewhere are not. The same backend tears the guest's writes at
+/// 6 MiB after 2 KiB: the guest's write fails, and the image holds exactly that prefix.
 #[test]
-fn a_delay_rule_shows_in_fio_completion_latency() {
+fn a_delay_rule_shows_in_fio_completion_latency_and_a_torn_write_leaves_its_prefix() {
     if !facility::require_programs("services_guest_delay", &["qemu-system-x86_64", "apt-get"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     File::create(&image).unwrap().set_len(16 << 20).unwrap();
-    let (_backend, socket) =
-        common::start_blk(dir.path(), &image, &["--fault", "op=read,sectors=0-8192,action=delay:20"]);
+    let rules = [
+        "--fault",
+        "op=read,sectors=0-8192,action=delay:20",
+        "--fault",
+        "op=write,sectors=12288-12296,action=torn:2048",
+    ];
+    let (_backend, socket) = common::start_blk(dir.path(), &image, &rules);
     let script = r#"
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || { echo "no /dev/vda"; exit 10; }
@@ -113,6 +119,12 @@ for range in 0 8M; do
         --offset=$range --size=4M --runtime=2 --time_based --output-format=terse --terse-version=3 > /tmp/fio.out 2>&1
     echo "CLAT_US_$range=$(grep '^3;' /tmp/fio.out | cut -d';' -f16)"
 done
+yes TORN | head -c 4096 > /tmp/torn
+if dd if=/tmp/torn of=/dev/vda bs=4k seek=1536 count=1 oflag=direct 2>/tmp/dd.err; then
+    echo "TORN_WRITE=succeeded"
+else
+    echo "TORN_WRITE=failed: $(grep -i error /tmp/dd.err | head -1)"
+fi
 "#;
     let run = LinuxGuest::new(script)
         .vhost_user_blk(&socket, 1)
@@ -126,4 +138,12 @@ done
     println!("fio completion latency: {held:.0} us on the delayed range, {free:.0} us elsewhere");
     assert!((20_000.0..60_000.0).contains(&held), "{held} us\n{}", run.log);
     assert!((0.0..10_000.0).contains(&free), "{free} us\n{}", run.log);
+    let torn = run.values("TORN_WRITE").next().unwrap_or_default().to_string();
+    assert!(torn.starts_with("failed") && torn.contains("Input/output error"), "{torn}\n{}", run.log);
+    let mut on_disk = vec![0u8; 4096];
+    File::open(&image).unwrap().read_exact_at(&mut on_disk, 6 << 20).unwrap();
+    let written: Vec<u8> = b"TORN\n".iter().copied().cycle().take(2048).collect();
+    assert!(on_disk[..2048] == written[..], "the prefix did not reach the image");
+    assert!(on_disk[2048..].iter().all(|b| *b == 0), "more than the prefix reached the image");
+    println!("torn write: the guest got {torn:?}, the image holds its first 2048 bytes only");
 }

@@ -6,6 +6,7 @@ mod common;
 use pvkit_test_support::facility;
 use pvkit_test_support::linux_guest::LinuxGuest;
 use std::fs::File;
+use std::process::Command;
 use std::time::Duration;
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -84,6 +85,45 @@ fn run_guest(queues: u16) {
         assert_eq!(again.values("FS_MD5").collect::<Vec<_>>(), first, "data survives a reconnect");
         backend.check_running().unwrap();
     }
+}
+
+/// fio verify and a filesystem round trip on a qcow2 overlay of a raw base, two queues: the
+/// overlay stays consistent for qemu-img, the base is unchanged, and the overlay converted to
+/// raw is the disk the guest saw at the end (its md5, read by the guest itself).
+#[test]
+fn linux_guest_on_a_qcow2_overlay() {
+    let test = "blk_linux_guest_qcow2";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "apt-get", "qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, (0..IMAGE_SIZE).map(|i| (i % 251) as u8).collect::<Vec<_>>()).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    let (base_path, overlay_path) = (base.to_str().unwrap(), overlay.to_str().unwrap());
+    common::qemu_img(&["create", "-q", "-f", "qcow2", "-b", base_path, "-F", "raw", overlay_path]);
+    let before = std::fs::read(&base).unwrap();
+    let args = ["--format", "qcow2", "--allow-backing", "--num-queues", "2", "--serial", "pvkit-e2e"];
+    let (backend, socket) = common::start_blk(dir.path(), &overlay, &args);
+    let script = SCRIPT.to_string() + "echo \"DISK_MD5=$(md5sum < /dev/vda | cut -d' ' -f1)\"\n";
+    let run = LinuxGuest::new(&script).vhost_user_blk(&socket, 2).cpus(2).run().unwrap();
+    drop(backend);
+    println!("{test}: guest finished in {:.1} s", run.elapsed.as_secs_f64());
+    run.assert_passed();
+    assert_eq!(run.values("DISK_BYTES").next(), Some(IMAGE_SIZE.to_string().as_str()));
+    assert_eq!(run.values("FIO_ERRORS").next(), Some("0"));
+    assert_eq!(run.values("FS_ROUND_TRIP").next(), Some("same"));
+    let check = common::qemu_img(&["check", overlay_path]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert!(std::fs::read(&base).unwrap() == before, "the base changed");
+    let raw = common::as_raw(&overlay, "qcow2");
+    let md5 = Command::new("md5sum")
+        .stdin(std::fs::File::open(overlay.with_extension("converted.raw")).unwrap())
+        .output()
+        .unwrap();
+    let host_md5 = String::from_utf8_lossy(&md5.stdout).split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(raw.len() as u64, IMAGE_SIZE);
+    assert_eq!(run.values("DISK_MD5").next(), Some(host_md5.as_str()), "the overlay converts to what the guest saw");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::{as_raw, qemu_img};
 use pvkit_test_support::blkio_client::BlkioClient;
 use pvkit_test_support::facility;
 use pvkit_test_support::process::ChildGuard;
@@ -14,14 +15,6 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 64 * MIB;
-
-/// Runs `qemu-img` with `args`; panics with its output when it fails.
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qemu-img {args:?}: {text}");
-    text
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -37,13 +30,6 @@ fn raw_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
     let file = dir.join(name);
     std::fs::write(&file, pattern(DISK as usize, seed)).unwrap();
     file
-}
-
-/// The raw bytes of `image` (any format), converted by qemu-img.
-fn as_raw(image: &Path, format: &str) -> Vec<u8> {
-    let out = image.with_extension("converted.raw");
-    qemu_img(&["convert", "-f", format, "-O", "raw", path(image), path(&out)]);
-    std::fs::read(out).unwrap()
 }
 
 fn digest(file: &Path) -> Vec<u8> {

@@ -23,3 +23,20 @@ pub fn start_blk(dir: &Path, image: &Path, extra: &[&str]) -> (ChildGuard, PathB
     child.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
     (child, socket)
 }
+
+#[allow(dead_code)] // not every test file that includes this module makes images
+/// Runs `qemu-img` with `args` and returns what it printed; panics with that when it fails.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qemu-img {args:?}: {text}");
+    text
+}
+
+#[allow(dead_code)]
+/// The raw bytes of `image` in format `format`, converted by qemu-img (next to it).
+pub fn as_raw(image: &Path, format: &str) -> Vec<u8> {
+    let out = image.with_extension("converted.raw");
+    qemu_img(&["convert", "-f", format, "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
+    std::fs::read(out).unwrap()
+}

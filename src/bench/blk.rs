@@ -8,6 +8,7 @@ use super::loadgen::{self, Pattern};
 use super::process::{Spawned, own_usage};
 use super::recorder::Recorder;
 use super::report::ProcessStats;
+use pvkit_host_devices::blk::ImageFormat;
 use pvkit_host_devices::{BackendKind, backend_command};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,6 +59,11 @@ pub struct BlkBenchArgs {
     /// Directory of the image (tmpfs keeps the disk out of the measurement).
     #[arg(long, default_value = "/dev/shm")]
     pub image_dir: PathBuf,
+    /// The image's format: with qcow2 the filled image is converted by qemu-img (every cluster
+    /// allocated), pvkit serves it through imago (--engines is ignored) and
+    /// qemu-storage-daemon through its qcow2 driver.
+    #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
+    pub format: ImageFormat,
 }
 
 /// Which of its services a pvkit contender runs with.
@@ -72,7 +78,7 @@ enum Services {
 enum Kind {
     /// An engine, sandboxed or not, with some services.
     Pvkit(String, bool, Services),
-    Qsd,
+    Qsd(ImageFormat),
     Peer(String),
 }
 
@@ -100,15 +106,26 @@ impl Contender {
                 }
                 if engine == "null" {
                     cmd.args(["--engine", "null", "--size", &size.to_string()]);
+                } else if engine == "qcow2" {
+                    cmd.args(["--format", "qcow2"]).arg("--blk-file").arg(image);
                 } else {
                     cmd.args(["--engine", engine]).arg("--blk-file").arg(image);
                 }
                 cmd
             }
-            Kind::Qsd => {
-                let blockdev = format!("driver=file,node-name=disk0,filename={},aio=io_uring", image.display());
+            Kind::Qsd(format) => {
+                let file = format!("filename={},aio=io_uring", image.display());
                 let mut cmd = Command::new("qemu-storage-daemon");
-                cmd.args(["--blockdev", &blockdev, "--export"]).arg(format!(
+                match format {
+                    ImageFormat::Raw => cmd.args(["--blockdev", &format!("driver=file,node-name=disk0,{file}")]),
+                    ImageFormat::Qcow2 => cmd.args([
+                        "--blockdev",
+                        &format!("driver=file,node-name=file0,{file}"),
+                        "--blockdev",
+                        "driver=qcow2,node-name=disk0,file=file0",
+                    ]),
+                };
+                cmd.arg("--export").arg(format!(
                     "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                     socket.display()
                 ));
@@ -173,10 +190,33 @@ fn fill_image(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.flush()
 }
 
+/// The filled raw image `raw` in `format`: itself, or a qcow2 conversion by qemu-img (the raw
+/// file is removed, to spare the image directory's room).
+fn image_in_format(raw: &Path, format: ImageFormat) -> Result<PathBuf, BenchError> {
+    if format == ImageFormat::Raw {
+        return Ok(raw.to_path_buf());
+    }
+    let qcow2 = raw.with_extension("qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(&qcow2)
+        .output()
+        .map_err(BenchError::io("cannot run qemu-img (needed for --format qcow2)".to_string()))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(BenchError::Measurement(format!("qemu-img convert to qcow2 failed: {why}")));
+    }
+    let _ = std::fs::remove_file(raw);
+    Ok(qcow2)
+}
+
 fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
     let mut list = Vec::new();
-    for engine in &args.engines {
-        if !["io_uring", "sync", "null"].contains(&engine.as_str()) {
+    let qcow2 = [String::from("qcow2")];
+    let engines = if args.format == ImageFormat::Qcow2 { &qcow2[..] } else { &args.engines[..] };
+    for engine in engines {
+        if !["io_uring", "sync", "null", "qcow2"].contains(&engine.as_str()) {
             return Err(BenchError::Options(format!("unknown engine '{engine}' (io_uring, sync, null)")));
         }
         list.push(Contender {
@@ -196,7 +236,11 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
     }
     if !args.no_qsd {
         if super::find_program("qemu-storage-daemon").is_some() {
-            list.push(Contender { name: "qemu-storage-daemon (io_uring)".into(), kind: Kind::Qsd });
+            let name = match args.format {
+                ImageFormat::Raw => "qemu-storage-daemon (io_uring)",
+                ImageFormat::Qcow2 => "qemu-storage-daemon (qcow2, io_uring)",
+            };
+            list.push(Contender { name: name.into(), kind: Kind::Qsd(args.format) });
         } else {
             eprintln!("note: qemu-storage-daemon is not installed; it is left out");
         }
@@ -242,11 +286,12 @@ pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     ));
     let work = args.image_dir.join(format!("pvkit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(BenchError::io(format!("cannot create {}", work.display())))?;
-    let image = work.join("bench.img");
+    let raw = work.join("bench.img");
     let size = args.image_mib << 20;
-    let result = fill_image(&image, size)
-        .map_err(BenchError::io(format!("cannot write {}", image.display())))
-        .and_then(|()| measure(args, rec, &patterns, &contenders, &work, &image, size));
+    let result = fill_image(&raw, size)
+        .map_err(BenchError::io(format!("cannot write {}", raw.display())))
+        .and_then(|()| image_in_format(&raw, args.format))
+        .and_then(|image| measure(args, rec, &patterns, &contenders, &work, &image, size));
     let _ = std::fs::remove_dir_all(&work);
     result?;
     rec.ran(format!("{} contender(s)", contenders.len()));

@@ -126,6 +126,37 @@ fn linux_guest_on_a_qcow2_overlay() {
     assert_eq!(run.values("DISK_MD5").next(), Some(host_md5.as_str()), "the overlay converts to what the guest saw");
 }
 
+/// fio verify and a filesystem round trip on an NBD export (nbdkit's memory plugin), two
+/// queues sharing the one connection.
+#[test]
+fn linux_guest_over_nbd() {
+    let test = "blk_linux_guest_nbd";
+    if !facility::require_programs(test, &["qemu-system-x86_64", "apt-get", "nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nbd_socket = dir.path().join("nbdkit.sock");
+    let mut nbdkit = Command::new("nbdkit");
+    nbdkit.args(["--foreground", "--exit-with-parent", "--unix"]).arg(&nbd_socket);
+    nbdkit.args(["memory", &format!("size={IMAGE_SIZE}")]);
+    let mut server = pvkit_test_support::process::ChildGuard::spawn("nbdkit", &mut nbdkit).unwrap();
+    server.wait_for_socket(&nbd_socket, Duration::from_secs(10)).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd_socket.display());
+    let socket = dir.path().join("blk.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+    cmd.arg("--socket-path").arg(&socket).args(["--nbd", &uri, "--num-queues", "2", "--serial", "pvkit-e2e"]);
+    let mut backend = pvkit_test_support::process::ChildGuard::spawn("vhost-user-blk", &mut cmd).unwrap();
+    backend.wait_for_socket(&socket, Duration::from_secs(10)).unwrap();
+    let run = LinuxGuest::new(SCRIPT).vhost_user_blk(&socket, 2).cpus(2).run().unwrap();
+    println!("{test}: guest finished in {:.1} s", run.elapsed.as_secs_f64());
+    run.assert_passed();
+    assert_eq!(run.values("DISK_BYTES").next(), Some(IMAGE_SIZE.to_string().as_str()));
+    assert_eq!(run.values("FIO_ERRORS").next(), Some("0"));
+    assert_eq!(run.values("FIO_WRITE_KB").next(), Some("16384"));
+    assert_eq!(run.values("FS_ROUND_TRIP").next(), Some("same"));
+    backend.check_running().unwrap();
+}
+
 #[test]
 fn linux_guest_one_queue() {
     run_guest(1);

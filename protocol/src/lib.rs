@@ -26,6 +26,7 @@ pub mod blk;
 pub mod console;
 pub mod inflight;
 pub mod mmio;
+pub mod nbd;
 pub mod net;
 pub mod ring;
 pub mod virtio;

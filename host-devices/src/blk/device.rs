@@ -158,7 +158,18 @@ impl BlkDevice {
             blkf::DISCARD,
             blkf::WRITE_ZEROES,
         ]);
-        if self.shared.options.read_only {
+        let disk = self.shared.engine.capabilities();
+        if !disk.flush {
+            // Writes are durable when done: nothing to flush, no cache to turn off.
+            f = f.without(blkf::FLUSH).without(blkf::CONFIG_WCE);
+        }
+        if !disk.discard {
+            f = f.without(blkf::DISCARD);
+        }
+        if !disk.write_zeroes {
+            f = f.without(blkf::WRITE_ZEROES);
+        }
+        if self.shared.options.read_only || disk.read_only {
             f = f.with(blkf::RO).without(blkf::DISCARD).without(blkf::WRITE_ZEROES);
         }
         f

@@ -37,10 +37,32 @@ pub enum EngineError {
     BadSize(u64),
 }
 
+/// What a disk supports beyond reads and writes: the device offers the guest only these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Flushing makes writes durable (without it, writes are durable when done).
+    pub flush: bool,
+    /// Discarding.
+    pub discard: bool,
+    /// Zeroing ranges.
+    pub write_zeroes: bool,
+    /// The disk refuses writes whatever the guest is told.
+    pub read_only: bool,
+}
+
+impl Capabilities {
+    /// Everything, writable.
+    pub const ALL: Capabilities = Capabilities { flush: true, discard: true, write_zeroes: true, read_only: false };
+}
+
 /// The operations the device needs from a disk.
 pub trait BlockEngine: Send + Sync {
     /// Disk size in bytes.
     fn size(&self) -> u64;
+    /// What the disk supports beyond reads and writes.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
     /// Reads into `bufs`, in order, starting at byte `offset`.
     fn read<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()>;
     /// Writes `bufs`, in order, starting at byte `offset`.
@@ -264,6 +286,8 @@ pub enum Engine {
     Null(NullEngine),
     /// A qcow2 image (imago).
     Qcow2(super::qcow2::Qcow2Engine),
+    /// An export on an NBD server.
+    Nbd(super::nbd::NbdEngine),
 }
 
 impl Engine {
@@ -274,6 +298,7 @@ impl Engine {
             Engine::Sync(_) => "sync",
             Engine::Null(_) => "null",
             Engine::Qcow2(_) => "qcow2",
+            Engine::Nbd(_) => "nbd",
         }
     }
 }
@@ -285,6 +310,7 @@ macro_rules! dispatch {
             Engine::Sync($e) => $body,
             Engine::Null($e) => $body,
             Engine::Qcow2($e) => $body,
+            Engine::Nbd($e) => $body,
         }
     };
 }
@@ -292,6 +318,9 @@ macro_rules! dispatch {
 impl BlockEngine for Engine {
     fn size(&self) -> u64 {
         dispatch!(self, e => e.size())
+    }
+    fn capabilities(&self) -> Capabilities {
+        dispatch!(self, e => e.capabilities())
     }
     fn read<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {
         dispatch!(self, e => e.read(offset, bufs))

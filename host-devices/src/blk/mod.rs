@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod engine;
+pub mod nbd;
 pub mod qcow2;
 pub mod request;
 pub mod stats;
@@ -36,6 +37,9 @@ pub enum BlkError {
     /// A qcow2 image or its chain could not be opened.
     #[error(transparent)]
     Qcow2(#[from] qcow2::Qcow2Error),
+    /// The NBD export could not be opened.
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdOpenError),
 }
 
 /// Image formats.
@@ -73,8 +77,15 @@ pub struct BlkArgs {
     /// Metrics, fault injection and the control API.
     pub services: crate::services::ServiceArgs,
     /// Image file or block device to serve.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size", "nbd"])]
     pub blk_file: Option<String>,
+    /// Serve an export of an NBD server instead of a file: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (QEMU's forms).
+    #[arg(long, value_name = "URI", conflicts_with_all = ["blk_file", "size", "allow_backing"])]
+    pub nbd: Option<nbd::uri::NbdUri>,
+    /// Seconds the guest's requests wait for a lost NBD server before they fail with IOERR.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "nbd")]
+    pub nbd_timeout: u64,
     /// The image's format; never guessed from its content.
     #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
     pub format: ImageFormat,
@@ -130,6 +141,15 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
 pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only", "blk-file"]}"#;
 
 fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
+    if let Some(uri) = &args.nbd {
+        if args.format != ImageFormat::Raw || args.engine == EngineKind::Null {
+            return Err(BlkError::Usage(
+                "--nbd serves the export as it is: no --format qcow2, no --engine null".into(),
+            ));
+        }
+        let timeout = std::time::Duration::from_secs(args.nbd_timeout.max(1));
+        return Ok(Engine::Nbd(nbd::NbdEngine::open(uri.clone(), timeout)?));
+    }
     if args.format == ImageFormat::Qcow2 {
         return open_qcow2(args);
     }
@@ -205,12 +225,12 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
         queue_size: args.queue_size,
         serial: args.serial.clone(),
         logical_block_size: args.logical_block_size,
-        read_only: args.read_only,
+        read_only: args.read_only || engine.capabilities().read_only,
         poll_us: args.poll_us,
     };
     log::info!(
         "vhost-user-blk: {} ({engine_name} engine, {} queue(s){}) on {listen}",
-        args.blk_file.as_deref().unwrap_or("null disk"),
+        args.nbd.as_ref().map(|u| u.to_string()).or(args.blk_file.clone()).unwrap_or("null disk".into()),
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );

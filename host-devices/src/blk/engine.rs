@@ -288,6 +288,8 @@ pub enum Engine {
     Qcow2(super::qcow2::Qcow2Engine),
     /// An export on an NBD server.
     Nbd(super::nbd::NbdEngine),
+    /// An image in a Ceph cluster.
+    Rbd(super::rbd::RbdEngine),
 }
 
 impl Engine {
@@ -299,6 +301,7 @@ impl Engine {
             Engine::Null(_) => "null",
             Engine::Qcow2(_) => "qcow2",
             Engine::Nbd(_) => "nbd",
+            Engine::Rbd(_) => "rbd",
         }
     }
 }
@@ -311,6 +314,7 @@ macro_rules! dispatch {
             Engine::Null($e) => $body,
             Engine::Qcow2($e) => $body,
             Engine::Nbd($e) => $body,
+            Engine::Rbd($e) => $body,
         }
     };
 }

@@ -4,6 +4,7 @@ pub mod device;
 pub mod engine;
 pub mod nbd;
 pub mod qcow2;
+pub mod rbd;
 pub mod request;
 pub mod stats;
 #[cfg(test)]
@@ -40,6 +41,9 @@ pub enum BlkError {
     /// The NBD export could not be opened.
     #[error(transparent)]
     Nbd(#[from] nbd::NbdOpenError),
+    /// The RBD image could not be opened.
+    #[error(transparent)]
+    Rbd(#[from] rbd::RbdError),
 }
 
 /// Image formats.
@@ -77,7 +81,7 @@ pub struct BlkArgs {
     /// Metrics, fault injection and the control API.
     pub services: crate::services::ServiceArgs,
     /// Image file or block device to serve.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size", "nbd"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["print_capabilities", "size", "nbd", "rbd"])]
     pub blk_file: Option<String>,
     /// Serve an export of an NBD server instead of a file: nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (QEMU's forms).
@@ -86,6 +90,16 @@ pub struct BlkArgs {
     /// Seconds the guest's requests wait for a lost NBD server before they fail with IOERR.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "nbd")]
     pub nbd_timeout: u64,
+    /// Serve an image of a Ceph cluster instead of a file: POOL/IMAGE, or POOL/IMAGE@SNAP
+    /// (read-only), through librbd (loaded when this is given).
+    #[arg(long, value_name = "POOL/IMAGE[@SNAP]", conflicts_with_all = ["blk_file", "size", "allow_backing", "nbd"])]
+    pub rbd: Option<rbd::RbdSpec>,
+    /// The Ceph configuration file (default: Ceph's own search, /etc/ceph/ceph.conf first).
+    #[arg(long, value_name = "PATH", requires = "rbd")]
+    pub ceph_conf: Option<String>,
+    /// The Ceph client to connect as.
+    #[arg(long, value_name = "NAME", default_value = "admin", requires = "rbd")]
+    pub ceph_id: String,
     /// The image's format; never guessed from its content.
     #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
     pub format: ImageFormat,
@@ -141,6 +155,13 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
 pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only", "blk-file"]}"#;
 
 fn open_engine(args: &BlkArgs) -> Result<Engine, BlkError> {
+    if let Some(spec) = &args.rbd {
+        if args.format != ImageFormat::Raw || args.engine == EngineKind::Null {
+            return Err(BlkError::Usage("--rbd serves the image as it is: no --format qcow2, no --engine null".into()));
+        }
+        let engine = rbd::RbdEngine::open(spec, args.ceph_conf.as_deref(), &args.ceph_id, args.read_only)?;
+        return Ok(Engine::Rbd(engine));
+    }
     if let Some(uri) = &args.nbd {
         if args.format != ImageFormat::Raw || args.engine == EngineKind::Null {
             return Err(BlkError::Usage(
@@ -207,6 +228,13 @@ fn open_qcow2(args: &BlkArgs) -> Result<Engine, BlkError> {
     Ok(Engine::Qcow2(engine))
 }
 
+/// What the log calls the disk.
+fn disk_name(args: &BlkArgs) -> String {
+    let rbd = args.rbd.as_ref().map(|spec| format!("rbd:{spec}"));
+    let nbd = args.nbd.as_ref().map(|uri| uri.to_string());
+    rbd.or(nbd).or(args.blk_file.clone()).unwrap_or_else(|| "null disk".into())
+}
+
 /// Runs the backend with `args` (without the program name).
 pub fn main(args: &[String]) -> Result<(), BlkError> {
     let Some(args) = server::parse_args::<BlkArgs>("vhost-user-blk", args).map_err(BlkError::Usage)? else {
@@ -230,7 +258,7 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
     };
     log::info!(
         "vhost-user-blk: {} ({engine_name} engine, {} queue(s){}) on {listen}",
-        args.nbd.as_ref().map(|u| u.to_string()).or(args.blk_file.clone()).unwrap_or("null disk".into()),
+        disk_name(&args),
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
@@ -248,6 +276,9 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
     let mut sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Blk, args.sandbox.sandbox);
     if let Some(path) = &args.blk_file {
         sandbox = sandbox.file(std::path::Path::new(path), args.read_only || engine_name == "null");
+    }
+    if let Engine::Rbd(_) = &*engine {
+        sandbox = sandbox.with_calls(crate::sandbox::syscalls::CEPH_CLIENT);
     }
     if let Engine::Qcow2(image) = &*engine {
         for backing in image.chain().iter().skip(1) {

@@ -74,6 +74,8 @@ pub struct Sandbox {
     mode: SandboxMode,
     files: Vec<(PathBuf, bool)>,
     removable_in: Vec<PathBuf>,
+    /// System calls allowed beyond the backend's list (for a library it loads).
+    extra_calls: &'static [(libc::c_long, &'static str)],
 }
 
 /// What entering the sandbox did, for the log line.
@@ -90,7 +92,13 @@ pub struct Confinement {
 impl Sandbox {
     /// The sandbox of backend `kind` in `mode`, allowing no file yet.
     pub fn new(kind: BackendKind, mode: SandboxMode) -> Sandbox {
-        Sandbox { kind, mode, files: Vec::new(), removable_in: Vec::new() }
+        Sandbox { kind, mode, files: Vec::new(), removable_in: Vec::new(), extra_calls: &[] }
+    }
+
+    /// Also allows `calls` (what a library the backend loaded needs, such as Ceph's).
+    pub fn with_calls(mut self, calls: &'static [(libc::c_long, &'static str)]) -> Sandbox {
+        self.extra_calls = calls;
+        self
     }
 
     /// Allows reading `path` (and writing it unless `read_only`): an image, a port's file.
@@ -117,7 +125,7 @@ impl Sandbox {
             filesystem::Enforcement::Skipped
         };
         let kills = self.mode == SandboxMode::On;
-        let syscalls = syscalls::install(self.kind, kills)?;
+        let syscalls = syscalls::install(self.kind, self.extra_calls, kills)?;
         Ok(Some(Confinement { syscalls, kills, landlock }))
     }
 

@@ -111,6 +111,11 @@ const BLK: &[(libc::c_long, &str)] = &[
     (libc::SYS_ftruncate, "sizing the in-flight area"),
 ];
 
+/// What Ceph's client libraries call besides [`COMMON`] and [`BLK`] once connected (`--rbd`):
+/// found with `--sandbox log` under libblkio and Linux guests.
+pub const CEPH_CLIENT: &[(libc::c_long, &str)] =
+    &[(libc::SYS_uname, "librados' timer thread"), (libc::SYS_accept, "librados' admin socket")];
+
 /// What the console backend calls besides [`COMMON`].
 const CONSOLE: &[(libc::c_long, &str)] = &[];
 
@@ -136,9 +141,13 @@ fn threads_only() -> Result<SeccompRule, seccompiler::BackendError> {
 /// The filter that answers `clone3` with ENOSYS, then the allow-list filter (a call outside it
 /// kills the process, or is logged), in the order they are installed: the allow-list last, so
 /// installing needs no `seccomp` call on it.
-fn filters(kind: BackendKind, kills: bool) -> Result<[BpfProgram; 2], seccompiler::BackendError> {
+fn filters(
+    kind: BackendKind,
+    extra: &[(libc::c_long, &str)],
+    kills: bool,
+) -> Result<[BpfProgram; 2], seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(kind).into_iter().map(|(call, _)| (call, Vec::new())).collect();
+        allowed(kind).into_iter().chain(extra.iter().copied()).map(|(call, _)| (call, Vec::new())).collect();
     rules.insert(libc::SYS_clone, vec![threads_only()?]);
     rules.insert(libc::SYS_clone3, Vec::new());
     let mismatch = if kills { SeccompAction::KillProcess } else { SeccompAction::Log };
@@ -152,14 +161,15 @@ fn filters(kind: BackendKind, kills: bool) -> Result<[BpfProgram; 2], seccompile
     Ok([no_clone3.try_into()?, allow_list.try_into()?])
 }
 
-/// Installs the filters of backend `kind` on every thread of the process (and so on every
-/// thread started later); returns how many system calls are allowed.
-pub fn install(kind: BackendKind, kills: bool) -> Result<usize, SandboxError> {
-    let programs = filters(kind, kills).map_err(|source| SandboxError::Filter { kind, source })?;
+/// Installs the filters of backend `kind`, with the `extra` calls its libraries need, on every
+/// thread of the process (and so on every thread started later); returns how many system calls
+/// are allowed.
+pub fn install(kind: BackendKind, extra: &[(libc::c_long, &str)], kills: bool) -> Result<usize, SandboxError> {
+    let programs = filters(kind, extra, kills).map_err(|source| SandboxError::Filter { kind, source })?;
     for program in &programs {
         seccompiler::apply_filter_all_threads(program).map_err(|source| SandboxError::Install { kind, source })?;
     }
-    Ok(allowed(kind).len() + 1)
+    Ok(allowed(kind).len() + extra.len() + 1)
 }
 
 #[cfg(test)]
@@ -177,7 +187,7 @@ mod tests {
             unique.sort_unstable();
             unique.dedup();
             assert_eq!(unique.len(), calls.len(), "{kind}: a system call listed twice");
-            assert!(filters(kind, true).is_ok(), "{kind}: the filter builds");
+            assert!(filters(kind, &[], true).is_ok(), "{kind}: the filter builds");
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`facility`]: deciding whether a test whose facility is missing skips or fails.
 
 pub mod blkio_client;
+pub mod ceph;
 pub mod facility;
 /// The control API's HTTP client (from `pvkit-host-devices`).
 pub use pvkit_host_devices::services::client as http;

@@ -211,8 +211,10 @@ pub trait ServedDevice: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clo
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) and returns the
-/// set, for a thread to `sigwait` on.
-fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
+/// set, for a thread to `sigwait` on. [`serve`] calls it; a backend whose disk library starts
+/// threads of its own (librbd) calls it before opening the disk, so those threads never take
+/// the signal (whose default action would end the process at once).
+pub fn block_exit_signals() -> Result<libc::sigset_t, ServerError> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; these calls only modify it and this thread's mask.

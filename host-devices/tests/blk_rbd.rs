@@ -1,7 +1,7 @@
 //! `vhost-user-blk --rbd` on a single-node Ceph cluster the test starts on loopback (one
 //! monitor, one manager, one memstore OSD; started once for every check here, torn down
-//! after): libblkio patterns on two queues, flush, discard and write-zeroes, `rbd export`
-//! equal to what was written, a snapshot served read-only, a Linux guest's fio verify and
+//! after): libblkio patterns on two queues, flush, discard and write-zeroes, the image let go
+//! at SIGTERM, `rbd export` equal to what was written, a snapshot served read-only, a Linux guest's fio verify and
 //! filesystem round trip, and images that do not exist refused at start.
 
 mod common;
@@ -67,7 +67,12 @@ fn rbd_images_on_a_loopback_cluster() {
     assert_eq!(client.read(0, 12 * MIB, 4096).unwrap(), vec![0u8; 4096]);
     client.flush(1).unwrap();
     drop(client);
-    drop(blk);
+    // SIGTERM: the backend closes the image, so its lock and watch go at once (a backend on
+    // another host could take the image over without waiting for them to time out).
+    let log = blk.terminate(Duration::from_secs(10));
+    assert!(log.contains("signal 15"), "{log}");
+    let status = cluster.rbd(&["status", "rbd/disk"]).unwrap();
+    assert!(status.contains("Watchers: none"), "the image is still watched after the backend left: {status}");
     assert!(exported(&cluster, dir.path(), "rbd/disk") == expected, "rbd export differs from what was written");
 
     // A snapshot is served read-only.

@@ -64,6 +64,33 @@ pub struct BlkBenchArgs {
     /// qemu-storage-daemon through its qcow2 driver.
     #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
     pub format: ImageFormat,
+    /// Measure on a Ceph RBD image instead: the filled image is imported into this pool (as
+    /// pvkit-bench-PID with the layering feature only, removed afterwards), pvkit serves it
+    /// with --rbd (--engines is ignored) and qemu-storage-daemon with its rbd driver.
+    #[arg(long, value_name = "POOL", requires = "ceph_conf")]
+    pub rbd_pool: Option<String>,
+    /// The Ceph configuration file, for --rbd-pool.
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+}
+
+/// Where the measured disk is.
+#[derive(Debug, Clone)]
+enum Disk {
+    /// A file (raw or qcow2).
+    File(PathBuf),
+    /// An RBD image: `pool/image`, and the cluster's configuration.
+    Rbd(String, PathBuf),
+}
+
+impl Disk {
+    /// The file, or the image's name, for `{image}` in --peer lines.
+    fn name(&self) -> String {
+        match self {
+            Disk::File(path) => path.display().to_string(),
+            Disk::Rbd(spec, _) => spec.clone(),
+        }
+    }
 }
 
 /// Which of its services a pvkit contender runs with.
@@ -78,7 +105,7 @@ enum Services {
 enum Kind {
     /// An engine, sandboxed or not, with some services.
     Pvkit(String, bool, Services),
-    Qsd(ImageFormat),
+    Qsd,
     Peer(String),
 }
 
@@ -89,7 +116,14 @@ struct Contender {
 }
 
 impl Contender {
-    fn command(&self, image: &Path, size: u64, socket: &Path, queues: usize) -> Result<Command, BenchError> {
+    fn command(
+        &self,
+        disk: &Disk,
+        format: ImageFormat,
+        size: u64,
+        socket: &Path,
+        queues: usize,
+    ) -> Result<Command, BenchError> {
         Ok(match &self.kind {
             Kind::Pvkit(engine, sandboxed, services) => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
@@ -104,23 +138,30 @@ impl Contender {
                 if *services == Services::MetricsAndLimit {
                     cmd.args(["--limit", "all:ops=1G,bw=1000G"]);
                 }
-                if engine == "null" {
-                    cmd.args(["--engine", "null", "--size", &size.to_string()]);
-                } else if engine == "qcow2" {
-                    cmd.args(["--format", "qcow2"]).arg("--blk-file").arg(image);
-                } else {
-                    cmd.args(["--engine", engine]).arg("--blk-file").arg(image);
-                }
+                match (engine.as_str(), disk) {
+                    ("null", _) => cmd.args(["--engine", "null", "--size", &size.to_string()]),
+                    (_, Disk::Rbd(spec, conf)) => cmd.args(["--rbd", spec, "--ceph-conf"]).arg(conf),
+                    ("qcow2", Disk::File(image)) => cmd.args(["--format", "qcow2"]).arg("--blk-file").arg(image),
+                    (engine, Disk::File(image)) => cmd.args(["--engine", engine]).arg("--blk-file").arg(image),
+                };
                 cmd
             }
-            Kind::Qsd(format) => {
-                let file = format!("filename={},aio=io_uring", image.display());
+            Kind::Qsd => {
                 let mut cmd = Command::new("qemu-storage-daemon");
-                match format {
-                    ImageFormat::Raw => cmd.args(["--blockdev", &format!("driver=file,node-name=disk0,{file}")]),
-                    ImageFormat::Qcow2 => cmd.args([
+                match (disk, format) {
+                    (Disk::Rbd(spec, conf), _) => {
+                        let (pool, image) = spec.split_once('/').unwrap_or((spec, ""));
+                        let node =
+                            format!("driver=rbd,node-name=disk0,pool={pool},image={image},conf={}", conf.display());
+                        cmd.args(["--blockdev", &node])
+                    }
+                    (Disk::File(image), ImageFormat::Raw) => {
+                        let node = format!("driver=file,node-name=disk0,filename={},aio=io_uring", image.display());
+                        cmd.args(["--blockdev", &node])
+                    }
+                    (Disk::File(image), ImageFormat::Qcow2) => cmd.args([
                         "--blockdev",
-                        &format!("driver=file,node-name=file0,{file}"),
+                        &format!("driver=file,node-name=file0,filename={},aio=io_uring", image.display()),
                         "--blockdev",
                         "driver=qcow2,node-name=disk0,file=file0",
                     ]),
@@ -134,7 +175,7 @@ impl Contender {
             Kind::Peer(template) => {
                 let line = template
                     .replace("{socket}", &socket.display().to_string())
-                    .replace("{image}", &image.display().to_string())
+                    .replace("{image}", &disk.name())
                     .replace("{size}", &size.to_string())
                     .replace("{queues}", &queues.to_string());
                 let words = shell_words(&line)?;
@@ -211,12 +252,41 @@ fn image_in_format(raw: &Path, format: ImageFormat) -> Result<PathBuf, BenchErro
     Ok(qcow2)
 }
 
+/// The disk the contenders serve, made from the filled raw image `raw`: the file in the asked
+/// format, or an RBD image imported from it (the raw file is removed then).
+fn disk_for(args: &BlkBenchArgs, raw: &Path) -> Result<Disk, BenchError> {
+    let (Some(pool), Some(conf)) = (&args.rbd_pool, &args.ceph_conf) else {
+        return image_in_format(raw, args.format).map(Disk::File);
+    };
+    let spec = format!("{pool}/pvkit-bench-{}", std::process::id());
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        // Without exclusive-lock: the contenders are processes started in turn on one image,
+        // and each would wait for the last one's lock to be broken.
+        .args(["import", "--no-progress", "--image-feature", "layering"])
+        .arg(raw)
+        .arg(&spec)
+        .output()
+        .map_err(BenchError::io("cannot run rbd (needed for --rbd-pool)".to_string()))?;
+    let _ = std::fs::remove_file(raw);
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(BenchError::Measurement(format!("rbd import into {spec} failed: {why}")));
+    }
+    Ok(Disk::Rbd(spec, conf.clone()))
+}
+
 fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
     let mut list = Vec::new();
-    let qcow2 = [String::from("qcow2")];
-    let engines = if args.format == ImageFormat::Qcow2 { &qcow2[..] } else { &args.engines[..] };
+    let (qcow2, rbd) = ([String::from("qcow2")], [String::from("rbd")]);
+    let engines = match (&args.rbd_pool, args.format) {
+        (Some(_), _) => &rbd[..],
+        (None, ImageFormat::Qcow2) => &qcow2[..],
+        (None, ImageFormat::Raw) => &args.engines[..],
+    };
     for engine in engines {
-        if !["io_uring", "sync", "null", "qcow2"].contains(&engine.as_str()) {
+        if !["io_uring", "sync", "null", "qcow2", "rbd"].contains(&engine.as_str()) {
             return Err(BenchError::Options(format!("unknown engine '{engine}' (io_uring, sync, null)")));
         }
         list.push(Contender {
@@ -236,11 +306,12 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
     }
     if !args.no_qsd {
         if super::find_program("qemu-storage-daemon").is_some() {
-            let name = match args.format {
-                ImageFormat::Raw => "qemu-storage-daemon (io_uring)",
-                ImageFormat::Qcow2 => "qemu-storage-daemon (qcow2, io_uring)",
+            let name = match (&args.rbd_pool, args.format) {
+                (Some(_), _) => "qemu-storage-daemon (rbd)",
+                (None, ImageFormat::Raw) => "qemu-storage-daemon (io_uring)",
+                (None, ImageFormat::Qcow2) => "qemu-storage-daemon (qcow2, io_uring)",
             };
-            list.push(Contender { name: name.into(), kind: Kind::Qsd(args.format) });
+            list.push(Contender { name: name.into(), kind: Kind::Qsd });
         } else {
             eprintln!("note: qemu-storage-daemon is not installed; it is left out");
         }
@@ -290,8 +361,14 @@ pub fn run(args: &BlkBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     let size = args.image_mib << 20;
     let result = fill_image(&raw, size)
         .map_err(BenchError::io(format!("cannot write {}", raw.display())))
-        .and_then(|()| image_in_format(&raw, args.format))
-        .and_then(|image| measure(args, rec, &patterns, &contenders, &work, &image, size));
+        .and_then(|()| disk_for(args, &raw))
+        .and_then(|disk| {
+            let measured = measure(args, rec, &patterns, &contenders, &work, &disk, size);
+            if let Disk::Rbd(spec, conf) = &disk {
+                let _ = Command::new("rbd").arg("-c").arg(conf).args(["rm", "--no-progress", spec]).output();
+            }
+            measured
+        });
     let _ = std::fs::remove_dir_all(&work);
     result?;
     rec.ran(format!("{} contender(s)", contenders.len()));
@@ -304,7 +381,7 @@ fn measure(
     patterns: &[Pattern],
     contenders: &[Contender],
     work: &Path,
-    image: &Path,
+    disk: &Disk,
     size: u64,
 ) -> Result<(), BenchError> {
     let duration = Duration::from_secs_f64(args.seconds);
@@ -319,7 +396,7 @@ fn measure(
                         rec.step(format!("round {} {case}: {}", round + 1, contender.name));
                         let socket = work.join("blk.sock");
                         let log = work.join("backend.log");
-                        let mut cmd = contender.command(image, size, &socket, queues)?;
+                        let mut cmd = contender.command(disk, args.format, size, &socket, queues)?;
                         let child = Spawned::start(&contender.name, &mut cmd, &socket, &log)?;
                         let (before, own_before) = (child.usage()?, own_usage()?);
                         let load = loadgen::run(&socket, pattern, qd, queues, duration).map_err(|e| {

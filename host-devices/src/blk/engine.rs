@@ -63,6 +63,9 @@ pub trait BlockEngine: Send + Sync {
     fn capabilities(&self) -> Capabilities {
         Capabilities::ALL
     }
+    /// Lets go of the disk at exit, once no request is in flight (a network disk releases its
+    /// locks, so the next owner need not wait for them to time out). Later requests fail.
+    fn close(&self) {}
     /// Reads into `bufs`, in order, starting at byte `offset`.
     fn read<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()>;
     /// Writes `bufs`, in order, starting at byte `offset`.
@@ -325,6 +328,9 @@ impl BlockEngine for Engine {
     }
     fn capabilities(&self) -> Capabilities {
         dispatch!(self, e => e.capabilities())
+    }
+    fn close(&self) {
+        dispatch!(self, e => e.close())
     }
     fn read<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {
         dispatch!(self, e => e.read(offset, bufs))

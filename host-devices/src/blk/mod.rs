@@ -245,6 +245,8 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
         return Ok(());
     }
     let listen = ListenOn::from_args(&args.listen).map_err(BlkError::Server)?;
+    // Before the disk opens: threads a disk library starts must not take SIGTERM themselves.
+    server::block_exit_signals().map_err(BlkError::Server)?;
     let engine = open_engine(&args)?;
     let engine_name = engine.name();
     let stats = Arc::new(stats::Stats::default());
@@ -270,8 +272,11 @@ pub fn main(args: &[String]) -> Result<(), BlkError> {
         move || stats.summary()
     };
     let quiesce = {
-        let gates = gates.clone();
-        move || gates.close()
+        let (gates, engine) = (gates.clone(), engine.clone());
+        move || {
+            gates.close();
+            engine.close();
+        }
     };
     let mut sandbox = crate::sandbox::Sandbox::new(crate::BackendKind::Blk, args.sandbox.sandbox);
     if let Some(path) = &args.blk_file {

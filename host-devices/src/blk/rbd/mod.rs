@@ -8,6 +8,7 @@ pub mod ffi;
 use super::engine::{BlockEngine, Capabilities, RwOp};
 use ffi::{Image, Pending};
 use std::io;
+use std::sync::RwLock;
 use vm_memory::VolatileSlice;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::volatile_memory::PtrGuardMut;
@@ -80,7 +81,8 @@ impl std::fmt::Display for RbdSpec {
 
 /// An RBD image served as the guest's disk.
 pub struct RbdEngine {
-    image: Image,
+    /// None once closed at exit.
+    image: RwLock<Option<Image>>,
     size: u64,
     read_only: bool,
 }
@@ -98,16 +100,25 @@ impl RbdEngine {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(RbdError::Size { spec: spec.to_string(), size });
         }
-        Ok(RbdEngine { image, size, read_only })
+        Ok(RbdEngine { image: RwLock::new(Some(image)), size, read_only })
     }
 
-    /// Starts a read or write of `bufs` at `offset`.
-    fn start<B: BitmapSlice>(
-        &self,
+    /// Runs `f` on the open image (an error once it was closed).
+    fn with_image<T>(&self, f: impl FnOnce(&Image) -> io::Result<T>) -> io::Result<T> {
+        let image = self.image.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match image.as_ref() {
+            Some(image) => f(image),
+            None => Err(closed()),
+        }
+    }
+
+    /// Starts a read or write of `bufs` at `offset` on `image`.
+    fn start<'i, B: BitmapSlice>(
+        image: &'i Image,
         write: bool,
         offset: u64,
         bufs: &[VolatileSlice<'_, B>],
-    ) -> io::Result<Started<'_>> {
+    ) -> io::Result<Started<'i>> {
         let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard_mut()).collect();
         let iovecs: Vec<libc::iovec> = guards
             .iter()
@@ -118,10 +129,13 @@ impl RbdEngine {
         // `Started` holds the guards and the iovec array (librbd keeps a pointer to the array of
         // a vectored read) until the operation has been waited for, and the batch's caller keeps
         // the guest memory itself alive meanwhile.
-        let pending =
-            unsafe { if write { self.image.write(offset, &iovecs) } else { self.image.read(offset, &iovecs) } }?;
+        let pending = unsafe { if write { image.write(offset, &iovecs) } else { image.read(offset, &iovecs) } }?;
         Ok(Started { pending, _iovecs: iovecs, _guards: guards })
     }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the rbd image was closed")
 }
 
 /// A read or write librbd has started, with what keeps its buffers mapped.
@@ -142,8 +156,13 @@ impl BlockEngine for RbdEngine {
         Capabilities { read_only: self.read_only, ..Capabilities::ALL }
     }
 
+    fn close(&self) {
+        // Dropping the image closes it: librbd releases its exclusive lock and its watch.
+        self.image.write().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    }
+
     fn read<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {
-        self.start(false, offset, bufs)?.pending.wait()?;
+        self.with_image(|image| Self::start(image, false, offset, bufs)?.pending.wait())?;
         for slice in bufs {
             slice.bitmap().mark_dirty(0, slice.len());
         }
@@ -151,26 +170,30 @@ impl BlockEngine for RbdEngine {
     }
 
     fn write<B: BitmapSlice>(&self, offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {
-        self.start(true, offset, bufs)?.pending.wait()
+        self.with_image(|image| Self::start(image, true, offset, bufs)?.pending.wait())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.image.flush()?.wait()
+        self.with_image(|image| image.flush()?.wait())
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.image.discard(offset, len)?.wait()
+        self.with_image(|image| image.discard(offset, len)?.wait())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let flags = if unmap { 0 } else { ffi::WRITE_ZEROES_THICK };
-        self.image.write_zeroes(offset, len, flags)?.wait()
+        self.with_image(|image| image.write_zeroes(offset, len, flags)?.wait())
     }
 
     /// Every read and write of the batch started before the first is waited for.
     fn rw_batch<B: BitmapSlice>(&self, _queue: usize, ops: &[RwOp<'_, B>]) -> Vec<io::Result<()>> {
+        let image = self.image.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(image) = image.as_ref() else {
+            return ops.iter().map(|_| Err(closed())).collect();
+        };
         let started: Vec<io::Result<Started<'_>>> =
-            ops.iter().map(|op| self.start(op.write, op.offset, &op.bufs)).collect();
+            ops.iter().map(|op| Self::start(image, op.write, op.offset, &op.bufs)).collect();
         started
             .into_iter()
             .zip(ops)

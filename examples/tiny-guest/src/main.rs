@@ -17,6 +17,7 @@ mod hal;
 mod irq;
 mod selftest;
 mod serial;
+mod soak;
 mod start_info;
 
 use core::panic::PanicInfo;
@@ -56,6 +57,9 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
         && let Some(blk) = drivers.blk.as_mut()
     {
         bench::doorbells(blk, cmdline);
+    }
+    if abi::param(cmdline, abi::key::MODE) == Some("soak") {
+        soak::run(&mut drivers, cmdline, &mut result);
     }
     if abi::param(cmdline, abi::key::MODE) == Some("bench") {
         bench::run(drivers, cmdline);

@@ -117,6 +117,9 @@ pub(super) struct Shared {
     pub(super) last_size: Mutex<Option<(u16, u16)>>,
     /// Each queue's wait for the rate limits.
     pub(super) throttles: Throttles,
+    /// Per port: its receive queue ran out of buffers while a client was connected, so input
+    /// may wait unwatched and new buffers are work.
+    pub(super) rx_starved: Vec<std::sync::atomic::AtomicBool>,
     /// Where configuration changes (a new terminal size) are announced to the frontend.
     pub(super) backend_channel: Arc<BackendChannel>,
 }
@@ -158,9 +161,15 @@ impl ConsoleDevice {
                 last_size: Mutex::new(size),
                 // Timer events come after the ports' events and the size check's.
                 throttles: Throttles::new(num_queues, (num_queues + 2 + port_count * 3) as u64)?,
+                rx_starved: (0..port_count).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
                 backend_channel: Arc::new(BackendChannel::new()),
             }),
         })
+    }
+
+    /// Whether port `p`'s receive queue ran out of buffers with a client connected.
+    fn rx_starved(&self, p: usize) -> bool {
+        self.shared.rx_starved.get(p).is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     fn multiport(&self) -> bool {
@@ -405,7 +414,8 @@ impl QueueService for ConsolePass<'_> {
     }
 
     /// Receive queues keep free buffers on purpose: their kicks are wanted, but waiting
-    /// buffers are not work; a full port's transmit queue waits for the port to drain.
+    /// buffers are not work, unless the port ran out of them with input perhaps waiting; a
+    /// full port's transmit queue waits for the port to drain.
     fn rearm(&self, queue: usize) -> Rearm {
         // Waiting for its limits, a queue takes no kicks: its timer wakes the worker.
         if self.device.shared.throttles.is_waiting(queue) {
@@ -414,6 +424,9 @@ impl QueueService for ConsolePass<'_> {
         match self.device.role(queue) {
             Some(QueueRole::Tx(p)) if self.full.get(p).copied().unwrap_or(false) => Rearm::Parked,
             Some(QueueRole::Tx(_) | QueueRole::ControlTx) => Rearm::Work,
+            // Buffers added while the worker finished its pass come without a kick (the driver
+            // saw notifications off); a port whose input waits for them must not miss them.
+            Some(QueueRole::Rx(p)) if self.device.rx_starved(p) => Rearm::Work,
             _ => Rearm::KickOnly,
         }
     }

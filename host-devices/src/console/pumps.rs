@@ -123,13 +123,16 @@ impl ConsoleDevice {
         let services = self.shared.core.services();
         let (mut used, mut closed, mut has_buffers) = (UsedBatch::default(), false, false);
         let mut popper = ring::Popper::new(queue);
-        let mut failed_reads = 0;
+        let (mut failed_reads, mut starved) = (0, false);
         let returned = {
             let mem = memory.memory();
             let mut state = vring.get_mut();
             let vq = state.get_queue_mut();
             while port.input_fd().is_some() && !self.shared.throttles.is_waiting(queue) {
-                let Some(chain) = popper.next(vq, &*mem) else { break };
+                let Some(chain) = popper.next(vq, &*mem) else {
+                    starved = true;
+                    break;
+                };
                 let head = chain.head_index();
                 let buffers = ChainBuffers::collect(chain, MAX_RX_CHAIN).ok().filter(|b| b.writable_len() > 0);
                 let Some(buffers) = buffers else {
@@ -183,6 +186,11 @@ impl ConsoleDevice {
         };
         let fd = port.input_fd();
         drop(ports);
+        // Out of buffers with a client connected: input may be waiting, unwatched, so buffers the
+        // guest adds while the worker finishes are work (see `ConsolePass::rearm`).
+        if let Some(flag) = self.shared.rx_starved.get(p) {
+            flag.store(starved && fd.is_some(), std::sync::atomic::Ordering::Relaxed);
+        }
         self.watch(p, 1, fd, has_buffers);
         if closed {
             self.host_side_closed(p);

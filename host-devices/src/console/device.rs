@@ -427,6 +427,8 @@ impl QueueService for ConsolePass<'_> {
             // Buffers added while the worker finished its pass come without a kick (the driver
             // saw notifications off); a port whose input waits for them must not miss them.
             Some(QueueRole::Rx(p)) if self.device.rx_starved(p) => Rearm::Work,
+            // Likewise control messages waiting for the driver's buffers.
+            Some(QueueRole::ControlRx) if !lock(&self.device.shared.control).outbox.is_empty() => Rearm::Work,
             _ => Rearm::KickOnly,
         }
     }

@@ -63,6 +63,13 @@ fn backend(dir: &Path, uri: &str, extra: &[&str]) -> (ChildGuard, PathBuf) {
     (child, socket)
 }
 
+/// An empty raw image of `DISK` bytes in `dir`.
+fn empty_image(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    image
+}
+
 fn ready(test: &str) -> bool {
     facility::require_programs(test, &["qemu-nbd", "nbdkit"])
 }
@@ -92,8 +99,7 @@ fn qemu_nbd_and_nbdkit_exports_round_trip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let image = empty_image(dir.path());
     let server = qemu_nbd(dir.path(), &image, &[]);
     let (blk, socket) = backend(dir.path(), &server.uri, &["--num-queues", "2"]);
     exercise(&socket);
@@ -146,8 +152,7 @@ fn a_server_restart_is_waited_out_and_a_lost_server_times_out() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let image = empty_image(dir.path());
     let server = qemu_nbd(dir.path(), &image, &[]);
     let (mut blk, socket) = backend(dir.path(), &server.uri, &["--nbd-timeout", "3"]);
     let mut client = BlkioClient::connect(&socket, 1).unwrap();
@@ -188,8 +193,7 @@ fn refused_exports_and_bad_uris_stop_the_backend_at_start() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(DISK).unwrap();
+    let image = empty_image(dir.path());
     let server = qemu_nbd(dir.path(), &image, &[]);
     let wrong_export = server.uri.replace("/disk?", "/nothing?");
     for (uri, expected) in [

@@ -2,10 +2,7 @@
 //! duplicate, delay and reorder frames, delay console output and hold block completions; rate
 //! limits that hold work back until the tokens are back.
 
-use super::tests::{memory, post_frame, post_read, ring, used_idx};
-use crate::blk::device::{BlkDevice, BlkOptions};
-use crate::blk::engine::{Engine, NullEngine};
-use crate::blk::stats::Stats;
+use super::tests::{blk_device_with, memory, post_frame, post_read, ring, used_idx};
 use crate::console::device::{ConsoleDevice, ConsoleHost};
 use crate::console::port::{HostPort, PortKind, PortSpec};
 use crate::net::device::{NetDevice, NetOptions};
@@ -143,23 +140,7 @@ fn held_completions_are_published_when_due_or_when_the_ring_stops() {
     let (mem, atomic) = memory();
     let args = ServiceArgs { faults: vec!["op=read,action=delay:60000".into()], ..ServiceArgs::default() };
     let services = DeviceServices::new(BLK, 1, &args).unwrap();
-    let options = BlkOptions {
-        num_queues: 1,
-        queue_size: 256,
-        serial: "held".into(),
-        logical_block_size: 512,
-        read_only: false,
-        poll_us: 0,
-    };
-    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
-    let device = BlkDevice::with_services(
-        Arc::new(engine),
-        options,
-        Arc::new(Stats::default()),
-        Arc::new(Gates::new(1)),
-        services.clone(),
-    )
-    .unwrap();
+    let device = blk_device_with(1, services.clone());
     device.update_memory(atomic.clone()).unwrap();
     let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
     post_read(&mem, &queue, 512, 0x80_2000);

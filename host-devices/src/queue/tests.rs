@@ -102,6 +102,11 @@ pub(super) fn within_five_seconds<T: Send + 'static>(what: &str, f: impl FnOnce(
 }
 
 fn blk_device(queues: u16) -> BlkDevice {
+    blk_device_with(queues, Arc::new(crate::queue::NoServices))
+}
+
+/// A block device with `queues` queues over a 1 MiB null disk, with `services`.
+pub(super) fn blk_device_with(queues: u16, services: Arc<dyn crate::queue::QueueServices>) -> BlkDevice {
     let options = BlkOptions {
         num_queues: queues,
         queue_size: 256,
@@ -112,7 +117,7 @@ fn blk_device(queues: u16) -> BlkDevice {
     };
     let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
     let gates = Arc::new(Gates::new(queues.into()));
-    BlkDevice::new(Arc::new(engine), options, Arc::new(Stats::default()), gates).unwrap()
+    BlkDevice::with_services(Arc::new(engine), options, Arc::new(Stats::default()), gates, services).unwrap()
 }
 
 #[test]
@@ -319,23 +324,7 @@ fn services_see_every_block_request_and_every_guest_write() {
     use crate::queue::services::RecordingServices;
     let (mem, atomic) = memory();
     let services = Arc::new(RecordingServices::default());
-    let options = BlkOptions {
-        num_queues: 1,
-        queue_size: 256,
-        serial: "core-test".into(),
-        logical_block_size: 512,
-        read_only: false,
-        poll_us: 0,
-    };
-    let engine = Engine::Null(NullEngine::new(1 << 20).unwrap());
-    let device = BlkDevice::with_services(
-        Arc::new(engine),
-        options,
-        Arc::new(Stats::default()),
-        Arc::new(Gates::new(1)),
-        services.clone(),
-    )
-    .unwrap();
+    let device = blk_device_with(1, services.clone());
     device.update_memory(atomic.clone()).unwrap();
     let (queue, vring) = ring(&mem, &atomic, 0x10_0000);
     post_read(&mem, &queue, 512, 0x80_2000);

@@ -33,6 +33,8 @@ enum Command {
     },
     /// Live rates of running backends from their control API (--api-socket), like iostat.
     Stat(crate::stat::StatArgs),
+    /// Control a running `pvkit run --api-socket`: pause, resume, info, shutdown.
+    Ctl(crate::ctl::CtlArgs),
     /// Run one device backend (the same as invoking pvkit as vhost-user-blk, -net or -console).
     Backend {
         /// blk, net or console.
@@ -55,6 +57,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         Command::Demo => crate::demo::demo(),
         Command::Run(args) => crate::run::run(args),
         Command::Stat(args) => crate::stat::stat(args),
+        Command::Ctl(args) => crate::ctl::ctl(args),
         Command::Bench { output, scenario } => match crate::bench::run(&scenario, &output) {
             Ok(true) => ExitCode::SUCCESS,
             // A scenario of `all` failed, or `compare` found something worse.

@@ -276,6 +276,7 @@ fn run_demo(dir: &Path) -> Result<bool, DemoError> {
         reconnect: None,
         doorbells: true,
         completion: None,
+        control: pvkit_vmm_glue::control::VmControl::new(),
         sandbox: pvkit_vmm_glue::seccomp::ThreadSandbox::On,
     };
     let report = vm::run(config)?;

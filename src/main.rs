@@ -6,10 +6,12 @@
 
 mod bench;
 mod cli;
+mod ctl;
 mod demo;
 mod run;
 mod software;
 mod stat;
+mod vm_api;
 
 use std::process::ExitCode;
 

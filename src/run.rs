@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// Any virtio device type served by a vhost-user backend: virtio-id=N,socket=PATH.
     #[arg(long, value_name = "virtio-id=N,socket=PATH", value_parser = parse_device)]
     pub device: Vec<DeviceSpec>,
+    /// Serve the VM's control API (HTTP with JSON bodies) on this unix socket; see `pvkit ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Where COM1's output goes: stdout or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -160,6 +163,7 @@ pub fn outcome_status(outcome: &Outcome) -> (ExitCode, String) {
             (ExitCode::from(status), format!("the guest exited with code {code}"))
         }
         Outcome::TimedOut => (ExitCode::from(EXIT_TIMEOUT), "the watchdog stopped the guest (--timeout)".into()),
+        Outcome::Stopped => (ExitCode::SUCCESS, "shut down through the API".into()),
         Outcome::Shutdown => (ExitCode::from(EXIT_CRASH), "the guest shut down (triple fault or reset)".into()),
         Outcome::InternalError(why) => (ExitCode::from(EXIT_CRASH), format!("the guest could not run: {why}")),
     }
@@ -219,7 +223,17 @@ pub fn run(args: RunArgs) -> ExitCode {
             }
         }
     };
+    let control = pvkit_vmm_glue::control::VmControl::new();
+    if let Some(socket) = &args.api_socket {
+        let description =
+            crate::vm_api::VmDescription { vcpus: args.vcpus, memory: args.memory, devices: args.devices() };
+        if let Err(e) = crate::vm_api::serve(socket, control.clone(), description) {
+            eprintln!("pvkit run: cannot serve the API on {}: {e}", socket.display());
+            return ExitCode::from(2);
+        }
+    }
     let config = VmConfig {
+        control,
         kernel,
         cmdline: args.cmdline.clone(),
         memory: args.memory,
@@ -236,7 +250,11 @@ pub fn run(args: RunArgs) -> ExitCode {
             SandboxMode::Off => ThreadSandbox::Off,
         },
     };
-    match vm::run(config) {
+    let result = vm::run(config);
+    if let Some(socket) = &args.api_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    match result {
         Ok(report) => {
             let (status, message) = outcome_status(&report.outcome);
             eprintln!("pvkit run: {message} after {:.1} s", report.elapsed.as_secs_f64());

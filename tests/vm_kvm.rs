@@ -340,3 +340,54 @@ fn tiny_guest_soak_mode_verifies_what_it_wrote() {
     }
     println!("vm_kvm_soak: {done}");
 }
+
+/// `pvkit run --api-socket` and `pvkit ctl`: a soaking guest is paused (its progress lines
+/// stop), described (`paused`), resumed (they go on) and shut down (`pvkit run` exits 0); a
+/// request the VM cannot take gets a message and a non-zero exit.
+#[test]
+fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
+    if !facility::require_kvm("vm_kvm_ctl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backends = start_backends(dir.path());
+    let (api, serial) = (dir.path().join("vm.api"), dir.path().join("serial.log"));
+    let mut run =
+        backends.run_command(&["--timeout", "120", "--cmdline", "pvkit.mode=soak pvkit.soak_iterations=100000000"]);
+    run.arg("--api-socket").arg(&api).arg("--serial").arg(&serial);
+    let mut vm = ChildGuard::spawn("pvkit run", &mut run).unwrap();
+    let progress = || std::fs::read_to_string(&serial).unwrap_or_default().matches("PVKIT-SOAK ").count();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("the guest never soaked", &|| progress() >= 3);
+    let ctl = |action: &str| pvkit().args(["ctl", "--api-socket"]).arg(&api).arg(action).output().unwrap();
+    let paused = ctl("pause");
+    assert!(paused.status.success(), "{}", String::from_utf8_lossy(&paused.stderr));
+    let at_pause = progress();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(progress() <= at_pause + 1, "the guest went on while paused: {at_pause} -> {}", progress());
+    let info = ctl("info");
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"state\":\"paused\""), "{info:?}");
+    assert!(ctl("resume").status.success());
+    let resumed_at = progress();
+    wait_for("the guest did not go on after resume", &|| progress() > resumed_at + 2);
+    assert!(ctl("shutdown").status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ended = loop {
+        match vm.check_running() {
+            Ok(()) => assert!(std::time::Instant::now() < deadline, "pvkit run did not end after shutdown"),
+            Err(ended) => break ended,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ended = ended.to_string();
+    assert!(ended.contains("exit status: 0"), "pvkit run did not exit 0 after shutdown: {ended}");
+    let refused = ctl("pause");
+    assert!(!refused.status.success(), "a pause after the VM ended succeeded");
+    println!("vm_kvm_ctl: paused at {at_pause} progress lines, resumed, shut down");
+}

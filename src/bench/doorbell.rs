@@ -67,6 +67,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), BenchError> {
             reconnect: None,
             doorbells: setup.doorbells,
             completion: None,
+            control: pvkit_vmm_glue::control::VmControl::new(),
             sandbox: pvkit_vmm_glue::seccomp::ThreadSandbox::On,
         };
         let report = vm::run(config)?;

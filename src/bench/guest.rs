@@ -86,6 +86,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
                     reconnect: None,
                     doorbells: contender == Contender::KvmPorts,
                     completion: None,
+                    control: pvkit_vmm_glue::control::VmControl::new(),
                     sandbox: pvkit_vmm_glue::seccomp::ThreadSandbox::On,
                 };
                 let report = vm::run(config)?;

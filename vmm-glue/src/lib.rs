@@ -7,6 +7,7 @@
 pub mod backend_requests;
 pub mod backend_watch;
 pub mod bus;
+pub mod control;
 pub mod device;
 pub mod frontend;
 pub mod guest_report;

@@ -39,6 +39,8 @@ pub enum Outcome {
     InternalError(String),
     /// The watchdog stopped it.
     TimedOut,
+    /// It was shut down through the VM's control (`PUT /vm/shutdown`).
+    Stopped,
 }
 
 /// Port and MMIO accesses the kernel did not handle.
@@ -110,9 +112,10 @@ pub fn configure(kvm_handle: &Kvm, vcpu: &VcpuFd, loaded: &Loaded) -> Result<(),
 }
 
 /// Runs `vcpu` until the guest exits, stops, or `stop` is set (the watchdog then interrupts
-/// KVM_RUN with a signal).
-pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, stop: &AtomicBool) -> Outcome {
+/// KVM_RUN with a signal); parks it whenever `control` asks for a pause.
+pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, stop: &AtomicBool, control: &crate::control::VmControl) -> Outcome {
     loop {
+        control.park_if_asked();
         if stop.load(Ordering::SeqCst) {
             return Outcome::TimedOut;
         }

@@ -102,6 +102,8 @@ pub struct VmConfig {
     pub completion: Option<CompletionMode>,
     /// seccomp filters on the vCPU and event threads.
     pub sandbox: crate::seccomp::ThreadSandbox,
+    /// Pausing, resuming and shutting the VM down from another thread.
+    pub control: Arc<crate::control::VmControl>,
 }
 
 /// What a run produced.
@@ -247,6 +249,7 @@ impl Vm {
         stop: &Arc<AtomicBool>,
         done: std::sync::mpsc::Sender<Outcome>,
         sandbox: crate::seccomp::ThreadSandbox,
+        control: &Arc<crate::control::VmControl>,
     ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
         let loaded = loader::load(&self.ram, kernel, &self.cmdline)?;
         vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
@@ -262,14 +265,14 @@ impl Vm {
                     .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
                 vcpu_fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             }
-            let (bus, stop, done) = (bus.clone(), stop.clone(), done.clone());
+            let (bus, stop, done, control) = (bus.clone(), stop.clone(), done.clone(), control.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     if let Err(e) = crate::seccomp::confine_this_thread(crate::seccomp::VmmThread::Vcpu, sandbox) {
                         log::error!("vCPU {id}: {e}; running without a filter");
                     }
-                    let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop);
+                    let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop, &control);
                     if id == 0 {
                         let _ = done.send(outcome);
                     }
@@ -323,13 +326,18 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
-    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx, config.sandbox)?;
+    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx.clone(), config.sandbox, &config.control)?;
+    {
+        use std::os::unix::thread::JoinHandleExt;
+        config.control.started(threads.iter().map(|t| t.as_pthread_t()).collect(), done_tx);
+    }
     let events =
         crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone(), config.sandbox)
             .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
 
     let outcome = done_rx.recv_timeout(config.timeout).unwrap_or(Outcome::TimedOut);
     stop.store(true, Ordering::SeqCst);
+    config.control.ended();
     stop_vcpus(threads);
     let _ = events.join();
     let devices = vm.device_reports();

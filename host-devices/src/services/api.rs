@@ -20,14 +20,12 @@
 
 use super::DeviceServices;
 use super::faults::RuleSpec;
-use log::{info, warn};
+use super::http::{self, Handler, PROMETHEUS_TEXT, error, json_reply};
+pub use super::http::{MAX_BODY, Reply};
+use log::info;
 use serde::Deserialize;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// The largest request body read.
-pub const MAX_BODY: u64 = 64 * 1024;
 
 /// Errors from setting the API up.
 #[derive(Debug, thiserror::Error)]
@@ -56,28 +54,6 @@ pub struct ApiServer {
     services: Arc<DeviceServices>,
     unix: Option<(std::os::unix::net::UnixListener, PathBuf)>,
     tcp: Option<std::net::TcpListener>,
-}
-
-/// A response: status, content type, body.
-#[derive(Debug, PartialEq)]
-pub struct Reply {
-    /// The HTTP status.
-    pub status: u16,
-    /// The content type.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: String,
-}
-
-const JSON: &str = "application/json";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-fn json_reply(status: u16, value: &serde_json::Value) -> Reply {
-    Reply { status, content_type: JSON, body: value.to_string() }
-}
-
-fn error(status: u16, message: impl std::fmt::Display) -> Reply {
-    json_reply(status, &serde_json::json!({ "error": message.to_string() }))
 }
 
 /// The body of `PUT /faults`.
@@ -188,37 +164,8 @@ fn spawn(
     address: String,
 ) -> Result<(), ApiError> {
     info!("API on {address}{}", if metrics_only { " (GET /metrics)" } else { "" });
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                answer(&services, request, metrics_only);
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| ApiError::Start { address, why: e.to_string() })
-}
-
-fn answer(services: &DeviceServices, mut request: tiny_http::Request, metrics_only: bool) {
-    let mut body = Vec::new();
-    let declared = request.body_length().unwrap_or(0) as u64;
-    let reply = if declared > MAX_BODY {
-        error(413, format!("a body of {declared} bytes; at most {MAX_BODY} are read"))
-    } else {
-        match request.as_reader().take(MAX_BODY + 1).read_to_end(&mut body) {
-            Ok(n) if n as u64 > MAX_BODY => error(413, format!("a body over {MAX_BODY} bytes")),
-            Ok(_) => route(services, request.method().as_str(), request.url(), &body, metrics_only),
-            Err(e) => error(400, format!("the body cannot be read: {e}")),
-        }
-    };
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes());
-    let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
-    if let Ok(header) = header {
-        response = response.with_header(header);
-    }
-    if let Err(e) = request.respond(response) {
-        warn!("API: the answer could not be sent: {e}");
-    }
+    let handler: Handler = Arc::new(move |method, path, body| route(&services, method, path, body, metrics_only));
+    http::serve(server, handler).map_err(|e| ApiError::Start { address, why: e.to_string() })
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod client;
 pub mod faults;
+pub mod http;
 pub mod limits;
 pub mod metrics;
 

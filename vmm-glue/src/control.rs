@@ -1,0 +1,226 @@
+//! Controlling a running VM from another thread (`pvkit run --api-socket`): pause parks every
+//! vCPU outside KVM_RUN, resume lets them go on, shutdown ends the run, info says what the VM is.
+//!
+//! A vCPU parks when it next leaves KVM_RUN; [`VmControl::pause`] kicks the vCPU threads with
+//! the same signal the watchdog uses until every one is parked, and gives up after a timeout.
+//! Pausing parks the vCPUs only: the backends go on serving what the guest had queued (quiescing
+//! the devices belongs to snapshots, not done yet).
+
+use crate::sync::lock;
+use crate::vcpu::Outcome;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a pause waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a control request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The VM is not running (not started yet, or ended).
+    #[error("the VM is not running")]
+    NotRunning,
+    /// Not every vCPU parked in time.
+    #[error("{parked} of {vcpus} vCPUs parked within {PAUSE_TIMEOUT:?}")]
+    PauseTimedOut {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPUs.
+        vcpus: usize,
+    },
+}
+
+/// The run state, as `GET /vm` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Not started yet.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// Every vCPU parked.
+    Paused,
+    /// The run ended.
+    Ended,
+}
+
+impl RunState {
+    /// Its name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Ended => "ended",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: RunState,
+    /// vCPUs parked now.
+    parked: usize,
+    /// The vCPU threads, for kicks (cleared before they are joined).
+    threads: Vec<libc::pthread_t>,
+    /// Where an outcome ends the run.
+    done: Option<Sender<Outcome>>,
+}
+
+/// A running VM's control, shared by the VM and whoever controls it.
+#[derive(Debug)]
+pub struct VmControl {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    /// Set while a pause is asked for: vCPUs look here before each KVM_RUN.
+    pause_asked: AtomicBool,
+}
+
+impl Default for VmControl {
+    fn default() -> Self {
+        VmControl {
+            inner: Mutex::new(Inner { state: RunState::Created, parked: 0, threads: Vec::new(), done: None }),
+            changed: Condvar::new(),
+            pause_asked: AtomicBool::new(false),
+        }
+    }
+}
+
+impl VmControl {
+    /// A control for a VM not started yet.
+    pub fn new() -> Arc<VmControl> {
+        Arc::new(VmControl::default())
+    }
+
+    /// The state now.
+    pub fn state(&self) -> RunState {
+        lock(&self.inner).state
+    }
+
+    /// The VM started its vCPU `threads`; `done` ends the run.
+    pub(crate) fn started(&self, threads: Vec<libc::pthread_t>, done: Sender<Outcome>) {
+        let mut inner = lock(&self.inner);
+        inner.threads = threads;
+        inner.done = Some(done);
+        inner.state = RunState::Running;
+    }
+
+    /// The run is over: no more kicks (the threads are about to be joined), parked vCPUs go.
+    pub(crate) fn ended(&self) {
+        let mut inner = lock(&self.inner);
+        inner.threads.clear();
+        inner.done = None;
+        inner.state = RunState::Ended;
+        self.pause_asked.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: parks it while a pause is asked for (and
+    /// the run goes on).
+    pub(crate) fn park_if_asked(&self) {
+        if !self.pause_asked.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        inner.parked += 1;
+        self.changed.notify_all();
+        while self.pause_asked.load(Ordering::SeqCst) && inner.state != RunState::Ended {
+            inner =
+                self.changed.wait_timeout(inner, Duration::from_millis(100)).map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+        inner.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Parks every vCPU; returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut inner = lock(&self.inner);
+        match inner.state {
+            RunState::Paused => return Ok(()),
+            RunState::Running => {}
+            RunState::Created | RunState::Ended => return Err(ControlError::NotRunning),
+        }
+        self.pause_asked.store(true, Ordering::SeqCst);
+        let vcpus = inner.threads.len();
+        while inner.parked < vcpus {
+            if Instant::now() > deadline || inner.state == RunState::Ended {
+                let parked = inner.parked;
+                self.pause_asked.store(false, Ordering::SeqCst);
+                self.changed.notify_all();
+                return Err(ControlError::PauseTimedOut { parked, vcpus });
+            }
+            for thread in &inner.threads {
+                // SAFETY: the thread ids are those of vCPU threads that are not joined yet
+                // (`ended` clears the list, under this lock, before they are); the signal's
+                // handler does nothing, it only ends KVM_RUN.
+                unsafe { libc::pthread_kill(*thread, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+            inner =
+                self.changed.wait_timeout(inner, Duration::from_millis(5)).map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+        inner.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut inner = lock(&self.inner);
+        match inner.state {
+            RunState::Running => return Ok(()),
+            RunState::Paused => {}
+            RunState::Created | RunState::Ended => return Err(ControlError::NotRunning),
+        }
+        self.pause_asked.store(false, Ordering::SeqCst);
+        inner.state = RunState::Running;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Ends the run (as a guest that shut down would), paused or not.
+    pub fn shutdown(&self) -> Result<(), ControlError> {
+        let inner = lock(&self.inner);
+        let done = inner.done.clone().ok_or(ControlError::NotRunning)?;
+        drop(inner);
+        done.send(Outcome::Stopped).map_err(|_| ControlError::NotRunning)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_not_running_refuses_and_a_running_one_pauses_and_resumes() {
+        let control = VmControl::new();
+        assert_eq!(control.pause(), Err(ControlError::NotRunning));
+        let (done, outcome) = std::sync::mpsc::channel();
+        // A stand-in vCPU thread that keeps "leaving KVM_RUN".
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpu = {
+            let (control, stop) = (control.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    control.park_if_asked();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let id = std::os::unix::thread::JoinHandleExt::as_pthread_t(&vcpu);
+        // The kick signal needs a handler, as the VM installs one.
+        extern "C" fn nothing(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), nothing).unwrap();
+        control.started(vec![id], done);
+        assert_eq!(control.pause(), Ok(()));
+        assert_eq!(control.state(), RunState::Paused);
+        assert_eq!(control.resume(), Ok(()));
+        assert_eq!(control.state(), RunState::Running);
+        control.shutdown().unwrap();
+        assert_eq!(outcome.recv().unwrap(), Outcome::Stopped);
+        control.ended();
+        stop.store(true, Ordering::SeqCst);
+        vcpu.join().unwrap();
+        assert_eq!(control.resume(), Err(ControlError::NotRunning));
+    }
+}

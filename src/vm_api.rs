@@ -36,15 +36,21 @@ fn route(control: &VmControl, description: &VmDescription, method: &str, path: &
     };
     match (method, path) {
         ("GET", "/vm") => {
+            let status = control.devices();
             let devices: Vec<serde_json::Value> = description
                 .devices
                 .iter()
                 .enumerate()
                 .map(|(slot, d)| {
+                    let live = status.iter().find(|s| s.slot as usize == slot);
                     serde_json::json!({
                         "slot": slot,
+                        "name": live.map(|s| s.name.clone()),
                         "virtio_id": d.device.raw(),
                         "socket": d.socket.display().to_string(),
+                        "features": live.map(|s| format!("{:#x}", s.features)),
+                        "connected": live.map(|s| s.connected),
+                        "queue_indexes": live.and_then(|s| s.paused_bases.clone()),
                     })
                 })
                 .collect();

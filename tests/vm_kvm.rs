@@ -342,8 +342,10 @@ fn tiny_guest_soak_mode_verifies_what_it_wrote() {
 }
 
 /// `pvkit run --api-socket` and `pvkit ctl`: a soaking guest is paused (its progress lines
-/// stop), described (`paused`), resumed (they go on) and shut down (`pvkit run` exits 0); a
-/// request the VM cannot take gets a message and a non-zero exit.
+/// stop, its backends' rings are stopped and their indexes reported), described (`paused`),
+/// resumed (the rings start again where they were and the soak goes on, verifying what it
+/// wrote) and shut down (`pvkit run` exits 0); a request the VM cannot take gets a message and
+/// a non-zero exit.
 #[test]
 fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
     if !facility::require_kvm("vm_kvm_ctl") {
@@ -372,7 +374,12 @@ fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(progress() <= at_pause + 1, "the guest went on while paused: {at_pause} -> {}", progress());
     let info = ctl("info");
-    assert!(String::from_utf8_lossy(&info.stdout).contains("\"state\":\"paused\""), "{info:?}");
+    let described: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(described["state"], "paused", "{described}");
+    // Each started device's backend was stopped, its rings' indexes kept for the resume.
+    let blk = &described["devices"][0];
+    assert_eq!(blk["name"], "blk", "{described}");
+    assert!(blk["queue_indexes"][0].as_u64() > Some(0), "no ring index for blk while paused: {described}");
     assert!(ctl("resume").status.success());
     let resumed_at = progress();
     wait_for("the guest did not go on after resume", &|| progress() > resumed_at + 2);
@@ -387,6 +394,8 @@ fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
     };
     let ended = ended.to_string();
     assert!(ended.contains("exit status: 0"), "pvkit run did not exit 0 after shutdown: {ended}");
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(!log.contains("does not hold"), "the soak found a block it wrote changed:\n{log}");
     let refused = ctl("pause");
     assert!(!refused.status.success(), "a pause after the VM ended succeeded");
     println!("vm_kvm_ctl: paused at {at_pause} progress lines, resumed, shut down");

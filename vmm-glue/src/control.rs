@@ -3,9 +3,12 @@
 //!
 //! A vCPU parks when it next leaves KVM_RUN; [`VmControl::pause`] kicks the vCPU threads with
 //! the same signal the watchdog uses until every one is parked, and gives up after a timeout.
-//! Pausing parks the vCPUs only: the backends go on serving what the guest had queued (quiescing
-//! the devices belongs to snapshots, not done yet).
+//! Then each started device's backend is stopped (GET_VRING_BASE on every ready queue: the
+//! backend completes what it took and touches the rings no more), its indexes kept; resume
+//! starts the rings again at those indexes before the vCPUs go on.
 
+use crate::device::VirtioDevice;
+use crate::memory::GuestRam;
 use crate::sync::lock;
 use crate::vcpu::Outcome;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +60,6 @@ impl RunState {
     }
 }
 
-#[derive(Debug)]
 struct Inner {
     state: RunState,
     /// vCPUs parked now.
@@ -66,10 +68,27 @@ struct Inner {
     threads: Vec<libc::pthread_t>,
     /// Where an outcome ends the run.
     done: Option<Sender<Outcome>>,
+    /// The devices, quiesced while paused, and the memory their rings are in.
+    devices: Vec<Arc<Mutex<VirtioDevice>>>,
+    ram: Option<Arc<GuestRam>>,
+}
+
+/// One device, as `GET /vm` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// Its name (`blk`, `net`, ...).
+    pub name: String,
+    /// Its slot.
+    pub slot: u32,
+    /// The features the driver acknowledged.
+    pub features: u64,
+    /// Whether its backend is connected.
+    pub connected: bool,
+    /// While paused: each queue's next available index, as its backend reported it.
+    pub paused_bases: Option<Vec<u16>>,
 }
 
 /// A running VM's control, shared by the VM and whoever controls it.
-#[derive(Debug)]
 pub struct VmControl {
     inner: Mutex<Inner>,
     changed: Condvar,
@@ -80,7 +99,14 @@ pub struct VmControl {
 impl Default for VmControl {
     fn default() -> Self {
         VmControl {
-            inner: Mutex::new(Inner { state: RunState::Created, parked: 0, threads: Vec::new(), done: None }),
+            inner: Mutex::new(Inner {
+                state: RunState::Created,
+                parked: 0,
+                threads: Vec::new(),
+                done: None,
+                devices: Vec::new(),
+                ram: None,
+            }),
             changed: Condvar::new(),
             pause_asked: AtomicBool::new(false),
         }
@@ -98,12 +124,38 @@ impl VmControl {
         lock(&self.inner).state
     }
 
-    /// The VM started its vCPU `threads`; `done` ends the run.
-    pub(crate) fn started(&self, threads: Vec<libc::pthread_t>, done: Sender<Outcome>) {
+    /// The VM started its vCPU `threads` with `devices` over `ram`; `done` ends the run.
+    pub(crate) fn started(
+        &self,
+        threads: Vec<libc::pthread_t>,
+        done: Sender<Outcome>,
+        devices: Vec<Arc<Mutex<VirtioDevice>>>,
+        ram: Arc<GuestRam>,
+    ) {
         let mut inner = lock(&self.inner);
         inner.threads = threads;
         inner.done = Some(done);
+        inner.devices = devices;
+        inner.ram = Some(ram);
         inner.state = RunState::Running;
+    }
+
+    /// Each device's status.
+    pub fn devices(&self) -> Vec<DeviceStatus> {
+        let devices = lock(&self.inner).devices.clone();
+        devices
+            .iter()
+            .map(|device| {
+                let d = lock(device);
+                DeviceStatus {
+                    name: d.name.clone(),
+                    slot: d.slot,
+                    features: d.state.negotiated_features(),
+                    connected: d.connected(),
+                    paused_bases: d.paused_bases.clone(),
+                }
+            })
+            .collect()
     }
 
     /// The run is over: no more kicks (the threads are about to be joined), parked vCPUs go.
@@ -161,6 +213,12 @@ impl VmControl {
                 self.changed.wait_timeout(inner, Duration::from_millis(5)).map_or_else(|e| e.into_inner().0, |r| r.0);
         }
         inner.state = RunState::Paused;
+        for device in &inner.devices {
+            let mut device = lock(device);
+            if let Err(e) = device.quiesce() {
+                log::warn!("{}: stopping its rings for the pause: {e}", device.name);
+            }
+        }
         Ok(())
     }
 
@@ -171,6 +229,14 @@ impl VmControl {
             RunState::Running => return Ok(()),
             RunState::Paused => {}
             RunState::Created | RunState::Ended => return Err(ControlError::NotRunning),
+        }
+        if let Some(ram) = inner.ram.clone() {
+            for device in &inner.devices {
+                let mut device = lock(device);
+                if let Err(e) = device.resume(&ram) {
+                    log::warn!("{}: starting its rings after the pause: {e}", device.name);
+                }
+            }
         }
         self.pause_asked.store(false, Ordering::SeqCst);
         inner.state = RunState::Running;
@@ -211,7 +277,8 @@ mod tests {
         // The kick signal needs a handler, as the VM installs one.
         extern "C" fn nothing(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), nothing).unwrap();
-        control.started(vec![id], done);
+        let ram = Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap());
+        control.started(vec![id], done, Vec::new(), ram);
         assert_eq!(control.pause(), Ok(()));
         assert_eq!(control.state(), RunState::Paused);
         assert_eq!(control.resume(), Ok(()));

@@ -32,6 +32,8 @@ pub struct VirtioDevice {
     /// The backend's in-flight area, kept across backend restarts until the driver resets
     /// the device.
     inflight: Option<InflightArea>,
+    /// While the VM is paused: each queue's next available index, from GET_VRING_BASE.
+    pub paused_bases: Option<Vec<u16>>,
 }
 
 /// A human name for a virtio device type.
@@ -77,6 +79,7 @@ impl VirtioDevice {
             default_queues,
             violations: 0,
             inflight: None,
+            paused_bases: None,
         })
     }
 
@@ -222,6 +225,29 @@ impl VirtioDevice {
         }
         match &self.inflight {
             Some(area) => link.set_inflight_area(area),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the backend's rings (GET_VRING_BASE on each ready queue) so it touches them no
+    /// more, keeping their indexes for [`VirtioDevice::resume`]. Nothing to do for a device the
+    /// driver has not started, or whose backend is away.
+    pub fn quiesce(&mut self) -> Result<(), FrontendError> {
+        let started = self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0;
+        let Some(link) = self.link.as_mut().filter(|_| started && self.paused_bases.is_none()) else { return Ok(()) };
+        let queues = self.state.queues().to_vec();
+        self.paused_bases = Some(link.reset(&queues)?);
+        Ok(())
+    }
+
+    /// Starts the rings [`VirtioDevice::quiesce`] stopped again, at the indexes it kept.
+    pub fn resume(&mut self, ram: &GuestRam) -> Result<(), FrontendError> {
+        let Some(bases) = self.paused_bases.take() else { return Ok(()) };
+        self.hand_over_inflight_area()?;
+        let queues = self.state.queues().to_vec();
+        let features = self.state.driver_features();
+        match self.link.as_mut() {
+            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram).map(|_| ()),
             None => Ok(()),
         }
     }

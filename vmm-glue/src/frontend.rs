@@ -277,15 +277,18 @@ impl BackendLink {
         self.requests.take()
     }
 
-    /// Stops the rings of the queues in `queues` that were ready (GET_VRING_BASE).
-    pub fn reset(&mut self, queues: &[QueueConfig]) -> Result<(), FrontendError> {
+    /// Stops the rings of the queues in `queues` that were ready (GET_VRING_BASE); returns
+    /// each queue's next available index as the backend reports it (0 for queues not ready).
+    pub fn reset(&mut self, queues: &[QueueConfig]) -> Result<Vec<u16>, FrontendError> {
+        let mut bases = vec![0u16; queues.len()];
         for (index, _) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
             if self.offered & PROTOCOL_FEATURES_BIT != 0 {
                 let _ = self.frontend.set_vring_enable(index, false);
             }
-            self.frontend.get_vring_base(index).map_err(self.req("GET_VRING_BASE"))?;
+            let base = self.frontend.get_vring_base(index).map_err(self.req("GET_VRING_BASE"))?;
+            bases[index] = base as u16;
         }
-        Ok(())
+        Ok(bases)
     }
 
     /// `size` configuration bytes at `offset` (zeros when the backend has no config).

@@ -329,7 +329,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx.clone(), config.sandbox, &config.control)?;
     {
         use std::os::unix::thread::JoinHandleExt;
-        config.control.started(threads.iter().map(|t| t.as_pthread_t()).collect(), done_tx);
+        let ids = threads.iter().map(|t| t.as_pthread_t()).collect();
+        config.control.started(ids, done_tx, vm.devices.clone(), vm.ram.clone());
     }
     let events =
         crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone(), config.sandbox)

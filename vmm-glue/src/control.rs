@@ -277,7 +277,7 @@ mod tests {
         // The kick signal needs a handler, as the VM installs one.
         extern "C" fn nothing(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), nothing).unwrap();
-        let ram = Arc::new(crate::memory::GuestRam::new(1 << 20).unwrap());
+        let ram = Arc::new(crate::memory::GuestRam::new(16 << 20).unwrap());
         control.started(vec![id], done, Vec::new(), ram);
         assert_eq!(control.pause(), Ok(()));
         assert_eq!(control.state(), RunState::Paused);

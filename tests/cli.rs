@@ -127,3 +127,27 @@ fn stat_prints_live_rates_of_a_backend_and_refuses_bad_input() {
         assert_eq!(pvkit().args(bad).output().unwrap().status.code(), Some(2), "{bad:?}");
     }
 }
+
+/// `pvkit ctl` without a VM to talk to, or with an action it does not know: a message and a
+/// non-zero exit (1 for an unreachable socket, 2 for bad usage).
+#[test]
+fn ctl_says_what_went_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-vm.api");
+    let out = Command::new(env!("CARGO_BIN_EXE_pvkit"))
+        .args(["ctl", "--api-socket"])
+        .arg(&missing)
+        .arg("pause")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-vm.api"), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = Command::new(env!("CARGO_BIN_EXE_pvkit"))
+        .args(["ctl", "--api-socket"])
+        .arg(&missing)
+        .arg("explode")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("explode"));
+}

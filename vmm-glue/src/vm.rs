@@ -307,6 +307,30 @@ fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
+/// Waits for the run's outcome; the watchdog fires after `timeout` of running (time spent
+/// paused does not count).
+fn wait_for_outcome(
+    done: &std::sync::mpsc::Receiver<Outcome>,
+    timeout: Duration,
+    control: &crate::control::VmControl,
+) -> Outcome {
+    const STEP: Duration = Duration::from_millis(100);
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        match done.recv_timeout(STEP) {
+            Ok(outcome) => return outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Outcome::TimedOut,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if control.state() == crate::control::RunState::Paused {
+            deadline += STEP;
+        }
+        if Instant::now() >= deadline {
+            return Outcome::TimedOut;
+        }
+    }
+}
+
 /// Builds the VM, runs the guest until it exits (or the watchdog fires), and reports.
 pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let started = Instant::now();
@@ -336,7 +360,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone(), config.sandbox)
             .map_err(|source| VmError::Spawn { thread: "the event loop".into(), source })?;
 
-    let outcome = done_rx.recv_timeout(config.timeout).unwrap_or(Outcome::TimedOut);
+    let outcome = wait_for_outcome(&done_rx, config.timeout, &config.control);
     stop.store(true, Ordering::SeqCst);
     config.control.ended();
     stop_vcpus(threads);

@@ -33,8 +33,13 @@ enum Command {
     },
     /// Live rates of running backends from their control API (--api-socket), like iostat.
     Stat(crate::stat::StatArgs),
-    /// Control a running `pvkit run --api-socket`: pause, resume, info, shutdown.
+    /// Control a running `pvkit run --api-socket`: pause, resume, info, snapshot, shutdown.
     Ctl(crate::ctl::CtlArgs),
+    /// Examine a snapshot taken with `pvkit ctl snapshot`.
+    Snapshot {
+        #[command(subcommand)]
+        action: crate::snapshot_cmd::SnapshotAction,
+    },
     /// Run one device backend (the same as invoking pvkit as vhost-user-blk, -net or -console).
     Backend {
         /// blk, net or console.
@@ -58,6 +63,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         Command::Run(args) => crate::run::run(args),
         Command::Stat(args) => crate::stat::stat(args),
         Command::Ctl(args) => crate::ctl::ctl(args),
+        Command::Snapshot { action } => crate::snapshot_cmd::snapshot(action),
         Command::Bench { output, scenario } => match crate::bench::run(&scenario, &output) {
             Ok(true) => ExitCode::SUCCESS,
             // A scenario of `all` failed, or `compare` found something worse.

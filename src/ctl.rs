@@ -1,4 +1,4 @@
-//! `pvkit ctl --api-socket PATH pause|resume|info|shutdown`: the command-line client of
+//! `pvkit ctl --api-socket PATH pause|resume|info|snapshot DIR|shutdown`: the command-line client of
 //! `pvkit run`'s API. Exit status 0 on success; otherwise the API's message and 1 (2 for bad
 //! usage, 1 when the socket cannot be reached).
 
@@ -7,14 +7,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// What to ask.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Park every vCPU.
+    /// Park every vCPU and stop the devices' rings.
     Pause,
-    /// Let them run again.
+    /// Start the rings again and let the vCPUs run.
     Resume,
     /// Print the VM's description (JSON).
     Info,
+    /// Pause the VM (if it runs) and save it into DIR (created if needed); it stays paused:
+    /// resume it or shut it down, and start it again with `pvkit run --restore DIR`.
+    Snapshot {
+        /// The snapshot's directory.
+        dir: PathBuf,
+    },
     /// End the run.
     Shutdown,
 }
@@ -26,19 +32,28 @@ pub struct CtlArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: PathBuf,
     /// What to do.
-    #[arg(value_enum)]
+    #[command(subcommand)]
     pub action: Action,
 }
 
 /// Runs `pvkit ctl`.
 pub fn ctl(args: CtlArgs) -> ExitCode {
-    let (method, path) = match args.action {
+    let mut body = String::new();
+    let (method, path) = match &args.action {
         Action::Pause => ("PUT", "/vm/pause"),
         Action::Resume => ("PUT", "/vm/resume"),
         Action::Info => ("GET", "/vm"),
         Action::Shutdown => ("PUT", "/vm/shutdown"),
+        Action::Snapshot { dir } => {
+            let Ok(dir) = std::path::absolute(dir) else {
+                eprintln!("pvkit ctl: cannot make {} an absolute path", dir.display());
+                return ExitCode::from(2);
+            };
+            body = serde_json::json!({ "dir": dir.display().to_string() }).to_string();
+            ("PUT", "/vm/snapshot")
+        }
     };
-    match client::unix(&args.api_socket, method, path, "") {
+    match client::unix(&args.api_socket, method, path, &body) {
         Ok(response) if (200..300).contains(&response.status) => {
             println!("{}", response.body);
             ExitCode::SUCCESS

@@ -263,6 +263,7 @@ fn run_demo(dir: &Path) -> Result<bool, DemoError> {
     let capture = Capture { echo: true, ..Capture::default() };
     let config = VmConfig {
         kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
+        restore: None,
         cmdline: "pvkit.mode=bench pvkit.bench_ms=1000".into(),
         memory: 256 << 20,
         vcpus: 1,

@@ -1,6 +1,6 @@
 //! `pvkit`: one multi-call binary for the whole toolkit.
 //!
-//! - `pvkit run|demo|bench|stat ...` and `pvkit backend blk|net|console ...`;
+//! - `pvkit run|ctl|snapshot|demo|bench|stat ...` and `pvkit backend blk|net|console ...`;
 //! - invoked as `vhost-user-blk`, `vhost-user-net` or `vhost-user-console` (a symlink, or a
 //!   re-execution with that `argv[0]`), it is that backend.
 
@@ -9,6 +9,7 @@ mod cli;
 mod ctl;
 mod demo;
 mod run;
+mod snapshot_cmd;
 mod software;
 mod stat;
 mod vm_api;

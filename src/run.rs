@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// Any virtio device type served by a vhost-user backend: virtio-id=N,socket=PATH.
     #[arg(long, value_name = "virtio-id=N,socket=PATH", value_parser = parse_device)]
     pub device: Vec<DeviceSpec>,
+    /// Start from the snapshot in DIR (`pvkit ctl snapshot`) instead of booting a kernel; its
+    /// devices' backends are the sockets it names, or those given with --blk, --net and
+    /// --console (the first --blk for its first block device, and so on).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "cmdline", "memory", "vcpus", "device", "completion", "no_doorbells", "software_guest"])]
+    pub restore: Option<PathBuf>,
     /// Serve the VM's control API (HTTP with JSON bodies) on this unix socket; see `pvkit ctl`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -193,6 +198,60 @@ fn run_software(args: &RunArgs) -> ExitCode {
     }
 }
 
+/// The snapshot in `dir`, checked against this build and host, with each device's socket
+/// (the manifest's unless --blk, --net or --console name another).
+fn load_restore(args: &RunArgs, dir: &std::path::Path) -> Result<vm::Restore, RestoreError> {
+    use pvkit_vmm_glue::snapshot::{MEMORY_FILE, Origin, Snapshot};
+    let snapshot = Snapshot::read(dir)?;
+    snapshot.manifest.origin.check(&Origin::here())?;
+    let mut given = [
+        (DeviceId::Block, args.blk.iter()),
+        (DeviceId::Net, args.net.iter()),
+        (DeviceId::Console, args.console.iter()),
+    ];
+    let mut sockets = Vec::new();
+    for device in &snapshot.manifest.devices {
+        let from_args = given.iter_mut().find(|(id, _)| id.raw() == device.virtio_id).and_then(|(_, list)| list.next());
+        sockets.push(from_args.cloned().unwrap_or_else(|| device.socket.clone()));
+    }
+    for (id, mut rest) in given {
+        if rest.next().is_some() {
+            let saved = snapshot.manifest.devices.iter().filter(|d| d.virtio_id == id.raw()).count();
+            return Err(RestoreError::TooManySockets { kind: pvkit_vmm_glue::device::device_name(id), saved });
+        }
+    }
+    for (slot, socket) in sockets.iter().enumerate() {
+        if !socket.exists() {
+            return Err(RestoreError::NoBackend { slot, socket: socket.clone() });
+        }
+    }
+    Ok(vm::Restore { snapshot, memory: vm::RestoreMemory::File(dir.join(MEMORY_FILE)), sockets })
+}
+
+/// Why a snapshot cannot be restored (before anything starts).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot itself.
+    #[error(transparent)]
+    Snapshot(#[from] pvkit_vmm_glue::snapshot::SnapshotError),
+    /// More sockets of a kind than the snapshot has devices of it.
+    #[error("more --{kind} sockets given than the snapshot's {saved} {kind} device(s)")]
+    TooManySockets {
+        /// blk, net or console.
+        kind: String,
+        /// Devices of that kind in the snapshot.
+        saved: usize,
+    },
+    /// A backend socket that does not exist.
+    #[error("device {slot}: no backend at {}", socket.display())]
+    NoBackend {
+        /// Its slot.
+        slot: usize,
+        /// The socket.
+        socket: PathBuf,
+    },
+}
+
 /// Runs `pvkit run`.
 pub fn run(args: RunArgs) -> ExitCode {
     if args.software_guest {
@@ -223,10 +282,22 @@ pub fn run(args: RunArgs) -> ExitCode {
             }
         }
     };
+    let restore = match &args.restore {
+        None => None,
+        Some(dir) => match load_restore(&args, dir) {
+            Ok(restore) => Some(restore),
+            Err(e) => {
+                eprintln!("pvkit run: cannot restore {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let control = pvkit_vmm_glue::control::VmControl::new();
     if let Some(socket) = &args.api_socket {
-        let description =
-            crate::vm_api::VmDescription { vcpus: args.vcpus, memory: args.memory, devices: args.devices() };
+        let description = match &restore {
+            Some(r) => crate::vm_api::VmDescription::restored(&r.snapshot.manifest, &r.sockets),
+            None => crate::vm_api::VmDescription { vcpus: args.vcpus, memory: args.memory, devices: args.devices() },
+        };
         if let Err(e) = crate::vm_api::serve(socket, control.clone(), description) {
             eprintln!("pvkit run: cannot serve the API on {}: {e}", socket.display());
             return ExitCode::from(2);
@@ -249,6 +320,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             SandboxMode::Log => ThreadSandbox::Log,
             SandboxMode::Off => ThreadSandbox::Off,
         },
+        restore,
     };
     let result = vm::run(config);
     if let Some(socket) = &args.api_socket {
@@ -257,7 +329,11 @@ pub fn run(args: RunArgs) -> ExitCode {
     match result {
         Ok(report) => {
             let (status, message) = outcome_status(&report.outcome);
-            eprintln!("pvkit run: {message} after {:.1} s", report.elapsed.as_secs_f64());
+            eprintln!(
+                "pvkit run: {message} after {:.1} s (vCPUs started {:.1} ms after start-up began)",
+                report.elapsed.as_secs_f64(),
+                report.ready_after.as_secs_f64() * 1000.0
+            );
             status
         }
         Err(e) => {

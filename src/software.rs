@@ -27,6 +27,7 @@ pub fn demo(
             .collect(),
         elapsed: started.elapsed(),
         tsc_khz: software_guest::SOFTWARE_TICK_KHZ,
+        ready_after: std::time::Duration::ZERO,
     };
     std::thread::sleep(std::time::Duration::from_millis(100));
     let received = console_bytes.load(std::sync::atomic::Ordering::Relaxed);

@@ -4,13 +4,14 @@
 //! | endpoint | |
 //! |---|---|
 //! | `GET /vm` | state (`created`, `running`, `paused`, `ended`), vCPUs, memory, devices |
-//! | `PUT /vm/pause` | parks every vCPU (devices are not quiesced yet) |
-//! | `PUT /vm/resume` | lets them run again |
+//! | `PUT /vm/pause` | parks every vCPU and stops the devices' rings |
+//! | `PUT /vm/resume` | starts the rings where they were and lets the vCPUs run again |
+//! | `PUT /vm/snapshot` | body `{"dir": PATH}`: pauses (if running) and saves the VM into PATH; it stays paused |
 //! | `PUT /vm/shutdown` | ends the run (`pvkit run` exits 0) |
-//! | `PUT /vm/snapshot` | not done yet: 501 |
 
 use pvkit_host_devices::services::http::{self, Handler, Reply, error, json_reply};
 use pvkit_vmm_glue::control::{ControlError, VmControl};
+use pvkit_vmm_glue::snapshot::SnapshotError;
 use pvkit_vmm_glue::vm::DeviceSpec;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,8 +26,49 @@ pub struct VmDescription {
     pub devices: Vec<DeviceSpec>,
 }
 
+impl VmDescription {
+    /// A VM restored from a snapshot with this manifest, on these sockets.
+    pub fn restored(manifest: &pvkit_vmm_glue::snapshot::Manifest, sockets: &[std::path::PathBuf]) -> VmDescription {
+        let devices = manifest
+            .devices
+            .iter()
+            .zip(sockets)
+            .filter_map(|(d, socket)| {
+                let device = pvkit_protocol::virtio::DeviceId::try_from(d.virtio_id).ok()?;
+                Some(DeviceSpec { device, socket: socket.clone() })
+            })
+            .collect();
+        VmDescription { vcpus: manifest.vcpus, memory: manifest.memory.size, devices }
+    }
+}
+
+/// `PUT /vm/snapshot` with `body` (`{"dir": PATH}`).
+fn snapshot(control: &VmControl, body: &[u8]) -> Reply {
+    let dir = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["dir"].as_str().map(std::path::PathBuf::from));
+    let Some(dir) = dir.filter(|d| d.is_absolute()) else {
+        return error(400, "give the snapshot's directory as {\"dir\": \"/absolute/path\"}");
+    };
+    match control.snapshot(&dir) {
+        Ok(saved) => json_reply(
+            200,
+            &serde_json::json!({
+                "state": control.state().name(),
+                "dir": saved.dir.display().to_string(),
+                "memory": saved.memory,
+                "nonzero_pages": saved.nonzero_pages,
+                "bytes_on_disk": saved.bytes_on_disk,
+                "save_ms": saved.elapsed.as_secs_f64() * 1000.0,
+            }),
+        ),
+        Err(SnapshotError::Control(e @ ControlError::NotRunning)) => error(409, e),
+        Err(e) => error(500, e),
+    }
+}
+
 /// The answer to one request.
-fn route(control: &VmControl, description: &VmDescription, method: &str, path: &str) -> Reply {
+fn route(control: &VmControl, description: &VmDescription, method: &str, path: &str, body: &[u8]) -> Reply {
     let path = path.split('?').next().unwrap_or(path);
     let state = |control: &VmControl| serde_json::json!({ "state": control.state().name() });
     let act = |result: Result<(), ControlError>| match result {
@@ -67,19 +109,21 @@ fn route(control: &VmControl, description: &VmDescription, method: &str, path: &
         ("PUT", "/vm/pause") => act(control.pause()),
         ("PUT", "/vm/resume") => act(control.resume()),
         ("PUT", "/vm/shutdown") => act(control.shutdown()),
-        ("PUT", "/vm/snapshot") => error(501, "snapshots are not implemented yet"),
+        ("PUT", "/vm/snapshot") => snapshot(control, body),
         (_, "/vm") => error(405, format!("{path} takes GET, not {method}")),
         (_, "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot") => {
             error(405, format!("{path} takes PUT, not {method}"))
         }
-        _ => error(404, format!("no endpoint {path} (there are /vm, /vm/pause, /vm/resume, /vm/shutdown)")),
+        _ => {
+            error(404, format!("no endpoint {path} (there are /vm, /vm/pause, /vm/resume, /vm/snapshot, /vm/shutdown)"))
+        }
     }
 }
 
 /// Serves the API on `socket` for the rest of the process.
 pub fn serve(socket: &Path, control: Arc<VmControl>, description: VmDescription) -> std::io::Result<()> {
     let server = http::unix_server(socket)?;
-    let handler: Handler = Arc::new(move |method, path, _body| route(&control, &description, method, path));
+    let handler: Handler = Arc::new(move |method, path, body| route(&control, &description, method, path, body));
     http::serve(server, handler)
 }
 
@@ -91,12 +135,14 @@ mod tests {
     fn routes_answer_and_refuse_what_they_must() {
         let control = VmControl::new();
         let description = VmDescription { vcpus: 1, memory: 256 << 20, devices: Vec::new() };
-        let info = route(&control, &description, "GET", "/vm");
+        let info = route(&control, &description, "GET", "/vm", b"");
         assert_eq!(info.status, 200);
         assert!(info.body.contains("\"state\":\"created\""), "{}", info.body);
-        assert_eq!(route(&control, &description, "PUT", "/vm/pause").status, 409, "not running yet");
-        assert_eq!(route(&control, &description, "GET", "/vm/pause").status, 405);
-        assert_eq!(route(&control, &description, "PUT", "/vm/snapshot").status, 501);
-        assert_eq!(route(&control, &description, "GET", "/nothing").status, 404);
+        assert_eq!(route(&control, &description, "PUT", "/vm/pause", b"").status, 409, "not running yet");
+        assert_eq!(route(&control, &description, "GET", "/vm/pause", b"").status, 405);
+        assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", b"").status, 400, "no directory");
+        assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", br#"{"dir":"relative"}"#).status, 400);
+        assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", br#"{"dir":"/tmp/x"}"#).status, 409);
+        assert_eq!(route(&control, &description, "GET", "/nothing", b"").status, 404);
     }
 }

@@ -77,6 +77,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
                 let capture = Capture::default();
                 let config = VmConfig {
                     kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
+                    restore: None,
                     cmdline: format!("pvkit.mode=bench pvkit.bench_ms={ms}"),
                     memory: 256 << 20,
                     vcpus: 1,

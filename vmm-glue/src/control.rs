@@ -9,6 +9,7 @@
 
 use crate::device::VirtioDevice;
 use crate::memory::GuestRam;
+use crate::snapshot::vcpu_state::{StateError, VcpuState};
 use crate::sync::lock;
 use crate::vcpu::Outcome;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +72,10 @@ struct Inner {
     /// The devices, quiesced while paused, and the memory their rings are in.
     devices: Vec<Arc<Mutex<VirtioDevice>>>,
     ram: Option<Arc<GuestRam>>,
+    /// What a snapshot needs besides the devices and memory.
+    machine: Option<Arc<crate::snapshot::save::Machine>>,
+    /// Each vCPU's state, read by its thread when it last parked.
+    vcpu_states: Vec<Option<Result<VcpuState, StateError>>>,
 }
 
 /// One device, as `GET /vm` reports it.
@@ -106,6 +111,8 @@ impl Default for VmControl {
                 done: None,
                 devices: Vec::new(),
                 ram: None,
+                machine: None,
+                vcpu_states: Vec::new(),
             }),
             changed: Condvar::new(),
             pause_asked: AtomicBool::new(false),
@@ -124,15 +131,19 @@ impl VmControl {
         lock(&self.inner).state
     }
 
-    /// The VM started its vCPU `threads` with `devices` over `ram`; `done` ends the run.
+    /// The VM started its vCPU `threads` with `devices` over `ram`; `done` ends the run;
+    /// `machine` is what snapshots need besides.
     pub(crate) fn started(
         &self,
         threads: Vec<libc::pthread_t>,
         done: Sender<Outcome>,
         devices: Vec<Arc<Mutex<VirtioDevice>>>,
         ram: Arc<GuestRam>,
+        machine: Option<Arc<crate::snapshot::save::Machine>>,
     ) {
         let mut inner = lock(&self.inner);
+        inner.vcpu_states = threads.iter().map(|_| None).collect();
+        inner.machine = machine;
         inner.threads = threads;
         inner.done = Some(done);
         inner.devices = devices;
@@ -168,13 +179,18 @@ impl VmControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread before each KVM_RUN: parks it while a pause is asked for (and
-    /// the run goes on).
-    pub(crate) fn park_if_asked(&self) {
+    /// Called by vCPU `id`'s thread before a KVM_RUN when no exit waits for the next KVM_RUN
+    /// to complete it: parks it while a pause is asked for (and the run goes on), first
+    /// keeping its state as `capture` reads it, for a snapshot.
+    pub(crate) fn park_if_asked(&self, id: usize, capture: &dyn Fn() -> Result<VcpuState, StateError>) {
         if !self.pause_asked.load(Ordering::SeqCst) {
             return;
         }
+        let state = capture();
         let mut inner = lock(&self.inner);
+        if let Some(slot) = inner.vcpu_states.get_mut(id) {
+            *slot = Some(state);
+        }
         inner.parked += 1;
         self.changed.notify_all();
         while self.pause_asked.load(Ordering::SeqCst) && inner.state != RunState::Ended {
@@ -220,6 +236,24 @@ impl VmControl {
             }
         }
         Ok(())
+    }
+
+    /// Pauses the VM (if it runs) and saves it into `dir`; it stays paused (resume it or shut
+    /// it down). Returns what was saved.
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<crate::snapshot::save::Saved, crate::snapshot::SnapshotError> {
+        self.pause().map_err(crate::snapshot::SnapshotError::Control)?;
+        let mut inner = lock(&self.inner);
+        let (Some(machine), Some(ram)) = (inner.machine.clone(), inner.ram.clone()) else {
+            return Err(crate::snapshot::SnapshotError::Control(ControlError::NotRunning));
+        };
+        let states = std::mem::take(&mut inner.vcpu_states);
+        let devices = inner.devices.clone();
+        let saved = crate::snapshot::save::save(dir, &machine, &ram, &devices, &states);
+        inner.vcpu_states = states;
+        saved
     }
 
     /// Lets parked vCPUs run again.
@@ -268,7 +302,7 @@ mod tests {
             let (control, stop) = (control.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    control.park_if_asked();
+                    control.park_if_asked(0, &|| Err(StateError::XsaveTooLarge(0)));
                     std::thread::sleep(Duration::from_millis(1));
                 }
             })
@@ -278,9 +312,15 @@ mod tests {
         extern "C" fn nothing(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), nothing).unwrap();
         let ram = Arc::new(crate::memory::GuestRam::new(16 << 20).unwrap());
-        control.started(vec![id], done, Vec::new(), ram);
+        control.started(vec![id], done, Vec::new(), ram, None);
         assert_eq!(control.pause(), Ok(()));
         assert_eq!(control.state(), RunState::Paused);
+        // Without the VM's handles there is nothing to save.
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            control.snapshot(dir.path()),
+            Err(crate::snapshot::SnapshotError::Control(ControlError::NotRunning))
+        ));
         assert_eq!(control.resume(), Ok(()));
         assert_eq!(control.state(), RunState::Running);
         control.shutdown().unwrap();

@@ -5,6 +5,7 @@
 use crate::frontend::{BackendLink, FrontendError, InflightArea, MAX_QUEUE_SIZE};
 use crate::memory::GuestRam;
 use crate::mmio::{Effect, MmioTransportState, QueueConfig};
+use crate::snapshot::{DeviceSnapshot, RingIndexes};
 use log::{info, warn};
 use pvkit_protocol::virtio::DeviceId;
 use std::path::PathBuf;
@@ -246,10 +247,62 @@ impl VirtioDevice {
         self.hand_over_inflight_area()?;
         let queues = self.state.queues().to_vec();
         let features = self.state.driver_features();
-        match self.link.as_mut() {
-            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram).map(|_| ()),
-            None => Ok(()),
+        if let Some(link) = self.link.as_mut() {
+            link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram)?;
         }
+        // A kick for every started ring: what the driver offered while the backend was
+        // stopped is looked at now (a spurious kick costs one empty pass).
+        for (kick, _) in self.kicks.iter().zip(&queues).filter(|(_, q)| q.ready) {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// The device as a snapshot keeps it: its transport state and, per queue, the backend's
+    /// next available index (kept by [`VirtioDevice::quiesce`]; the used index when the
+    /// backend was away) and the ring indexes in guest memory.
+    pub fn snapshot(&self, ram: &GuestRam) -> DeviceSnapshot {
+        let read = |gpa: u64| ram.memory().read_obj::<u16>(GuestAddress(gpa)).unwrap_or(0);
+        let rings = self
+            .state
+            .queues()
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                if !q.ready {
+                    return RingIndexes::default();
+                }
+                let (used, avail) = (read(q.used + 2), read(q.avail + 2));
+                let last_avail = self.paused_bases.as_ref().and_then(|b| b.get(index).copied()).unwrap_or(used);
+                RingIndexes { last_avail, used, avail }
+            })
+            .collect();
+        DeviceSnapshot {
+            slot: self.slot,
+            virtio_id: self.state.device_id(),
+            name: self.name.clone(),
+            socket: self.socket.clone(),
+            transport: self.state.clone(),
+            rings,
+        }
+    }
+
+    /// Takes a snapshot's transport state for this device (just connected to its backend,
+    /// not yet seen by the guest); [`VirtioDevice::resume`] then starts the rings the driver
+    /// had started at the saved indexes.
+    pub fn restore(&mut self, saved: &DeviceSnapshot, ram: &GuestRam) -> Result<(), FrontendError> {
+        let offered = self.state.device_features();
+        saved.transport.check_restorable(offered, self.kicks.len(), ram.size()).map_err(|what| {
+            FrontendError::Unsuitable {
+                socket: self.socket.display().to_string(),
+                what: format!("cannot take the saved device: {what}"),
+            }
+        })?;
+        self.state = saved.transport.clone();
+        let started = self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0
+            && self.state.queues().iter().any(|q| q.ready);
+        self.paused_bases = started.then(|| saved.rings.iter().map(|r| r.last_avail).collect());
+        Ok(())
     }
 
     /// The backend went away: forget the link and tell the guest the device needs a reset.

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mmio;
 pub mod seccomp;
 pub mod serial;
+pub mod snapshot;
 pub mod software_guest;
 pub mod sync;
 pub mod vcpu;

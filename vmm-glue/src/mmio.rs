@@ -9,7 +9,7 @@ use pvkit_protocol::ring;
 use pvkit_protocol::virtio::{DeviceStatus, status};
 
 /// One queue as the driver configured it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// Largest size the device accepts.
     pub max_size: u16,
@@ -43,7 +43,7 @@ pub enum Effect {
 }
 
 /// The transport state of one device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MmioTransportState {
     device_id: u32,
     device_features: u64,
@@ -77,6 +77,48 @@ impl MmioTransportState {
             config_pending: false,
             ram_size,
         }
+    }
+
+    /// The device type.
+    pub fn device_id(&self) -> u32 {
+        self.device_id
+    }
+
+    /// The features offered to the driver.
+    pub fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    /// The configuration generation.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    /// The interrupt status as the guest would read it.
+    pub fn interrupt_status(&self) -> u32 {
+        (if self.is_live() { interrupt::VRING } else { 0 }) | if self.config_pending { interrupt::CONFIG } else { 0 }
+    }
+
+    /// Checks a transport state read back from a snapshot against the device it is restored
+    /// onto: the same type, features the backend offers, queues it serves, rings inside
+    /// guest memory of `ram_size` bytes.
+    pub fn check_restorable(&self, offered: u64, queues: usize, ram_size: u64) -> Result<(), String> {
+        if self.ram_size != ram_size {
+            return Err(format!("saved for {} bytes of guest memory, not {ram_size}", self.ram_size));
+        }
+        if self.driver_features & !offered != 0 {
+            return Err(format!(
+                "the driver acknowledged {:#x}; the backend offers {offered:#x}",
+                self.driver_features
+            ));
+        }
+        if self.queues.len() > queues {
+            return Err(format!("{} queues were saved; the backend serves {queues}", self.queues.len()));
+        }
+        for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+            check_rings(q, ram_size).map_err(|why| format!("queue {index}: {why}"))?;
+        }
+        Ok(())
     }
 
     /// The features the driver acknowledged.
@@ -153,12 +195,9 @@ impl MmioTransportState {
                 },
                 Register::QueueNumMax => self.selected().map_or(0, |q| u32::from(q.max_size)),
                 Register::QueueReady => self.selected().map_or(0, |q| u32::from(q.ready)),
-                Register::InterruptStatus => {
-                    // The VMM never sees the backend's used-buffer signals (they go straight
-                    // to KVM as irqfds), so VRING is reported while the device is live.
-                    (if self.is_live() { interrupt::VRING } else { 0 })
-                        | if self.config_pending { interrupt::CONFIG } else { 0 }
-                }
+                // The VMM never sees the backend's used-buffer signals (they go straight to KVM
+                // as irqfds), so VRING is reported while the device is live.
+                Register::InterruptStatus => self.interrupt_status(),
                 Register::Status => u32::from(self.status),
                 Register::ConfigGeneration => self.config_generation,
                 _ => 0,

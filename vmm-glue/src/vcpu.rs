@@ -111,14 +111,38 @@ pub fn configure(kvm_handle: &Kvm, vcpu: &VcpuFd, loaded: &Loaded) -> Result<(),
     Ok(())
 }
 
-/// Runs `vcpu` until the guest exits, stops, or `stop` is set (the watchdog then interrupts
-/// KVM_RUN with a signal); parks it whenever `control` asks for a pause.
-pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, stop: &AtomicBool, control: &crate::control::VmControl) -> Outcome {
+/// What a vCPU thread needs to read its own state for a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct StateReader {
+    /// The MSRs to save.
+    pub msrs: crate::snapshot::vcpu_state::MsrList,
+    /// KVM's XSAVE area size.
+    pub xsave_size: i32,
+}
+
+/// Runs `vcpu` (number `id`) until the guest exits, stops, or `stop` is set (the watchdog
+/// then interrupts KVM_RUN with a signal); parks it whenever `control` asks for a pause, but
+/// only after a KVM_RUN a signal ended (or before the first): after a port or MMIO exit, the
+/// next KVM_RUN completes the access, and state read before it would lose that.
+pub fn run(
+    vcpu: &mut VcpuFd,
+    id: usize,
+    reader: &StateReader,
+    bus: &dyn Bus,
+    stop: &AtomicBool,
+    control: &crate::control::VmControl,
+) -> Outcome {
+    let mut settled = true;
     loop {
-        control.park_if_asked();
+        if settled {
+            let capture =
+                || crate::snapshot::vcpu_state::VcpuState::capture(id as u8, vcpu, &reader.msrs, reader.xsave_size);
+            control.park_if_asked(id, &capture);
+        }
         if stop.load(Ordering::SeqCst) {
             return Outcome::TimedOut;
         }
+        settled = false;
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == abi::DEBUG_EXIT_PORT {
@@ -145,6 +169,7 @@ pub fn run(vcpu: &mut VcpuFd, bus: &dyn Bus, stop: &AtomicBool, control: &crate:
             Ok(other) => log::debug!("unhandled vCPU exit {other:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                settled = true;
             }
             Err(e) => return Outcome::InternalError(format!("KVM_RUN: {e}")),
         }

@@ -9,6 +9,7 @@ use crate::device::VirtioDevice;
 use crate::loader;
 use crate::memory::GuestRam;
 use crate::serial::Com1;
+use crate::snapshot::{Snapshot, SnapshotError};
 use crate::sync::lock;
 use crate::vcpu::{self, Outcome};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
@@ -59,6 +60,9 @@ pub enum VmError {
     /// The vCPU kick signal's handler could not be installed.
     #[error("registering the vCPU kick signal: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// A snapshot could not be restored.
+    #[error("restoring the snapshot: {0}")]
+    Restore(#[from] SnapshotError),
     /// A thread could not be started.
     #[error("starting {thread}: {source}")]
     Spawn {
@@ -104,6 +108,29 @@ pub struct VmConfig {
     pub sandbox: crate::seccomp::ThreadSandbox,
     /// Pausing, resuming and shutting the VM down from another thread.
     pub control: Arc<crate::control::VmControl>,
+    /// Start from a snapshot instead of `kernel` (whose devices, memory size, vCPUs and
+    /// command line then come from the snapshot).
+    pub restore: Option<Restore>,
+}
+
+/// A snapshot to start from.
+pub struct Restore {
+    /// Its manifest and machine state.
+    pub snapshot: Snapshot,
+    /// Guest memory: the snapshot's memory file, or memory already filled (an incoming
+    /// migration).
+    pub memory: RestoreMemory,
+    /// Each device's backend socket, in slot order (the manifest's, or others on the same
+    /// backing).
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Where a restored VM's memory comes from.
+pub enum RestoreMemory {
+    /// A snapshot's sparse memory file.
+    File(PathBuf),
+    /// Memory already holding the guest's pages.
+    Filled(GuestRam),
 }
 
 /// What a run produced.
@@ -119,6 +146,9 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// The TSC rate announced to the guest (kHz; 0 when KVM could not say).
     pub tsc_khz: u64,
+    /// From the start of the run until the vCPUs were started (the kernel loaded, or the
+    /// snapshot restored).
+    pub ready_after: Duration,
 }
 
 /// What became of one device in a run.
@@ -148,7 +178,7 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 /// backends, the guest's command line, the vCPUs.
 struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     devices: Vec<Arc<Mutex<VirtioDevice>>>,
     cmdline: String,
@@ -158,13 +188,13 @@ struct Vm {
 }
 
 impl Vm {
-    /// KVM, the in-kernel irqchip and PIT, and `memory` bytes of shared guest memory.
-    fn create(memory: u64, cmdline: &str) -> Result<Vm, VmError> {
+    /// KVM, the in-kernel irqchip and PIT, and `ram` as guest memory.
+    fn create(ram: GuestRam, cmdline: &str) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config::default()).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let ram = Arc::new(GuestRam::new(memory)?);
+        let ram = Arc::new(ram);
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -176,18 +206,37 @@ impl Vm {
         // outlives the VM: `ram` is kept alive until after the vCPUs are joined.
         unsafe { fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let cmdline = cmdline.trim().to_string();
-        Ok(Vm { kvm, fd, ram, devices: Vec::new(), cmdline, doorbells: None, vcpus: Vec::new(), tsc_khz: 0 })
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+            ram,
+            devices: Vec::new(),
+            cmdline,
+            doorbells: None,
+            vcpus: Vec::new(),
+            tsc_khz: 0,
+        })
     }
 
     /// Connects each device to its backend at the next microvm slot, wires its kicks as
     /// ioeventfds (QueueNotify, and the doorbell ports when announced) and its calls as irqfds,
-    /// and announces it on the command line.
-    fn attach_devices(&mut self, specs: &[DeviceSpec], doorbells: bool) -> Result<(), VmError> {
+    /// and announces it on the command line. With `saved` (a restore), each device takes its
+    /// saved transport state instead, and the command line stays the snapshot's.
+    fn attach_devices(
+        &mut self,
+        specs: &[DeviceSpec],
+        doorbells: bool,
+        saved: Option<&[crate::snapshot::DeviceSnapshot]>,
+    ) -> Result<(), VmError> {
         self.doorbells = doorbells.then(|| Doorbells::parse(&format!("{DOORBELL_BASE:#x}")).ok()).flatten();
         for (index, spec) in specs.iter().enumerate() {
             let slot = index as u32;
-            let device = VirtioDevice::connect(spec.device, slot, spec.socket.clone(), &self.ram)
-                .map_err(|source| VmError::Device { index, socket: spec.socket.display().to_string(), source })?;
+            let failed = |source| VmError::Device { index, socket: spec.socket.display().to_string(), source };
+            let mut device =
+                VirtioDevice::connect(spec.device, slot, spec.socket.clone(), &self.ram).map_err(failed)?;
+            if let Some(state) = saved.and_then(|s| s.get(index)) {
+                device.restore(state, &self.ram).map_err(failed)?;
+            }
             let entry = MmioDeviceEntry::for_slot(slot).ok_or(VmError::TooManyDevices(specs.len()))?;
             self.wire(&device, slot, &entry)?;
             info!(
@@ -198,10 +247,14 @@ impl Vm {
                 device.kicks.len(),
                 spec.socket.display()
             );
-            self.cmdline.push_str(&format!(" {entry}"));
+            if saved.is_none() {
+                self.cmdline.push_str(&format!(" {entry}"));
+            }
             self.devices.push(Arc::new(Mutex::new(device)));
         }
-        if let Some(d) = self.doorbells {
+        if let Some(d) = self.doorbells
+            && saved.is_none()
+        {
             let base = d.port(0, 0).unwrap_or(DOORBELL_BASE);
             self.cmdline.push_str(&format!(" {}={base:#x}", abi::key::DOORBELLS));
         }
@@ -240,24 +293,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Loads the kernel with the command line as built, sets up every vCPU, and starts one
-    /// thread per vCPU; the first one's outcome goes to `done`.
-    fn start_vcpus(
-        &mut self,
-        kernel: &[u8],
-        bus: Arc<VmBus>,
-        stop: &Arc<AtomicBool>,
-        done: std::sync::mpsc::Sender<Outcome>,
-        sandbox: crate::seccomp::ThreadSandbox,
-        control: &Arc<crate::control::VmControl>,
-    ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+    /// Loads the kernel with the command line as built and sets the vCPUs up to enter it (the
+    /// first at the entry point, the others waiting for a start-up IPI).
+    fn boot_vcpus(&self, kernel: &[u8]) -> Result<(), VmError> {
         let loaded = loader::load(&self.ram, kernel, &self.cmdline)?;
-        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-            .map_err(VmError::Signal)?;
-        let mut threads = Vec::new();
-        for (id, mut vcpu_fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        for (id, vcpu_fd) in self.vcpus.iter().enumerate() {
             if id == 0 {
-                vcpu::configure(&self.kvm, &vcpu_fd, &loaded)?;
+                vcpu::configure(&self.kvm, vcpu_fd, &loaded)?;
             } else {
                 let cpuid = self
                     .kvm
@@ -265,14 +307,50 @@ impl Vm {
                     .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
                 vcpu_fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             }
-            let (bus, stop, done, control) = (bus.clone(), stop.clone(), done.clone(), control.clone());
+        }
+        Ok(())
+    }
+
+    /// Creates the snapshot's vCPUs and puts back their state and the in-kernel devices'.
+    fn restore_vcpus(&mut self, snapshot: &Snapshot) -> Result<(), VmError> {
+        let manifest = &snapshot.manifest;
+        for id in 0..manifest.vcpus {
+            self.vcpus.push(self.fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
+        }
+        snapshot.machine.chips.apply(&self.fd).map_err(SnapshotError::from)?;
+        for (vcpu_fd, state) in self.vcpus.iter().zip(&snapshot.machine.vcpus) {
+            state.apply(vcpu_fd).map_err(|source| SnapshotError::VcpuState { id: usize::from(state.id), source })?;
+        }
+        self.tsc_khz = manifest.tsc_khz;
+        Ok(())
+    }
+
+    /// Starts one thread per vCPU; the first one's outcome goes to `done`.
+    fn start_vcpus(
+        &mut self,
+        bus: Arc<VmBus>,
+        stop: &Arc<AtomicBool>,
+        done: std::sync::mpsc::Sender<Outcome>,
+        sandbox: crate::seccomp::ThreadSandbox,
+        control: &Arc<crate::control::VmControl>,
+    ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+            .map_err(VmError::Signal)?;
+        let reader = Arc::new(vcpu::StateReader {
+            msrs: crate::snapshot::vcpu_state::MsrList::from_kvm(&self.kvm).map_err(SnapshotError::from)?,
+            xsave_size: crate::snapshot::vcpu_state::xsave_size(&self.fd),
+        });
+        let mut threads = Vec::new();
+        for (id, mut vcpu_fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (bus, stop, done, control, reader) =
+                (bus.clone(), stop.clone(), done.clone(), control.clone(), reader.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     if let Err(e) = crate::seccomp::confine_this_thread(crate::seccomp::VmmThread::Vcpu, sandbox) {
                         log::error!("vCPU {id}: {e}; running without a filter");
                     }
-                    let outcome = vcpu::run(&mut vcpu_fd, bus.as_ref(), &stop, &control);
+                    let outcome = vcpu::run(&mut vcpu_fd, id, &reader, bus.as_ref(), &stop, &control);
                     if id == 0 {
                         let _ = done.send(outcome);
                     }
@@ -331,15 +409,14 @@ fn wait_for_outcome(
     }
 }
 
-/// Builds the VM, runs the guest until it exits (or the watchdog fires), and reports.
-pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
+/// Builds the VM (booting `config.kernel`, or from `config.restore`), runs the guest until it
+/// exits (or the watchdog fires), and reports.
+pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     let started = Instant::now();
-    if config.devices.len() > abi::MMIO_SLOTS as usize {
-        return Err(VmError::TooManyDevices(config.devices.len()));
-    }
-    let mut vm = Vm::create(config.memory, &config.cmdline)?;
-    vm.attach_devices(&config.devices, config.doorbells)?;
-    vm.create_vcpus(config.vcpus, config.completion)?;
+    let mut vm = match config.restore.take() {
+        None => build(&config)?,
+        Some(restore) => build_restored(restore)?,
+    };
     let slotted: Vec<(u32, Arc<Mutex<VirtioDevice>>)> =
         vm.devices.iter().enumerate().map(|(slot, device)| (slot as u32, device.clone())).collect();
     let bus = Arc::new(VmBus {
@@ -350,11 +427,20 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
-    let threads = vm.start_vcpus(&config.kernel, bus, &stop, done_tx.clone(), config.sandbox, &config.control)?;
+    let machine = Arc::new(crate::snapshot::save::Machine {
+        vm: vm.fd.clone(),
+        cmdline: vm.cmdline.clone(),
+        vcpus: vm.vcpus.len() as u8,
+        tsc_khz: vm.tsc_khz,
+        doorbells: vm.doorbells.is_some(),
+    });
+    let threads = vm.start_vcpus(bus, &stop, done_tx.clone(), config.sandbox, &config.control)?;
+    let ready_after = started.elapsed();
+    log::info!("vCPUs started {:.1} ms after start-up began", ready_after.as_secs_f64() * 1000.0);
     {
         use std::os::unix::thread::JoinHandleExt;
         let ids = threads.iter().map(|t| t.as_pthread_t()).collect();
-        config.control.started(ids, done_tx, vm.devices.clone(), vm.ram.clone());
+        config.control.started(ids, done_tx, vm.devices.clone(), vm.ram.clone(), Some(machine));
     }
     let events =
         crate::backend_watch::spawn(vm.devices.clone(), vm.ram.clone(), config.reconnect, stop.clone(), config.sandbox)
@@ -366,5 +452,79 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     stop_vcpus(threads);
     let _ = events.join();
     let devices = vm.device_reports();
-    Ok(RunReport { outcome, cmdline: vm.cmdline, devices, elapsed: started.elapsed(), tsc_khz: vm.tsc_khz })
+    Ok(RunReport {
+        outcome,
+        cmdline: vm.cmdline,
+        devices,
+        elapsed: started.elapsed(),
+        tsc_khz: vm.tsc_khz,
+        ready_after,
+    })
+}
+
+/// A VM that boots `config.kernel` with `config.devices`.
+fn build(config: &VmConfig) -> Result<Vm, VmError> {
+    if config.devices.len() > abi::MMIO_SLOTS as usize {
+        return Err(VmError::TooManyDevices(config.devices.len()));
+    }
+    let mut vm = Vm::create(GuestRam::new(config.memory)?, &config.cmdline)?;
+    vm.attach_devices(&config.devices, config.doorbells, None)?;
+    vm.create_vcpus(config.vcpus, config.completion)?;
+    vm.boot_vcpus(&config.kernel)?;
+    Ok(vm)
+}
+
+/// A VM as the snapshot left it: its memory, its devices on their backends (rings started at
+/// the saved indexes), its vCPUs and in-kernel devices.
+fn build_restored(restore: Restore) -> Result<Vm, VmError> {
+    let manifest = &restore.snapshot.manifest;
+    let ram = match restore.memory {
+        RestoreMemory::File(ref path) => {
+            let ram = GuestRam::new(manifest.memory.size)?;
+            crate::snapshot::memory_image::load(&ram, path).map_err(SnapshotError::from)?;
+            ram
+        }
+        RestoreMemory::Filled(ram) => ram,
+    };
+    if ram.size() != manifest.memory.size {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} bytes of guest memory for a snapshot of {}",
+            ram.size(),
+            manifest.memory.size
+        ))
+        .into());
+    }
+    let mut vm = Vm::create(ram, &manifest.cmdline)?;
+    let specs = restore_specs(&restore.snapshot, &restore.sockets)?;
+    vm.attach_devices(&specs, manifest.doorbells, Some(&manifest.devices))?;
+    vm.restore_vcpus(&restore.snapshot)?;
+    for device in &vm.devices {
+        let mut device = lock(device);
+        device.resume(&vm.ram).map_err(|source| VmError::Device {
+            index: device.slot as usize,
+            socket: device.socket.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(vm)
+}
+
+/// The devices of a snapshot with the sockets to use.
+fn restore_specs(snapshot: &Snapshot, sockets: &[PathBuf]) -> Result<Vec<DeviceSpec>, VmError> {
+    let saved = &snapshot.manifest.devices;
+    if saved.len() != sockets.len() {
+        return Err(
+            SnapshotError::Inconsistent(format!("{} devices and {} sockets", saved.len(), sockets.len())).into()
+        );
+    }
+    saved
+        .iter()
+        .zip(sockets)
+        .map(|(d, socket)| {
+            let device = DeviceId::try_from(d.virtio_id).map_err(|e| {
+                SnapshotError::Inconsistent(format!("device {} has virtio id {}: {e}", d.slot, d.virtio_id))
+            })?;
+            Ok(DeviceSpec { device, socket: socket.clone() })
+        })
+        .collect()
 }

@@ -5,6 +5,7 @@
 use pvkit_test_support::facility;
 use pvkit_test_support::process::ChildGuard;
 use pvkit_test_support::tiny_guest::{GuestResult, console_peer_unix};
+use pvkit_test_support::tiny_vm::{Backends, ConsolePort};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -17,46 +18,15 @@ fn pvkit() -> Command {
 }
 
 /// pvkit's three backends (blk on a file, net loopback, console on a unix port).
-struct Backends {
-    processes: Vec<ChildGuard>,
-    blk: PathBuf,
-    net: PathBuf,
-    console: PathBuf,
-    console_port: PathBuf,
-}
-
-impl Backends {
-    /// `pvkit run` with the three devices attached, then `args`.
-    fn run_command(&self, args: &[&str]) -> Command {
-        let mut cmd = pvkit();
-        cmd.arg("run").args(args);
-        cmd.arg("--blk").arg(&self.blk).arg("--net").arg(&self.net).arg("--console").arg(&self.console);
-        cmd
-    }
-}
-
 fn start_backends(dir: &Path) -> Backends {
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
-    let (blk, net, console, console_port) =
-        (dir.join("blk.sock"), dir.join("net.sock"), dir.join("console.sock"), dir.join("port.sock"));
-    let mut processes = Vec::new();
-    for (name, args, socket) in [
-        ("vhost-user-blk", vec!["blk".to_string(), "--blk-file".into(), disk.display().to_string()], &blk),
-        ("vhost-user-net", vec!["net".into(), "--loopback".into()], &net),
-        (
-            "vhost-user-console",
-            vec!["console".into(), "--port".into(), format!("unix:{}", console_port.display())],
-            &console,
-        ),
-    ] {
-        let mut cmd = pvkit();
-        cmd.arg("backend").args(&args).arg("--socket-path").arg(socket);
-        let mut child = ChildGuard::spawn(name, &mut cmd).unwrap();
-        child.wait_for_socket(socket, WAIT).unwrap();
-        processes.push(child);
+    Backends::start(Path::new(env!("CARGO_BIN_EXE_pvkit")), dir, ConsolePort::Unix(dir.join("port.sock")))
+}
+
+/// The unix socket the console's port listens on.
+fn console_port(backends: &Backends) -> PathBuf {
+    match &backends.console_port {
+        ConsolePort::Unix(path) | ConsolePort::File(path) => path.clone(),
     }
-    Backends { processes, blk, net, console, console_port }
 }
 
 /// `pvkit run` with one device on `socket`, tried again while the connection is refused: a
@@ -74,7 +44,7 @@ fn run_until_accepted(device: &[&str], socket: &Path) -> Output {
 }
 
 fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {
-    let peer = console_peer_unix(backends.console_port.clone());
+    let peer = console_peer_unix(console_port(&backends));
     let out = backends.run_command(&["--timeout", "30"]).args(extra).output().unwrap();
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !peer.join().unwrap_or(false) {
@@ -135,7 +105,7 @@ fn run_refuses_bad_input_and_reports_missing_backends() {
 fn software_guest_passes_the_same_self_test_without_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = start_backends(dir.path());
-    let peer = console_peer_unix(backends.console_port.clone());
+    let peer = console_peer_unix(console_port(&backends));
     let out = backends
         .run_command(&["--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200"])
         .output()

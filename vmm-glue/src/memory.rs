@@ -74,6 +74,11 @@ impl GuestRam {
         self.size
     }
 
+    /// The memfd itself (pages never written are holes in it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The memfd (shared with backends in SET_MEM_TABLE).
     pub fn fd(&self) -> i32 {
         self.file.as_raw_fd()

@@ -20,6 +20,7 @@ pub mod peers;
 pub mod process;
 pub mod terminal;
 pub mod tiny_guest;
+pub mod tiny_vm;
 /// The vhost-user frontend with its own driver, from `pvkit-vmm-glue`, under the name the
 /// tests use.
 pub mod vhost_frontend {

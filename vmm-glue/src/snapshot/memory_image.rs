@@ -61,7 +61,8 @@ pub fn write_guest(ram: &GuestRam, gpa: u64, bytes: &[u8]) -> Result<(), MemoryI
 /// Calls `each` with every run of pages of guest memory that are not all zero (`gpa`, bytes),
 /// limited to the pages `wanted` says (`None`: every page); a page `wanted` names is passed
 /// even when it is zero (it may have been written since it was last sent). Returns the pages
-/// passed.
+/// passed. Without `wanted`, only the memory file's data segments are read: pages the guest
+/// never touched are holes there.
 pub fn for_each_page_run<E, F>(ram: &GuestRam, wanted: Option<&dyn Fn(u64) -> bool>, mut each: F) -> Result<u64, E>
 where
     E: From<MemoryImageError>,
@@ -69,33 +70,68 @@ where
 {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pages = 0;
-    let mut chunk_start = 0;
-    while chunk_start < ram.size() {
-        let len = CHUNK.min(ram.size() - chunk_start);
-        let chunk = &mut buf[..len as usize];
-        read_guest(ram, chunk_start, chunk)?;
-        let mut run: Option<u64> = None;
-        for page in 0..len / PAGE {
-            let gpa = chunk_start + page * PAGE;
-            let bytes = &chunk[(page * PAGE) as usize..((page + 1) * PAGE) as usize];
-            let send = match wanted {
-                Some(wanted) => wanted(gpa / PAGE),
-                None => bytes.iter().any(|&b| b != 0),
-            };
-            match (send, run) {
-                (true, None) => run = Some(gpa),
-                (false, Some(start)) => {
-                    each(start, &chunk[(start - chunk_start) as usize..(gpa - chunk_start) as usize])?;
-                    run = None;
-                }
-                _ => {}
+    for (start, end) in scan_ranges(ram, wanted.is_none())? {
+        let mut chunk_start = start;
+        while chunk_start < end {
+            let len = CHUNK.min(end - chunk_start);
+            let first_page = chunk_start / PAGE;
+            let any_wanted = wanted.is_none_or(|w| (first_page..first_page + len / PAGE).any(w));
+            if any_wanted {
+                let chunk = &mut buf[..len as usize];
+                read_guest(ram, chunk_start, chunk)?;
+                pages += page_runs(chunk, chunk_start, wanted, &mut each)?;
             }
-            pages += u64::from(send);
+            chunk_start += len;
         }
-        if let Some(start) = run {
-            each(start, &chunk[(start - chunk_start) as usize..])?;
+    }
+    Ok(pages)
+}
+
+/// The page-aligned ranges of guest memory to look at: the memory file's data segments, or
+/// all of it.
+fn scan_ranges(ram: &GuestRam, data_only: bool) -> Result<Vec<(u64, u64)>, MemoryImageError> {
+    if !data_only {
+        return Ok(vec![(0, ram.size())]);
+    }
+    let failed = |source| MemoryImageError::Io { what: "finding data in", path: "guest memory".into(), source };
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    while offset < ram.size() {
+        let Some(start) = seek(ram.file(), offset, libc::SEEK_DATA).map_err(failed)? else { break };
+        let end = seek(ram.file(), start, libc::SEEK_HOLE).map_err(failed)?.unwrap_or(ram.size()).min(ram.size());
+        let (start, end) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
+        ranges.push((start, end.min(ram.size())));
+        offset = end;
+    }
+    Ok(ranges)
+}
+
+/// Passes the runs of pages in `chunk` (at `chunk_start`) to `each`; returns the pages passed.
+fn page_runs<E, F>(chunk: &[u8], chunk_start: u64, wanted: Option<&dyn Fn(u64) -> bool>, each: &mut F) -> Result<u64, E>
+where
+    F: FnMut(u64, &[u8]) -> Result<(), E>,
+{
+    let mut pages = 0;
+    let mut run: Option<u64> = None;
+    let at = |gpa: u64| (gpa - chunk_start) as usize;
+    for page in chunk.chunks(PAGE as usize).enumerate().map(|(i, bytes)| (chunk_start + i as u64 * PAGE, bytes)) {
+        let (gpa, bytes) = page;
+        let send = match wanted {
+            Some(wanted) => wanted(gpa / PAGE),
+            None => bytes.iter().any(|&b| b != 0),
+        };
+        match (send, run) {
+            (true, None) => run = Some(gpa),
+            (false, Some(start)) => {
+                each(start, &chunk[at(start)..at(gpa)])?;
+                run = None;
+            }
+            _ => {}
         }
-        chunk_start += len;
+        pages += u64::from(send);
+    }
+    if let Some(start) = run {
+        each(start, &chunk[at(start)..])?;
     }
     Ok(pages)
 }

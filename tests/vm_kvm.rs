@@ -44,7 +44,7 @@ fn run_until_accepted(device: &[&str], socket: &Path) -> Output {
 }
 
 fn run_guest(backends: &mut Backends, extra: &[&str]) -> (Output, String) {
-    let peer = console_peer_unix(console_port(&backends));
+    let peer = console_peer_unix(console_port(backends));
     let out = backends.run_command(&["--timeout", "30"]).args(extra).output().unwrap();
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !peer.join().unwrap_or(false) {
@@ -105,7 +105,7 @@ fn run_refuses_bad_input_and_reports_missing_backends() {
 fn software_guest_passes_the_same_self_test_without_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = start_backends(dir.path());
-    let peer = console_peer_unix(console_port(&backends));
+    let peer = console_peer_unix(console_port(backends));
     let out = backends
         .run_command(&["--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200"])
         .output()

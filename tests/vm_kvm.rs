@@ -105,7 +105,7 @@ fn run_refuses_bad_input_and_reports_missing_backends() {
 fn software_guest_passes_the_same_self_test_without_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let mut backends = start_backends(dir.path());
-    let peer = console_peer_unix(console_port(backends));
+    let peer = console_peer_unix(console_port(&backends));
     let out = backends
         .run_command(&["--software-guest", "--cmdline", "pvkit.mode=bench pvkit.bench_ms=200"])
         .output()

@@ -1,4 +1,4 @@
-//! `pvkit ctl --api-socket PATH pause|resume|info|snapshot DIR|shutdown`: the command-line client of
+//! `pvkit ctl --api-socket PATH pause|resume|info|snapshot DIR|migrate SOCKET [--live]|shutdown`: the command-line client of
 //! `pvkit run`'s API. Exit status 0 on success; otherwise the API's message and 1 (2 for bad
 //! usage, 1 when the socket cannot be reached).
 
@@ -20,6 +20,20 @@ pub enum Action {
     Snapshot {
         /// The snapshot's directory.
         dir: PathBuf,
+    },
+    /// Move the VM to the `pvkit run --incoming SOCKET` waiting on SOCKET; this run ends once
+    /// the VM runs there. Prints the downtime.
+    Migrate {
+        /// The destination's socket.
+        socket: PathBuf,
+        /// Pre-copy: send memory while the VM runs, in rounds following KVM's and the
+        /// backends' dirty-page logs, then stop it briefly (default: stop-and-copy).
+        #[arg(long)]
+        live: bool,
+        /// With --live: keep the live phase going for at least this many milliseconds (rounds
+        /// go on past the point where few pages are left; for tests and measurements).
+        #[arg(long, value_name = "MS", requires = "live")]
+        live_ms: Option<u64>,
     },
     /// End the run.
     Shutdown,
@@ -51,6 +65,15 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             };
             body = serde_json::json!({ "dir": dir.display().to_string() }).to_string();
             ("PUT", "/vm/snapshot")
+        }
+        Action::Migrate { socket, live, live_ms } => {
+            let Ok(socket) = std::path::absolute(socket) else {
+                eprintln!("pvkit ctl: cannot make {} an absolute path", socket.display());
+                return ExitCode::from(2);
+            };
+            body = serde_json::json!({ "socket": socket.display().to_string(), "live": live, "live_ms": live_ms })
+                .to_string();
+            ("PUT", "/vm/migrate")
         }
     };
     match client::unix(&args.api_socket, method, path, &body) {

@@ -264,6 +264,7 @@ fn run_demo(dir: &Path) -> Result<bool, DemoError> {
     let config = VmConfig {
         kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
         restore: None,
+        on_started: None,
         cmdline: "pvkit.mode=bench pvkit.bench_ms=1000".into(),
         memory: 256 << 20,
         vcpus: 1,

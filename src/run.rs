@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// --console (the first --blk for its first block device, and so on).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "cmdline", "memory", "vcpus", "device", "completion", "no_doorbells", "software_guest"])]
     pub restore: Option<PathBuf>,
+    /// Wait on this unix socket for a VM another `pvkit run` sends (`pvkit ctl migrate`), and
+    /// run it; --blk, --net and --console name other backends, as with --restore.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["restore", "kernel", "cmdline", "memory", "vcpus", "device", "completion", "no_doorbells", "software_guest"])]
+    pub incoming: Option<PathBuf>,
     /// Serve the VM's control API (HTTP with JSON bodies) on this unix socket; see `pvkit ctl`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -169,6 +173,7 @@ pub fn outcome_status(outcome: &Outcome) -> (ExitCode, String) {
         }
         Outcome::TimedOut => (ExitCode::from(EXIT_TIMEOUT), "the watchdog stopped the guest (--timeout)".into()),
         Outcome::Stopped => (ExitCode::SUCCESS, "shut down through the API".into()),
+        Outcome::Migrated => (ExitCode::SUCCESS, "the VM moved to another pvkit run".into()),
         Outcome::Shutdown => (ExitCode::from(EXIT_CRASH), "the guest shut down (triple fault or reset)".into()),
         Outcome::InternalError(why) => (ExitCode::from(EXIT_CRASH), format!("the guest could not run: {why}")),
     }
@@ -204,19 +209,30 @@ fn load_restore(args: &RunArgs, dir: &std::path::Path) -> Result<vm::Restore, Re
     use pvkit_vmm_glue::snapshot::{MEMORY_FILE, Origin, Snapshot};
     let snapshot = Snapshot::read(dir)?;
     snapshot.manifest.origin.check(&Origin::here())?;
+    let sockets = backend_sockets(args, &snapshot.manifest)?;
+    Ok(vm::Restore { snapshot, memory: vm::RestoreMemory::File(dir.join(MEMORY_FILE)), sockets })
+}
+
+/// Each saved device's backend socket: the manifest's, unless --blk, --net or --console name
+/// another; every one must exist.
+fn backend_sockets(
+    args: &RunArgs,
+    manifest: &pvkit_vmm_glue::snapshot::Manifest,
+) -> Result<Vec<PathBuf>, RestoreError> {
+    let snapshot = manifest;
     let mut given = [
         (DeviceId::Block, args.blk.iter()),
         (DeviceId::Net, args.net.iter()),
         (DeviceId::Console, args.console.iter()),
     ];
     let mut sockets = Vec::new();
-    for device in &snapshot.manifest.devices {
+    for device in &snapshot.devices {
         let from_args = given.iter_mut().find(|(id, _)| id.raw() == device.virtio_id).and_then(|(_, list)| list.next());
         sockets.push(from_args.cloned().unwrap_or_else(|| device.socket.clone()));
     }
     for (id, mut rest) in given {
         if rest.next().is_some() {
-            let saved = snapshot.manifest.devices.iter().filter(|d| d.virtio_id == id.raw()).count();
+            let saved = snapshot.devices.iter().filter(|d| d.virtio_id == id.raw()).count();
             return Err(RestoreError::TooManySockets { kind: pvkit_vmm_glue::device::device_name(id), saved });
         }
     }
@@ -225,7 +241,26 @@ fn load_restore(args: &RunArgs, dir: &std::path::Path) -> Result<vm::Restore, Re
             return Err(RestoreError::NoBackend { slot, socket: socket.clone() });
         }
     }
-    Ok(vm::Restore { snapshot, memory: vm::RestoreMemory::File(dir.join(MEMORY_FILE)), sockets })
+    Ok(sockets)
+}
+
+/// Waits on `socket` for a VM another `pvkit run` sends; returns it, ready to run, and the
+/// channel to tell the source how the start went.
+fn receive_incoming(
+    args: &RunArgs,
+    socket: &std::path::Path,
+) -> Result<(vm::Restore, pvkit_vmm_glue::snapshot::migration::Channel), RestoreError> {
+    use pvkit_vmm_glue::snapshot::migration::Channel;
+    eprintln!("pvkit run: waiting for a VM on {}", socket.display());
+    let mut channel = Channel::accept(socket)?;
+    let (snapshot, ram) = channel.receive_vm()?;
+    match backend_sockets(args, &snapshot.manifest) {
+        Ok(sockets) => Ok((vm::Restore { snapshot, memory: vm::RestoreMemory::Filled(ram), sockets }, channel)),
+        Err(e) => {
+            let _ = channel.failed(&e.to_string());
+            Err(e)
+        }
+    }
 }
 
 /// Why a snapshot cannot be restored (before anything starts).
@@ -242,6 +277,9 @@ pub enum RestoreError {
         /// Devices of that kind in the snapshot.
         saved: usize,
     },
+    /// The incoming migration.
+    #[error(transparent)]
+    Migration(#[from] pvkit_vmm_glue::snapshot::migration::MigrationError),
     /// A backend socket that does not exist.
     #[error("device {slot}: no backend at {}", socket.display())]
     NoBackend {
@@ -292,6 +330,16 @@ pub fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
+    let (restore, incoming) = match (&args.incoming, restore) {
+        (Some(socket), _) => match receive_incoming(&args, socket) {
+            Ok((restore, channel)) => (Some(restore), Some(std::sync::Arc::new(std::sync::Mutex::new(channel)))),
+            Err(e) => {
+                eprintln!("pvkit run: cannot take the incoming VM: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, restore) => (restore, None),
+    };
     let control = pvkit_vmm_glue::control::VmControl::new();
     if let Some(socket) = &args.api_socket {
         let description = match &restore {
@@ -321,8 +369,20 @@ pub fn run(args: RunArgs) -> ExitCode {
             SandboxMode::Off => ThreadSandbox::Off,
         },
         restore,
+        on_started: incoming.clone().map(|channel| {
+            Box::new(move |after: Duration| {
+                if let Ok(mut channel) = channel.lock() {
+                    let _ = channel.running(after);
+                }
+            }) as Box<dyn FnOnce(Duration) + Send>
+        }),
     };
     let result = vm::run(config);
+    if let (Some(channel), Err(e)) = (&incoming, &result)
+        && let Ok(mut channel) = channel.lock()
+    {
+        let _ = channel.failed(&e.to_string());
+    }
     if let Some(socket) = &args.api_socket {
         let _ = std::fs::remove_file(socket);
     }

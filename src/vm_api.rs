@@ -7,11 +7,14 @@
 //! | `PUT /vm/pause` | parks every vCPU and stops the devices' rings |
 //! | `PUT /vm/resume` | starts the rings where they were and lets the vCPUs run again |
 //! | `PUT /vm/snapshot` | body `{"dir": PATH}`: pauses (if running) and saves the VM into PATH; it stays paused |
+//! | `PUT /vm/migrate` | body `{"socket": PATH, "live": BOOL, "live_ms": N}`: moves the VM to the `pvkit run --incoming PATH` (pre-copy when live, else stop-and-copy); this run then ends (exit 0) |
 //! | `PUT /vm/shutdown` | ends the run (`pvkit run` exits 0) |
 
 use pvkit_host_devices::services::http::{self, Handler, Reply, error, json_reply};
 use pvkit_vmm_glue::control::{ControlError, VmControl};
 use pvkit_vmm_glue::snapshot::SnapshotError;
+use pvkit_vmm_glue::snapshot::migration::MigrationError;
+use pvkit_vmm_glue::snapshot::outgoing::Mode;
 use pvkit_vmm_glue::vm::DeviceSpec;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,6 +70,36 @@ fn snapshot(control: &VmControl, body: &[u8]) -> Reply {
     }
 }
 
+/// `PUT /vm/migrate` with `body` (`{"socket": PATH, "live": BOOL}`).
+fn migrate(control: &VmControl, body: &[u8]) -> Reply {
+    let request = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let Some(socket) = request["socket"].as_str().map(std::path::PathBuf::from).filter(|p| p.is_absolute()) else {
+        return error(400, "give the destination as {\"socket\": \"/absolute/path\", \"live\": true|false}");
+    };
+    let mode = match (request["live"].as_bool().unwrap_or(false), request["live_ms"].as_u64().unwrap_or(0)) {
+        (false, 0) => Mode::StopAndCopy,
+        (false, _) => return error(400, "live_ms is for a live migration (\"live\": true)"),
+        (true, ms) => Mode::PreCopy { at_least: std::time::Duration::from_millis(ms) },
+    };
+    match control.migrate(&socket, mode) {
+        Ok(m) => json_reply(
+            200,
+            &serde_json::json!({
+                "state": "migrated",
+                "live": m.live,
+                "rounds": m.rounds,
+                "pages_live": m.pages_live,
+                "pages_paused": m.pages_paused,
+                "backend_pages": m.backend_pages,
+                "downtime_ms": m.downtime.as_secs_f64() * 1000.0,
+                "restore_ms": m.restore_ms,
+            }),
+        ),
+        Err(MigrationError::Control(e @ ControlError::NotRunning)) => error(409, e),
+        Err(e) => error(500, e),
+    }
+}
+
 /// The answer to one request.
 fn route(control: &VmControl, description: &VmDescription, method: &str, path: &str, body: &[u8]) -> Reply {
     let path = path.split('?').next().unwrap_or(path);
@@ -110,13 +143,17 @@ fn route(control: &VmControl, description: &VmDescription, method: &str, path: &
         ("PUT", "/vm/resume") => act(control.resume()),
         ("PUT", "/vm/shutdown") => act(control.shutdown()),
         ("PUT", "/vm/snapshot") => snapshot(control, body),
+        ("PUT", "/vm/migrate") => migrate(control, body),
         (_, "/vm") => error(405, format!("{path} takes GET, not {method}")),
-        (_, "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot") => {
+        (_, "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate") => {
             error(405, format!("{path} takes PUT, not {method}"))
         }
-        _ => {
-            error(404, format!("no endpoint {path} (there are /vm, /vm/pause, /vm/resume, /vm/snapshot, /vm/shutdown)"))
-        }
+        _ => error(
+            404,
+            format!(
+                "no endpoint {path} (there are /vm, /vm/pause, /vm/resume, /vm/snapshot, /vm/migrate, /vm/shutdown)"
+            ),
+        ),
     }
 }
 
@@ -143,6 +180,8 @@ mod tests {
         assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", b"").status, 400, "no directory");
         assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", br#"{"dir":"relative"}"#).status, 400);
         assert_eq!(route(&control, &description, "PUT", "/vm/snapshot", br#"{"dir":"/tmp/x"}"#).status, 409);
+        assert_eq!(route(&control, &description, "PUT", "/vm/migrate", b"{}").status, 400, "no socket");
+        assert_eq!(route(&control, &description, "PUT", "/vm/migrate", br#"{"socket":"/tmp/x"}"#).status, 409);
         assert_eq!(route(&control, &description, "GET", "/nothing", b"").status, 404);
     }
 }

@@ -233,7 +233,10 @@ fn take_log_message(
     let (size, offset) = (u64_at(raw, 0), u64_at(raw, 8));
     let fd = fds.pop().ok_or_else(|| io::Error::other("SET_LOG_BASE without its descriptor"))?;
     dirty.set_base(fd, offset, size).map_err(|e| io::Error::other(format!("SET_LOG_BASE: {e}")))?;
-    reply(frontend_writer, request, 0)
+    // The reply echoes the log's size and offset, as the vhost-user library's backends do: QEMU
+    // takes a reply of any size, rust-vmm's frontend reads exactly these 16 bytes.
+    let echo = message(request, FLAG_VERSION | FLAG_REPLY, raw);
+    send_message(&lock(frontend_writer), &echo, &[])
 }
 
 fn requests(
@@ -508,7 +511,9 @@ mod tests {
         file.set_len(4096).unwrap();
         frontend.send_with_fds(&[&log_base(4096, 0)[..]], &[file.as_raw_fd()]).unwrap();
         let (request, flags, payload) = read_message(&frontend);
-        assert_eq!((request, flags & FLAG_REPLY, payload), (FrontendReq::SET_LOG_BASE as u32, FLAG_REPLY, vec![0; 8]));
+        // The reply echoes size and offset (rust-vmm's frontend reads exactly those 16 bytes).
+        let echo = [4096u64.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        assert_eq!((request, flags & FLAG_REPLY, payload), (FrontendReq::SET_LOG_BASE as u32, FLAG_REPLY, echo));
         let with_log = PROTOCOL_FEATURES_BIT | LOG_ALL_BIT;
         (&frontend).write_all(&message(SET_FEATURES, FLAG_VERSION, &with_log.to_le_bytes())).unwrap();
         assert_eq!(read_message(&handler).0, SET_FEATURES, "SET_LOG_BASE was not passed on");

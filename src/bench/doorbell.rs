@@ -59,6 +59,7 @@ fn one_run(setup: Setup) -> Result<(Lines, Vec<ProcessStats>), BenchError> {
         let config = VmConfig {
             kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
             restore: None,
+            on_started: None,
             cmdline: format!("pvkit.mode=doorbell pvkit.event_idx={}", if setup.event_idx { "on" } else { "off" }),
             memory: 256 << 20,
             vcpus: 1,

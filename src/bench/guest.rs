@@ -78,6 +78,7 @@ fn one_run(contender: Contender, ms: u64) -> Result<(String, u64, Vec<ProcessSta
                 let config = VmConfig {
                     kernel: crate::cli::TINY_GUEST_ELF.to_vec(),
                     restore: None,
+                    on_started: None,
                     cmdline: format!("pvkit.mode=bench pvkit.bench_ms={ms}"),
                     memory: 256 << 20,
                     vcpus: 1,

@@ -75,7 +75,7 @@ struct Inner {
     /// What a snapshot needs besides the devices and memory.
     machine: Option<Arc<crate::snapshot::save::Machine>>,
     /// Each vCPU's state, read by its thread when it last parked.
-    vcpu_states: Vec<Option<Result<VcpuState, StateError>>>,
+    vcpu_states: crate::snapshot::vcpu_state::ParkedStates,
 }
 
 /// One device, as `GET /vm` reports it.
@@ -254,6 +254,48 @@ impl VmControl {
         let saved = crate::snapshot::save::save(dir, &machine, &ram, &devices, &states);
         inner.vcpu_states = states;
         saved
+    }
+
+    /// Moves the VM to the `pvkit run --incoming` waiting on `socket` (by `mode`) and ends
+    /// this run with [`Outcome::Migrated`]. A failure before the
+    /// backends were let go resumes the VM here, if it was running; after that it stays paused.
+    pub fn migrate(
+        &self,
+        socket: &std::path::Path,
+        mode: crate::snapshot::outgoing::Mode,
+    ) -> Result<crate::snapshot::outgoing::Migrated, crate::snapshot::migration::MigrationError> {
+        let (machine, ram, devices, was_running) = {
+            let inner = lock(&self.inner);
+            if !matches!(inner.state, RunState::Running | RunState::Paused) {
+                return Err(ControlError::NotRunning.into());
+            }
+            match (inner.machine.clone(), inner.ram.clone()) {
+                (Some(machine), Some(ram)) => (machine, ram, inner.devices.clone(), inner.state == RunState::Running),
+                _ => return Err(ControlError::NotRunning.into()),
+            }
+        };
+        let mut channel = crate::snapshot::migration::Channel::connect(socket)?;
+        let pause = || {
+            self.pause()?;
+            Ok(lock(&self.inner).vcpu_states.iter_mut().map(Option::take).collect())
+        };
+        let source =
+            crate::snapshot::outgoing::Source { machine: &machine, ram: &ram, devices: &devices, pause: &pause };
+        match crate::snapshot::outgoing::send(&mut channel, &source, mode) {
+            Ok(migrated) => {
+                if let Some(done) = lock(&self.inner).done.clone() {
+                    let _ = done.send(Outcome::Migrated);
+                }
+                Ok(migrated)
+            }
+            Err(e) => {
+                let released = devices.iter().all(|d| !lock(d).connected());
+                if was_running && !released {
+                    let _ = self.resume();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Lets parked vCPUs run again.

@@ -35,6 +35,8 @@ pub struct VirtioDevice {
     inflight: Option<InflightArea>,
     /// While the VM is paused: each queue's next available index, from GET_VRING_BASE.
     pub paused_bases: Option<Vec<u16>>,
+    /// The backend was handed to another VMM (a migration): never reconnect.
+    released: bool,
 }
 
 /// A human name for a virtio device type.
@@ -81,6 +83,7 @@ impl VirtioDevice {
             violations: 0,
             inflight: None,
             paused_bases: None,
+            released: false,
         })
     }
 
@@ -305,6 +308,29 @@ impl VirtioDevice {
         Ok(())
     }
 
+    /// Whether the backend can log the pages it writes (`None`: no backend connected).
+    pub fn can_log(&self) -> Option<bool> {
+        self.link.as_ref().map(BackendLink::can_log)
+    }
+
+    /// Starts or stops the backend logging the pages it writes into the bitmap in `log`
+    /// (memfd, size), for a live migration.
+    pub fn set_logging(&mut self, log: Option<(i32, u64)>) -> Result<(), FrontendError> {
+        let features = self.state.driver_features();
+        match (self.link.as_mut(), log) {
+            (Some(link), Some((fd, size))) => link.start_logging(fd, size, features),
+            (Some(link), None) => link.stop_logging(features),
+            (None, _) => Ok(()),
+        }
+    }
+
+    /// Lets go of the backend for good (another VMM takes it over): closes the connection,
+    /// and no reconnect is tried.
+    pub fn release(&mut self) {
+        self.released = true;
+        self.link = None;
+    }
+
     /// The backend went away: forget the link and tell the guest the device needs a reset.
     pub fn backend_lost(&mut self) {
         if self.link.take().is_some() {
@@ -328,7 +354,7 @@ impl VirtioDevice {
     /// itself ([`ReconnectTarget::connect`]) needs no lock on the device, so vCPU exits for
     /// it (and for every other device) go on while a backend is slow to answer.
     pub fn reconnect_target(&self) -> Option<ReconnectTarget> {
-        if self.link.is_some() {
+        if self.link.is_some() || self.released {
             return None;
         }
         Some(ReconnectTarget { socket: self.socket.clone(), default_queues: self.default_queues })

@@ -56,6 +56,8 @@ const TRANSPORT_MASK: u64 = !(PROTOCOL_FEATURES_BIT
         vf::VHOST_LOG_ALL,
     ])
     .0);
+/// VHOST_F_LOG_ALL: the backend logs the pages it writes.
+const LOG_ALL_BIT: u64 = Features::from_bits(&[vf::VHOST_LOG_ALL]).0;
 /// Largest queue size offered to the guest.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -82,6 +84,8 @@ pub struct BackendLink {
     protocol: VhostUserProtocolFeatures,
     num_queues: usize,
     requests: Option<BackendRequests>,
+    /// Whether the backend logs the pages it writes (a migration is under way).
+    logging: bool,
 }
 
 impl BackendLink {
@@ -110,7 +114,8 @@ impl BackendLink {
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
                     | VhostUserProtocolFeatures::BACKEND_REQ
-                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                    | VhostUserProtocolFeatures::LOG_SHMFD);
             frontend.set_protocol_features(protocol).map_err(req("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -142,6 +147,7 @@ impl BackendLink {
             protocol,
             num_queues: num_queues.clamp(1, 64),
             requests,
+            logging: false,
         })
     }
 
@@ -153,7 +159,32 @@ impl BackendLink {
     /// The features [`BackendLink::activate`] sets for a driver that acknowledges
     /// `driver_features`: those the backend offers, plus PROTOCOL_FEATURES when it offers that.
     pub fn features_for(&self, driver_features: u64) -> u64 {
-        (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT)
+        let logging = if self.logging { LOG_ALL_BIT } else { 0 };
+        (driver_features & self.offered) | (self.offered & PROTOCOL_FEATURES_BIT) | logging
+    }
+
+    /// Whether the backend can log the pages it writes into a bitmap the VMM shares
+    /// (VHOST_F_LOG_ALL and protocol feature LOG_SHMFD).
+    pub fn can_log(&self) -> bool {
+        self.offered & LOG_ALL_BIT != 0 && self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+    }
+
+    /// Starts the backend logging the pages it writes into the bitmap in `log_fd` (`size`
+    /// bytes): SET_LOG_BASE, then SET_FEATURES with VHOST_F_LOG_ALL added to what the driver
+    /// acknowledged.
+    pub fn start_logging(&mut self, log_fd: i32, size: u64, driver_features: u64) -> Result<(), FrontendError> {
+        let region = vhost::VhostUserDirtyLogRegion { mmap_size: size, mmap_offset: 0, mmap_handle: log_fd };
+        self.frontend.set_log_base(0, Some(region)).map_err(self.req("SET_LOG_BASE"))?;
+        self.logging = true;
+        let features = self.features_for(driver_features);
+        self.frontend.set_features(features).map_err(self.req("SET_FEATURES (log all)"))
+    }
+
+    /// Stops the logging [`BackendLink::start_logging`] started.
+    pub fn stop_logging(&mut self, driver_features: u64) -> Result<(), FrontendError> {
+        self.logging = false;
+        let features = self.features_for(driver_features);
+        self.frontend.set_features(features).map_err(self.req("SET_FEATURES"))
     }
 
     /// Queues the backend serves.

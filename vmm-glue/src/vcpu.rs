@@ -41,6 +41,8 @@ pub enum Outcome {
     TimedOut,
     /// It was shut down through the VM's control (`PUT /vm/shutdown`).
     Stopped,
+    /// It moved to another VMM process (`PUT /vm/migrate`).
+    Migrated,
 }
 
 /// Port and MMIO accesses the kernel did not handle.

@@ -108,6 +108,9 @@ pub struct VmConfig {
     pub sandbox: crate::seccomp::ThreadSandbox,
     /// Pausing, resuming and shutting the VM down from another thread.
     pub control: Arc<crate::control::VmControl>,
+    /// Called once the vCPUs are started, with the time since the run began (an incoming
+    /// migration tells its source).
+    pub on_started: Option<Box<dyn FnOnce(Duration) + Send>>,
     /// Start from a snapshot instead of `kernel` (whose devices, memory size, vCPUs and
     /// command line then come from the snapshot).
     pub restore: Option<Restore>,
@@ -437,6 +440,9 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     let threads = vm.start_vcpus(bus, &stop, done_tx.clone(), config.sandbox, &config.control)?;
     let ready_after = started.elapsed();
     log::info!("vCPUs started {:.1} ms after start-up began", ready_after.as_secs_f64() * 1000.0);
+    if let Some(on_started) = config.on_started.take() {
+        on_started(ready_after);
+    }
     {
         use std::os::unix::thread::JoinHandleExt;
         let ids = threads.iter().map(|t| t.as_pthread_t()).collect();

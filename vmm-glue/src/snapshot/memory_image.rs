@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// The page size snapshots count in.
 pub const PAGE: u64 = 4096;
-/// Bytes scanned per step.
-const CHUNK: u64 = 1 << 20;
+/// Bytes scanned per step (and the most a run passed at once holds).
+pub const CHUNK: u64 = 1 << 20;
 
 /// Errors from saving or loading guest memory.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,11 @@
 //! connecting to a backend (the one in the manifest, or another one on the same disk) and
 //! starting its rings at those indexes.
 
+pub mod dirty;
 pub mod inspect;
 pub mod memory_image;
+pub mod migration;
+pub mod outgoing;
 pub mod save;
 pub mod vcpu_state;
 

@@ -51,28 +51,10 @@ pub fn save(
 ) -> Result<Saved, SnapshotError> {
     let started = Instant::now();
     super::create_dir(dir)?;
-    let mut vcpus = Vec::with_capacity(states.len());
-    for (id, state) in states.iter().enumerate() {
-        match state {
-            Some(Ok(state)) => vcpus.push(state),
-            Some(Err(source)) => return Err(SnapshotError::VcpuState { id, source: source.clone() }),
-            None => return Err(SnapshotError::NoVcpuState(id)),
-        }
-    }
+    let vcpus = vcpu_refs(states)?;
     let chips = ChipState::capture(&machine.vm)?;
-    let devices = devices.iter().map(|d| lock(d).snapshot(ram)).collect();
     let nonzero_pages = memory_image::save(ram, &dir.join(super::MEMORY_FILE))?;
-    let manifest = Manifest {
-        format: super::FORMAT_VERSION,
-        origin: Origin::here(),
-        taken_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        memory: MemoryInfo { size: ram.size(), nonzero_pages },
-        vcpus: machine.vcpus,
-        tsc_khz: machine.tsc_khz,
-        cmdline: machine.cmdline.clone(),
-        doorbells: machine.doorbells,
-        devices,
-    };
+    let manifest = manifest(machine, ram, devices, nonzero_pages);
     super::write_json(&dir.join(super::VCPUS_FILE), &MachineStateRef { chips: &chips, vcpus: &vcpus })?;
     super::write_json(&dir.join(super::MANIFEST_FILE), &manifest)?;
     Ok(Saved {
@@ -84,11 +66,46 @@ pub fn save(
     })
 }
 
+/// Each vCPU's state as its thread read it when it parked.
+pub fn vcpu_refs(states: &[Option<Result<VcpuState, StateError>>]) -> Result<Vec<&VcpuState>, SnapshotError> {
+    states
+        .iter()
+        .enumerate()
+        .map(|(id, state)| match state {
+            Some(Ok(state)) => Ok(state),
+            Some(Err(source)) => Err(SnapshotError::VcpuState { id, source: source.clone() }),
+            None => Err(SnapshotError::NoVcpuState(id)),
+        })
+        .collect()
+}
+
+/// The manifest of the paused VM.
+pub fn manifest(
+    machine: &Machine,
+    ram: &GuestRam,
+    devices: &[Arc<Mutex<VirtioDevice>>],
+    nonzero_pages: u64,
+) -> Manifest {
+    Manifest {
+        format: super::FORMAT_VERSION,
+        origin: Origin::here(),
+        taken_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        memory: MemoryInfo { size: ram.size(), nonzero_pages },
+        vcpus: machine.vcpus,
+        tsc_khz: machine.tsc_khz,
+        cmdline: machine.cmdline.clone(),
+        doorbells: machine.doorbells,
+        devices: devices.iter().map(|d| lock(d).snapshot(ram)).collect(),
+    }
+}
+
 /// [`super::MachineState`] by reference, serialized the same way.
 #[derive(serde::Serialize)]
-struct MachineStateRef<'a> {
-    chips: &'a ChipState,
-    vcpus: &'a [&'a VcpuState],
+pub struct MachineStateRef<'a> {
+    /// The in-kernel devices.
+    pub chips: &'a ChipState,
+    /// Each vCPU.
+    pub vcpus: &'a [&'a VcpuState],
 }
 
 /// Bytes the files of `dir` take on disk (holes not counted).

@@ -72,6 +72,9 @@ impl MsrList {
     }
 }
 
+/// Each vCPU's state as its thread read it when it last parked (`None`: not parked since).
+pub type ParkedStates = Vec<Option<Result<VcpuState, StateError>>>;
+
 /// One vCPU's state.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {

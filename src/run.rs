@@ -292,6 +292,7 @@ pub enum RestoreError {
 
 /// Runs `pvkit run`.
 pub fn run(args: RunArgs) -> ExitCode {
+    let began = std::time::Instant::now();
     if args.software_guest {
         return run_software(&args);
     }
@@ -369,13 +370,18 @@ pub fn run(args: RunArgs) -> ExitCode {
             SandboxMode::Off => ThreadSandbox::Off,
         },
         restore,
-        on_started: incoming.clone().map(|channel| {
-            Box::new(move |after: Duration| {
+        on_started: match (incoming.clone(), args.restore.is_some()) {
+            (Some(channel), _) => Some(Box::new(move |after: Duration| {
                 if let Ok(mut channel) = channel.lock() {
                     let _ = channel.running(after);
                 }
-            }) as Box<dyn FnOnce(Duration) + Send>
-        }),
+            }) as Box<dyn FnOnce(Duration) + Send>),
+            (None, true) => Some(Box::new(move |_: Duration| {
+                let ms = began.elapsed().as_secs_f64() * 1000.0;
+                eprintln!("pvkit run: restored; the vCPUs run {ms:.1} ms after pvkit run started");
+            })),
+            (None, false) => None,
+        },
     };
     let result = vm::run(config);
     if let (Some(channel), Err(e)) = (&incoming, &result)

@@ -121,7 +121,7 @@ fn bench_all_writes_a_complete_report_and_well_formed_plots() {
     let report = load(&json);
     let statuses = assert_complete(&report, 1);
     let names: Vec<&str> = statuses.keys().map(String::as_str).collect();
-    assert_eq!(names, ["blk", "console", "doorbell", "guest", "net"], "{statuses:?}");
+    assert_eq!(names, ["blk", "console", "doorbell", "guest", "net", "snapshot"], "{statuses:?}");
     // Skipped only where the machine lacks the facility.
     let expect = |name: &str, available: bool| {
         assert_eq!(statuses[name], if available { "ran" } else { "skipped" }, "{name}: {stdout}");
@@ -130,6 +130,7 @@ fn bench_all_writes_a_complete_report_and_well_formed_plots() {
     expect("console", true);
     expect("guest", true);
     expect("doorbell", facility::kvm_usable());
+    expect("snapshot", facility::kvm_usable());
     expect("net", facility::find_program("dpdk-testpmd").is_some());
     let samples = report["samples"].as_array().unwrap();
     let cases_of = |scenario: &str| -> BTreeSet<String> {
@@ -150,6 +151,15 @@ fn bench_all_writes_a_complete_report_and_well_formed_plots() {
         for case in ["one kick: mmio-notify", "one kick: port-doorbell", "requests at QD 16"] {
             assert!(doorbell.contains(case), "{case}: {doorbell:?}");
         }
+    }
+    if statuses["snapshot"] == "ran" {
+        let snapshot = cases_of("snapshot");
+        for case in ["snapshot (pause + save)", "restore until the vCPUs run", "move, pre-copy: downtime"] {
+            assert!(snapshot.contains(case), "{case}: {snapshot:?}");
+        }
+        let sizes: BTreeSet<&str> =
+            samples.iter().filter(|s| s["scenario"] == "snapshot").filter_map(|s| s["contender"].as_str()).collect();
+        assert_eq!(sizes, BTreeSet::from(["256 MiB guest", "1024 MiB guest"]));
     }
     // One plot per group, plus latency plots for blk.
     let groups: BTreeSet<(String, String)> = samples

@@ -34,7 +34,12 @@ fn soak_and_move(how: &[&str]) -> serde_json::Value {
     let peer = console_peer_unix(port);
     let (api, serial, incoming, serial2) =
         (dir.join("vm.api"), dir.join("serial.log"), dir.join("incoming.sock"), dir.join("moved.log"));
-    let mut run = backends.run_command(&["--timeout", "120", "--cmdline", "pvkit.mode=soak pvkit.soak_iterations=150"]);
+    let mut run = backends.run_command(&[
+        "--timeout",
+        "120",
+        "--cmdline",
+        "pvkit.mode=soak pvkit.soak_iterations=150 pvkit.soak_touch_mib=4",
+    ]);
     run.arg("--api-socket").arg(&api).arg("--serial").arg(&serial);
     let mut source = ChildGuard::spawn("pvkit run (source)", &mut run).unwrap();
     let mut destination = ChildGuard::spawn(
@@ -63,6 +68,7 @@ fn soak_and_move(how: &[&str]) -> serde_json::Value {
     let result = GuestResult::parse(&log).unwrap_or_else(|| panic!("no result line on the destination:\n{log}"));
     result.assert_passed(&[ALL, &["soak_verify"]].concat(), &log);
     assert!(log.contains("PVKIT-SOAK done iterations=150"), "{log}");
+    assert!(log.contains("ballast_wrong=0"), "a ballast page lost what the guest wrote:\n{log}");
     assert!(soak_progress(&log).1 > at_move, "no progress on the destination after {at_move}:\n{log}");
     assert!(!log.contains("PVKIT-GUEST"), "the destination booted the guest again:\n{log}");
     report

@@ -58,8 +58,12 @@ pub fn run(args: &AllArgs, rec: &mut Recorder) -> Result<(), BenchError> {
         if let Err(e) = super::doorbell::run(&options(args, false)?, rec) {
             rec.failed("doorbell", e.to_string());
         }
+        if let Err(e) = super::snapshot::run(&options(args, false)?, rec) {
+            rec.failed("snapshot", e.to_string());
+        }
     } else {
         rec.skipped("doorbell", "it runs the tiny guest on KVM, and /dev/kvm is not usable here");
+        rec.skipped("snapshot", "it runs the tiny guest on KVM, and /dev/kvm is not usable here");
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod plot;
 mod process;
 pub mod recorder;
 pub mod report;
+pub mod snapshot;
 
 pub use error::BenchError;
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ pub enum Scenario {
     Doorbell(doorbell::DoorbellBenchArgs),
     /// Guest-to-host and host-to-guest throughput through one vhost-user-console port.
     Console(console::ConsoleBenchArgs),
+    /// Snapshot time and size, restore time and the downtime of moving a VM (stop-and-copy and
+    /// pre-copy), per guest memory size, on KVM.
+    Snapshot(snapshot::SnapshotBenchArgs),
     /// Every scenario this machine can run (what it cannot is skipped, saying why).
     All(all::AllArgs),
     /// Per-metric change between two --json reports, with a noise-aware verdict; exits 1 when
@@ -92,6 +96,7 @@ pub fn run(scenario: &Scenario, output: &OutputArgs) -> Result<bool, BenchError>
         Scenario::Blk(args) => blk::run(args, &mut rec),
         Scenario::Limits(args) => limits::run(args, &mut rec),
         Scenario::Console(args) => console::run(args, &mut rec),
+        Scenario::Snapshot(args) => snapshot::run(args, &mut rec),
         Scenario::Net(args) => net::run(args, &mut rec),
         Scenario::Guest(args) => guest::run(args, &mut rec),
         Scenario::Doorbell(args) => doorbell::run(args, &mut rec),

@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod ballast;
 mod bench;
 mod boot;
 mod discover;
@@ -59,7 +60,7 @@ extern "C" fn tiny_main(start_info: u64) -> ! {
         bench::doorbells(blk, cmdline);
     }
     if abi::param(cmdline, abi::key::MODE) == Some("soak") {
-        soak::run(&mut drivers, cmdline, &mut result);
+        soak::run(&mut drivers, cmdline, &mut result, start_info::ram_top(start_info));
     }
     if abi::param(cmdline, abi::key::MODE) == Some("bench") {
         bench::run(drivers, cmdline);

@@ -43,8 +43,9 @@ fn holds(block: &[u8], slot: usize, generation: u64, scratch: &mut [u8]) -> bool
     block == &scratch[..block.len()]
 }
 
-/// Runs the soak on the drivers the self-test left, recording its checks in `checks`.
-pub fn run(drivers: &mut Drivers, cmdline: &str, checks: &mut Checks) {
+/// Runs the soak on the drivers the self-test left, recording its checks in `checks`; RAM ends
+/// at `ram_top` (for the ballast, [`crate::ballast`]).
+pub fn run(drivers: &mut Drivers, cmdline: &str, checks: &mut Checks, ram_top: u64) {
     let iterations =
         abi::param(cmdline, ITERATIONS_KEY).and_then(|v| v.parse::<u64>().ok()).unwrap_or(DEFAULT_ITERATIONS);
     let Some(blk) = drivers.blk.as_mut() else {
@@ -68,6 +69,11 @@ pub fn run(drivers: &mut Drivers, cmdline: &str, checks: &mut Checks) {
             core::slice::from_raw_parts_mut(base.add(2 * BLOCK), BLOCK),
         )
     };
+    let ballast = crate::ballast::Ballast::new(cmdline, ram_top);
+    if let Some(ballast) = &ballast {
+        ballast.fill();
+        println!("PVKIT-SOAK ballast pages={}", ballast.pages());
+    }
     let mut ledger = [0u64; SLOTS];
     let (mut ok, mut verified, mut frames_back) = (spacing >= 8, 0u64, 0u64);
     println!("PVKIT-SOAK start iterations={iterations} slots={SLOTS} spacing={spacing}");
@@ -100,6 +106,9 @@ pub fn run(drivers: &mut Drivers, cmdline: &str, checks: &mut Checks) {
         if let Some(console) = drivers.console.as_mut() {
             let _ = console.write(b"soak\n");
         }
+        if let Some(ballast) = &ballast {
+            ballast.touch(n);
+        }
         if n % PROGRESS_EVERY == 0 {
             println!("PVKIT-SOAK {n}");
         }
@@ -108,6 +117,9 @@ pub fn run(drivers: &mut Drivers, cmdline: &str, checks: &mut Checks) {
     for (slot, &generation) in ledger.iter().enumerate().filter(|(_, g)| **g != 0) {
         all &= blk.read_blocks(slot as u64 * spacing, back).is_ok() && holds(back, slot, generation, scratch);
     }
-    println!("PVKIT-SOAK done iterations={iterations} verified={verified} frames_back={frames_back}");
-    checks.set_external("soak_verify", ok && all);
+    let ballast_wrong = ballast.as_ref().map_or(0, |b| b.verify(iterations));
+    println!(
+        "PVKIT-SOAK done iterations={iterations} verified={verified} frames_back={frames_back} ballast_wrong={ballast_wrong}"
+    );
+    checks.set_external("soak_verify", ok && all && ballast_wrong == 0);
 }

@@ -27,3 +27,37 @@ pub fn cmdline(start_info: u64) -> &'static str {
         core::str::from_utf8(core::slice::from_raw_parts(text, len)).unwrap_or("")
     }
 }
+
+/// The end of the highest RAM range in the start info's memory map (0 when there is none).
+pub fn ram_top(start_info: u64) -> u64 {
+    const RAM: u32 = 1;
+    const ENTRY: usize = 24;
+    const MAX_ENTRIES: u32 = 128;
+    if start_info == 0 || start_info >= 1 << 32 {
+        return 0;
+    }
+    // SAFETY: as in `cmdline`: the start info and the memory map it points at lie in
+    // identity-mapped low memory; fields are read unaligned-safe after the magic matched, and
+    // no more entries than a sane map holds are read.
+    unsafe {
+        let base = start_info as *const u8;
+        if (base as *const u32).read_unaligned() != MAGIC {
+            return 0;
+        }
+        let map = (base.add(40) as *const u64).read_unaligned();
+        let entries = (base.add(48) as *const u32).read_unaligned().min(MAX_ENTRIES);
+        if map == 0 || map >= 1 << 32 {
+            return 0;
+        }
+        let mut top = 0;
+        for i in 0..entries as usize {
+            let entry = (map as *const u8).add(i * ENTRY);
+            let addr = (entry as *const u64).read_unaligned();
+            let size = (entry.add(8) as *const u64).read_unaligned();
+            if (entry.add(16) as *const u32).read_unaligned() == RAM {
+                top = top.max(addr.saturating_add(size));
+            }
+        }
+        top
+    }
+}

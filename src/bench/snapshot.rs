@@ -179,9 +179,12 @@ pub fn run(args: &SnapshotBenchArgs, rec: &mut Recorder) -> Result<(), BenchErro
     Ok(())
 }
 
+/// A case: its name, unit, value and extra readings.
+type Case<'a> = (&'a str, &'a str, f64, Vec<(&'a str, f64)>);
+
 fn record(rec: &mut Recorder, round: usize, mib: u64, f: &Figures) {
     let contender = format!("{mib} MiB guest");
-    let cases: [(&str, &str, f64, Vec<(&str, f64)>); 5] = [
+    let cases: [Case; 5] = [
         ("snapshot (pause + save)", "ms", f.snapshot_ms, vec![("save_ms", f.save_ms)]),
         ("snapshot size on disk", "MiB", f.size_mib, vec![("nonzero_pages", f.nonzero_pages)]),
         ("restore until the vCPUs run", "ms", f.restore_ms, vec![]),

@@ -126,6 +126,7 @@ fn route(control: &VmControl, description: &VmDescription, method: &str, path: &
                         "features": live.map(|s| format!("{:#x}", s.features)),
                         "connected": live.map(|s| s.connected),
                         "queue_indexes": live.and_then(|s| s.paused_bases.clone()),
+                        "violations": live.map(|s| s.violations),
                     })
                 })
                 .collect();

@@ -151,3 +151,30 @@ fn ctl_says_what_went_wrong() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("explode"));
 }
+
+/// Snapshot commands on bad input, without KVM: a snapshot directory that is not there (inspect
+/// and restore exit 1 naming it), options that cannot go with a restore (exit 2), a migration
+/// to a socket nobody listens on (exit 1 naming it).
+#[test]
+fn snapshot_commands_say_what_went_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-snapshot");
+    let pvkit = || Command::new(env!("CARGO_BIN_EXE_pvkit"));
+    let inspect = pvkit().args(["snapshot", "inspect"]).arg(&missing).output().unwrap();
+    assert_eq!(inspect.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&inspect.stderr).contains("no-snapshot/manifest.json"));
+    if pvkit_test_support::facility::kvm_usable() {
+        let restore = pvkit().args(["run", "--restore"]).arg(&missing).output().unwrap();
+        assert_eq!(restore.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&restore.stderr).contains("cannot restore"));
+    }
+    let both = pvkit().args(["run", "--restore"]).arg(&missing).args(["--kernel", "x.elf"]).output().unwrap();
+    assert_eq!(both.status.code(), Some(2), "{}", String::from_utf8_lossy(&both.stderr));
+    let api = dir.path().join("no-vm.api");
+    let migrate = pvkit().args(["ctl", "--api-socket"]).arg(&api).args(["migrate", "/tmp/x.sock"]).output().unwrap();
+    assert_eq!(migrate.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&migrate.stderr).contains("no-vm.api"));
+    let live_ms_alone =
+        pvkit().args(["ctl", "--api-socket"]).arg(&api).args(["migrate", "x", "--live-ms", "5"]).output();
+    assert_eq!(live_ms_alone.unwrap().status.code(), Some(2), "--live-ms needs --live");
+}

@@ -91,6 +91,8 @@ pub struct DeviceStatus {
     pub connected: bool,
     /// While paused: each queue's next available index, as its backend reported it.
     pub paused_bases: Option<Vec<u16>>,
+    /// Guest protocol violations the transport saw.
+    pub violations: u64,
 }
 
 /// A running VM's control, shared by the VM and whoever controls it.
@@ -164,6 +166,7 @@ impl VmControl {
                     features: d.state.negotiated_features(),
                     connected: d.connected(),
                     paused_bases: d.paused_bases.clone(),
+                    violations: d.violations,
                 }
             })
             .collect()

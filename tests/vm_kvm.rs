@@ -5,7 +5,7 @@
 use pvkit_test_support::facility;
 use pvkit_test_support::process::ChildGuard;
 use pvkit_test_support::tiny_guest::{GuestResult, console_peer_unix};
-use pvkit_test_support::tiny_vm::{Backends, ConsolePort};
+use pvkit_test_support::tiny_vm::{Backends, ConsolePort, ctl, wait_for, wait_for_exit};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -329,15 +329,10 @@ fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
     run.arg("--api-socket").arg(&api).arg("--serial").arg(&serial);
     let mut vm = ChildGuard::spawn("pvkit run", &mut run).unwrap();
     let progress = || std::fs::read_to_string(&serial).unwrap_or_default().matches("PVKIT-SOAK ").count();
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for("the guest never soaked", &|| progress() >= 3);
-    let ctl = |action: &str| pvkit().args(["ctl", "--api-socket"]).arg(&api).arg(action).output().unwrap();
+    let minute = Duration::from_secs(60);
+    wait_for("the guest never soaked", minute, &|| progress() >= 3);
+    let pvkit_bin = Path::new(env!("CARGO_BIN_EXE_pvkit"));
+    let ctl = |action: &str| ctl(pvkit_bin, &api, &[action]);
     let paused = ctl("pause");
     assert!(paused.status.success(), "{}", String::from_utf8_lossy(&paused.stderr));
     let at_pause = progress();
@@ -355,17 +350,9 @@ fn ctl_pauses_resumes_and_shuts_down_a_running_vm() {
     vm.check_running().expect("the watchdog counted the time paused");
     assert!(ctl("resume").status.success());
     let resumed_at = progress();
-    wait_for("the guest did not go on after resume", &|| progress() > resumed_at + 2);
+    wait_for("the guest did not go on after resume", minute, &|| progress() > resumed_at + 2);
     assert!(ctl("shutdown").status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let ended = loop {
-        match vm.check_running() {
-            Ok(()) => assert!(std::time::Instant::now() < deadline, "pvkit run did not end after shutdown"),
-            Err(ended) => break ended,
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let ended = ended.to_string();
+    let ended = wait_for_exit(&mut vm, Duration::from_secs(20));
     assert!(ended.contains("exit status: 0"), "pvkit run did not exit 0 after shutdown: {ended}");
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(!log.contains("does not hold"), "the soak found a block it wrote changed:\n{log}");

@@ -136,13 +136,13 @@ where
     Ok(pages)
 }
 
+fn io_error<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> MemoryImageError + 'a {
+    move |source| MemoryImageError::Io { what, path: path.display().to_string(), source }
+}
+
 /// Saves guest memory to `path` (created or replaced); returns the non-zero pages written.
 pub fn save(ram: &GuestRam, path: &Path) -> Result<u64, MemoryImageError> {
-    let name = path.display().to_string();
-    let io = |what: &'static str| {
-        let path = name.clone();
-        move |source| MemoryImageError::Io { what, path: path.clone(), source }
-    };
+    let io = |what: &'static str| io_error(what, path);
     let file = File::create(path).map_err(io("creating"))?;
     file.set_len(ram.size()).map_err(io("sizing"))?;
     let pages = for_each_page_run(ram, None, |gpa, bytes| file.write_all_at(bytes, gpa).map_err(io("writing")))?;
@@ -153,15 +153,11 @@ pub fn save(ram: &GuestRam, path: &Path) -> Result<u64, MemoryImageError> {
 /// Loads `path` into `ram` (fresh, all zero); refuses a file of another size. Returns the
 /// bytes read (the file's data segments).
 pub fn load(ram: &GuestRam, path: &Path) -> Result<u64, MemoryImageError> {
-    let name = path.display().to_string();
-    let io = |what: &'static str| {
-        let path = name.clone();
-        move |source| MemoryImageError::Io { what, path: path.clone(), source }
-    };
+    let io = |what: &'static str| io_error(what, path);
     let file = File::open(path).map_err(io("opening"))?;
     let found = file.metadata().map_err(io("reading the size of"))?.len();
     if found != ram.size() {
-        return Err(MemoryImageError::WrongSize { path: name, found, expected: ram.size() });
+        return Err(MemoryImageError::WrongSize { path: path.display().to_string(), found, expected: ram.size() });
     }
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;

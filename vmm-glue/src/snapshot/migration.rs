@@ -197,7 +197,11 @@ impl Channel {
 
     /// Waits on `socket` (made anew) for the source, and takes its connection.
     pub fn accept(socket: &Path) -> Result<Channel, MigrationError> {
-        let _ = std::fs::remove_file(socket);
+        // A socket left by an earlier run is replaced; any other file is left alone (and
+        // binding fails on it).
+        if std::fs::symlink_metadata(socket).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            let _ = std::fs::remove_file(socket);
+        }
         let io = |what| move |source| MigrationError::Io { what, source };
         let listener = UnixListener::bind(socket).map_err(io("listening for the source"))?;
         let (stream, _) = listener.accept().map_err(io("taking the source's connection"))?;

@@ -224,14 +224,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SnapshotE
 }
 
 impl Snapshot {
-    /// Writes the manifest and machine state into `dir` (memory is written by
-    /// [`memory_image::save`] before): the manifest last, so a directory without one holds
-    /// no finished snapshot.
-    pub fn write(&self, dir: &Path) -> Result<(), SnapshotError> {
-        write_json(&dir.join(VCPUS_FILE), &self.machine)?;
-        write_json(&dir.join(MANIFEST_FILE), &self.manifest)
-    }
-
     /// Reads a snapshot's manifest (alone: enough to inspect or check it).
     pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
         let manifest: Manifest = read_json(&dir.join(MANIFEST_FILE))?;
@@ -258,6 +250,9 @@ impl Snapshot {
     /// indexes per queue, memory of a size the VMM takes.
     pub fn check_consistent(&self) -> Result<(), SnapshotError> {
         let m = &self.manifest;
+        if m.vcpus == 0 {
+            return Err(SnapshotError::Inconsistent("the manifest has no vCPU".into()));
+        }
         if self.machine.vcpus.len() != usize::from(m.vcpus) {
             return Err(SnapshotError::Inconsistent(format!(
                 "the manifest has {} vCPUs, {} has {}",
@@ -292,4 +287,98 @@ impl Snapshot {
 /// Creates `dir` if needed.
 pub fn create_dir(dir: &Path) -> Result<(), SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vcpu(id: u8) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: Vec::new(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            msrs: Vec::new(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        }
+    }
+
+    fn snapshot(vcpus: u8, states: u8) -> Snapshot {
+        let transport = MmioTransportState::new(2, 1 << 32, &[256], 256 << 20);
+        let device = |slot| DeviceSnapshot {
+            slot,
+            virtio_id: 2,
+            name: "blk".into(),
+            socket: PathBuf::from("/tmp/blk.sock"),
+            transport: transport.clone(),
+            rings: vec![RingIndexes::default()],
+        };
+        Snapshot {
+            manifest: Manifest {
+                format: FORMAT_VERSION,
+                origin: Origin::here(),
+                taken_unix: 0,
+                memory: MemoryInfo { size: 256 << 20, nonzero_pages: 0 },
+                vcpus,
+                tsc_khz: 0,
+                cmdline: String::new(),
+                doorbells: true,
+                devices: vec![device(0), device(1)],
+            },
+            machine: MachineState {
+                chips: ChipState { irqchips: Vec::new(), pit: Default::default(), clock: Default::default() },
+                vcpus: (0..states).map(vcpu).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn parts_that_disagree_are_refused_with_what_disagrees() {
+        assert!(snapshot(1, 1).check_consistent().is_ok());
+        let why = |s: Snapshot| s.check_consistent().unwrap_err().to_string();
+        assert!(why(snapshot(0, 0)).contains("no vCPU"));
+        assert!(why(snapshot(2, 1)).contains("2 vCPUs"));
+        let mut gap = snapshot(1, 1);
+        gap.manifest.devices.remove(0);
+        assert!(why(gap).contains("a device is missing"));
+        let mut rings = snapshot(1, 1);
+        rings.manifest.devices[1].rings.clear();
+        assert!(why(rings).contains("0 sets of ring indexes"));
+        let mut huge = snapshot(1, 1);
+        huge.manifest.memory.size = 1 << 40;
+        assert!(why(huge).contains("guest memory"));
+    }
+
+    #[test]
+    fn another_origin_is_named() {
+        let here = Origin::here();
+        let other = Origin { cpu_vendor: "GenuineIntel-or-other".into(), ..here.clone() };
+        let error = other.check(&here).unwrap_err().to_string();
+        assert!(error.contains("CPU vendor GenuineIntel-or-other"), "{error}");
+        let flavour = Origin { kvm_flavour: "kvm-elsewhere".into(), ..here.clone() };
+        assert!(flavour.check(&here).unwrap_err().to_string().contains("KVM flavour kvm-elsewhere"));
+        assert!(here.check(&here).is_ok());
+    }
+
+    #[test]
+    fn a_manifest_round_trips_through_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = snapshot(1, 1);
+        write_json(&dir.path().join(MANIFEST_FILE), &original.manifest).unwrap();
+        write_json(&dir.path().join(VCPUS_FILE), &original.machine).unwrap();
+        let back = Snapshot::read(dir.path()).unwrap();
+        assert_eq!(back.manifest.devices.len(), 2);
+        assert_eq!(back.machine.vcpus.len(), 1);
+        assert_eq!(back.manifest.origin, original.manifest.origin);
+        let mut future = original.manifest.clone();
+        future.format = FORMAT_VERSION + 1;
+        write_json(&dir.path().join(MANIFEST_FILE), &future).unwrap();
+        assert!(Snapshot::read(dir.path()).unwrap_err().to_string().contains("snapshot format"));
+    }
 }

@@ -7,6 +7,7 @@
 use super::error::BenchError;
 use super::process::Spawned;
 use super::recorder::Recorder;
+use super::report::ProcessStats;
 use pvkit_host_devices::services::client;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,6 +41,8 @@ struct Figures {
     downtime_ms: f64,
     precopy_downtime_ms: f64,
     precopy_rounds: f64,
+    /// The block backend's usage over the round, and the first VM's until its snapshot.
+    processes: Vec<ProcessStats>,
 }
 
 fn wait_until(what: &str, done: &dyn Fn() -> bool) -> Result<(), BenchError> {
@@ -86,7 +89,8 @@ fn one_round(dir: &Path, memory_mib: u64, touch_mib: u64) -> Result<Figures, Ben
     let (blk, net) = (dir.join("blk.sock"), dir.join("net.sock"));
     let mut blk_cmd = Command::new(&exe);
     blk_cmd.args(["backend", "blk", "--blk-file"]).arg(&disk).arg("--socket-path").arg(&blk);
-    let _blk = Spawned::start("vhost-user-blk", &mut blk_cmd, &blk, &dir.join("blk.log"))?;
+    let blk_backend = Spawned::start("vhost-user-blk", &mut blk_cmd, &blk, &dir.join("blk.log"))?;
+    let blk_before = blk_backend.usage()?;
     let mut net_cmd = Command::new(&exe);
     net_cmd.args(["backend", "net", "--loopback", "--socket-path"]).arg(&net);
     let _net = Spawned::start("vhost-user-net", &mut net_cmd, &net, &dir.join("net.log"))?;
@@ -97,6 +101,7 @@ fn one_round(dir: &Path, memory_mib: u64, touch_mib: u64) -> Result<Figures, Ben
     let soak = ["--cmdline", cmdline.as_str()];
     let first_args = [&["--memory", &memory, "--blk", &blk_arg, "--net", &net_arg][..], &soak].concat();
     let first = start_vm(dir, "first", &first_args, &dir.join("first.api"))?;
+    let first_before = first.usage()?;
     let serial = dir.join("first.serial");
     wait_until("the guest did not reach soak iteration 10", &|| {
         std::fs::read_to_string(&serial).is_ok_and(|s| s.contains("PVKIT-SOAK 10"))
@@ -105,6 +110,7 @@ fn one_round(dir: &Path, memory_mib: u64, touch_mib: u64) -> Result<Figures, Ben
     let asked = Instant::now();
     let saved = put(&dir.join("first.api"), "/vm/snapshot", &serde_json::json!({ "dir": snapshot_dir }))?;
     let snapshot_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let first_usage = first.usage()?.since(&first_before);
     put(&dir.join("first.api"), "/vm/shutdown", &serde_json::json!({}))?;
     drop(first);
 
@@ -135,6 +141,10 @@ fn one_round(dir: &Path, memory_mib: u64, touch_mib: u64) -> Result<Figures, Ben
         downtime_ms: number(&moved, "downtime_ms")?,
         precopy_downtime_ms: number(&precopy, "downtime_ms")?,
         precopy_rounds: number(&precopy, "rounds")?,
+        processes: vec![
+            ProcessStats::new("backend", &blk_backend.usage()?.since(&blk_before)),
+            ProcessStats::new("vmm", &first_usage),
+        ],
     })
 }
 
@@ -197,6 +207,7 @@ fn record(rec: &mut Recorder, round: usize, mib: u64, f: &Figures) {
         sample.x_label = "operation".into();
         (sample.metric, sample.value, sample.higher_is_better) = (metric.into(), value, false);
         sample.extra.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+        sample.processes.clone_from(&f.processes);
         rec.push(sample);
     }
 }

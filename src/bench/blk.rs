@@ -425,6 +425,9 @@ fn measure(
                         }
                         sample.extra.insert("lat_p50_us".into(), load.p50.as_secs_f64() * 1e6);
                         sample.extra.insert("lat_p99_us".into(), load.p99.as_secs_f64() * 1e6);
+                        if let Some(per_op) = usage.cpu_per_op(load.iops, 1e6) {
+                            sample.extra.insert("backend_cpu_us_per_req".into(), per_op);
+                        }
                         sample.processes =
                             vec![ProcessStats::new("backend", &usage), ProcessStats::new("libblkio frontend", &own)];
                         rec.push(sample);

@@ -178,6 +178,9 @@ pub fn run(args: &ConsoleBenchArgs, rec: &mut Recorder) -> Result<(), BenchError
                 sample.group = "throughput".into();
                 sample.x_label = "direction".into();
                 (sample.metric, sample.value) = ("MB/s".into(), measured.mbps);
+                if let Some(per_mb) = measured.backend.cpu_per_op(measured.mbps, 1e6) {
+                    sample.extra.insert("backend_cpu_us_per_MB".into(), per_mb);
+                }
                 sample.processes = vec![
                     ProcessStats::new("backend", &measured.backend),
                     ProcessStats::new("frontend", &measured.frontend),

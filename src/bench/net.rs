@@ -251,6 +251,9 @@ pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
                     sample.x_label = "frame bytes".into();
                     (sample.metric, sample.value) = ("Mpps".into(), pps / 1e6);
                     sample.extra.insert("Gbit/s".into(), pps * f64::from(frame) * 8.0 / 1e9);
+                    if let Some(per_frame) = usage.cpu_per_op(pps, 1e9) {
+                        sample.extra.insert("backend_cpu_ns_per_frame".into(), per_frame);
+                    }
                     sample.processes =
                         vec![ProcessStats::new("backend", &usage), ProcessStats::new("testpmd generator", &generator)];
                     rec.push(sample);

@@ -20,6 +20,13 @@ pub struct ProcessUsage {
 }
 
 impl ProcessUsage {
+    /// CPU time per operation, in `unit`s of a second (1e6: µs), at `rate` operations per
+    /// second over this usage's wall time; `None` when nothing was measured.
+    pub fn cpu_per_op(&self, rate: f64, unit: f64) -> Option<f64> {
+        let ops = rate * self.wall.as_secs_f64();
+        (ops > 0.0 && ops.is_finite()).then(|| self.cpu.as_secs_f64() * unit / ops)
+    }
+
     /// The usage between `earlier` and `self`.
     pub fn since(&self, earlier: &ProcessUsage) -> ProcessUsage {
         let wall = match (self.at, earlier.at) {
@@ -95,5 +102,20 @@ impl Spawned {
     /// Stops the process.
     pub fn stop(mut self) {
         self.child.kill_and_reap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_per_op_divides_cpu_time_by_the_operations_in_the_window() {
+        let usage =
+            ProcessUsage { cpu: Duration::from_secs(1), wall: Duration::from_secs(2), peak_rss_kib: 1, at: None };
+        assert_eq!(usage.cpu_per_op(1000.0, 1e6), Some(500.0), "1 s of CPU over 2,000 operations");
+        assert_eq!(usage.cpu_per_op(0.0, 1e6), None);
+        let unmeasured = ProcessUsage { wall: Duration::ZERO, ..usage };
+        assert_eq!(unmeasured.cpu_per_op(1000.0, 1e6), None);
     }
 }

@@ -226,11 +226,11 @@ impl BlkDevice {
         let mut chains = resubmission.as_ref().map(Resubmission::chains).unwrap_or_default();
         let resubmitted = chains.len();
         let mut popper = ring::Popper::new(queue);
-        while let Some(chain) = popper.next(vq, &*ring_mem) {
-            if let Some(tracked) = &tracked {
+        popper.take(vq, &*ring_mem, &mut chains, usize::MAX);
+        if let Some(tracked) = &tracked {
+            for chain in &chains[resubmitted..] {
                 tracked.taken(chain.head_index());
             }
-            chains.push(chain);
         }
         if chains.is_empty() && released == 0 {
             return popper.finish(0);

@@ -102,20 +102,27 @@ impl NetDevice {
         let released = self.release_delayed_tx(pair, state, format, &mut sent);
         let mut popper = ring::Popper::new(tx_queue(pair));
         let throttles = &self.shared.throttles;
-        while used.len() < TX_BATCH && !throttles.is_waiting(tx_queue(pair)) {
-            let Some(chain) = popper.next(vring.get_queue_mut(), &*ring_mem) else { break };
+        let mut chains = Vec::with_capacity(TX_BATCH);
+        if !throttles.is_waiting(tx_queue(pair)) {
+            popper.take(vring.get_queue_mut(), &*ring_mem, &mut chains, TX_BATCH);
+        }
+        // Buffers are looked up in a map loaded after the chains were seen (see DESIGN.md).
+        let data_mem = memory.memory();
+        let mut chains = chains.into_iter();
+        while let Some(chain) = chains.next() {
             used.push(chain.head_index(), 0);
-            // Buffers are looked up in a map loaded after the chain was seen (see DESIGN.md).
-            let data_mem = memory.memory();
             let PairState { tx_buffers, tx_frame, .. } = state;
             let buffer = if copy { Some(tx_frame) } else { None };
             match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
                 Ok(frame) => {
                     let work = Work::new(tx_queue(pair), "tx", frame.frame_len as u64);
                     if let Some(wait) = self.over_limit(limited, &work) {
-                        // Back to the ring: sent when the tokens are back.
+                        // This chain and the rest of the burst go back to the ring: sent when
+                        // the tokens are back.
                         used.pop_last();
-                        virtio_queue::QueueOwnedT::go_to_previous_position(vring.get_queue_mut());
+                        for _ in 0..=chains.len() {
+                            virtio_queue::QueueOwnedT::go_to_previous_position(vring.get_queue_mut());
+                        }
                         throttles.wait(tx_queue(pair), wait)?;
                         break;
                     }

@@ -96,6 +96,44 @@ impl Popper {
         })
     }
 
+    /// Pops up to `limit` chains into `into` in one burst: the available index is read once,
+    /// and the heads up to it are taken without reading it again (a driver on another core
+    /// writes that index for every chain it adds; reading it per chain moves its cache line
+    /// back and forth each time). Returns how many were taken; chains the driver adds during
+    /// the burst wait for the next one.
+    pub fn take<'m, M>(
+        &mut self,
+        vq: &mut Queue,
+        mem: &'m M,
+        into: &mut Vec<DescriptorChain<&'m M>>,
+        limit: usize,
+    ) -> usize
+    where
+        M: GuestMemory,
+    {
+        if self.broken.is_some() || limit == 0 {
+            return 0;
+        }
+        let size = vq.size();
+        let Ok(mut chains) = vq.iter(mem) else {
+            // `pop` tells the cases apart: a queue not ready is empty, the rest is broken.
+            if let Err(broken) = pop(vq, mem) {
+                self.broken = Some(broken);
+            }
+            return 0;
+        };
+        let before = into.len();
+        while into.len() - before < limit {
+            let Some(chain) = chains.next() else { break };
+            if chain.head_index() >= size {
+                self.broken = Some(RingError::HeadOutOfRange { head: chain.head_index(), size });
+                break;
+            }
+            into.push(chain);
+        }
+        into.len() - before
+    }
+
     /// `value`, or the broken ring this pass found.
     pub fn finish<T>(self, value: T) -> Result<T, PassError> {
         match self.broken {
@@ -154,5 +192,92 @@ mod tests {
             pop(&mut queue, &mem).map(|c| c.map(|c| c.head_index())),
             Err(RingError::HeadOutOfRange { head: 5000, size: 16 })
         );
+    }
+
+    fn chains_of(mock: &MockSplitQueue<'_, GuestMemoryMmap>, count: u16) {
+        let descs: Vec<RawDescriptor> = (0..count)
+            .map(|i| RawDescriptor::from(SplitDescriptor::new(0x8000 + u64::from(i) * 64, 16, 0, 0)))
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+    }
+
+    #[test]
+    fn a_burst_takes_what_was_available_at_its_start_up_to_its_limit() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut popper = Popper::new(0);
+        let mut taken = Vec::new();
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0, "an empty ring");
+        chains_of(&mock, 5);
+        // A partial burst: the limit stops it, the rest waits for the next one.
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 3), 3);
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 2);
+        let heads: Vec<u16> = taken.iter().map(|c| c.head_index()).collect();
+        assert_eq!(heads, [0, 1, 2, 3, 4]);
+        assert_eq!(queue.next_avail(), 5);
+        assert!(popper.finish(()).is_ok());
+    }
+
+    #[test]
+    fn a_burst_straddles_the_end_of_the_ring() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 4);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut popper = Popper::new(0);
+        // The driver's index and the device's both near the wrap of the ring (and of u16).
+        mem.write_obj(u16::MAX - 1, mock.avail_addr().unchecked_add(2)).unwrap();
+        queue.set_next_avail(u16::MAX - 1);
+        let mut taken = Vec::new();
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0);
+        // Four more chains: ring slots 2, 3, 0, 1 (avail index 65534 .. 1).
+        for (slot, head) in [(2u64, 3u16), (3, 0), (0, 1), (1, 2)] {
+            mem.write_obj(head, mock.avail_addr().unchecked_add(4 + 2 * slot)).unwrap();
+        }
+        mem.write_obj(2u16, mock.avail_addr().unchecked_add(2)).unwrap();
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 4);
+        let heads: Vec<u16> = taken.iter().map(|c| c.head_index()).collect();
+        assert_eq!(heads, [3, 0, 1, 2]);
+        assert_eq!(queue.next_avail(), 2);
+    }
+
+    #[test]
+    fn a_broken_ring_ends_the_burst_and_is_reported() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        chains_of(&mock, 2);
+        mem.write_obj(5000u16, mock.avail_addr().unchecked_add(6)).unwrap();
+        let mut popper = Popper::new(3);
+        let mut taken = Vec::new();
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 1, "the good chain before the bad head");
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0, "nothing after a broken ring");
+        assert!(matches!(
+            popper.finish(()),
+            Err(PassError::Ring { queue: 3, error: RingError::HeadOutOfRange { head: 5000, size: 16 } })
+        ));
+        let mut too_far = Popper::new(0);
+        let mut fresh: Queue = mock.create_queue().unwrap();
+        mem.write_obj(1000u16, mock.avail_addr().unchecked_add(2)).unwrap();
+        assert_eq!(too_far.take(&mut fresh, &mem, &mut taken, 8), 0);
+        assert!(matches!(too_far.finish(()), Err(PassError::Ring { error: RingError::AvailIndex { .. }, .. })));
+    }
+
+    #[test]
+    fn with_event_idx_a_partial_burst_leaves_the_rest_announced_as_work() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        queue.set_event_idx(true);
+        chains_of(&mock, 6);
+        let (mut popper, mut taken) = (Popper::new(0), Vec::new());
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 4), 4);
+        // Re-arming after the burst: avail_event is set to the next index, and the two chains
+        // left are reported, so the worker takes another pass instead of sleeping on them.
+        assert!(queue.enable_notification(&mem).unwrap(), "chains left behind must count as work");
+        let avail_event: u16 = mem.read_obj(mock.used_addr().unchecked_add(4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 4);
+        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 4), 2);
+        assert!(!queue.enable_notification(&mem).unwrap(), "all taken");
     }
 }

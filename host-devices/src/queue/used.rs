@@ -25,6 +25,8 @@ const USED_IDX_OFFSET: u64 = 2;
 #[derive(Debug, Default)]
 pub struct UsedBatch {
     entries: Vec<(u16, u32)>,
+    /// The entries as the ring holds them, reused from batch to batch.
+    bytes: Vec<u8>,
 }
 
 impl UsedBatch {
@@ -108,19 +110,27 @@ impl UsedBatch {
         let mut entries = std::mem::take(&mut self.entries);
         let used_ring = vq.used_ring();
         let old = vq.next_used();
-        let mut next = old;
-        for (head, len) in &entries {
-            let slot = u64::from(next % size);
-            let mut elem = [0u8; USED_ELEM_SIZE];
-            elem[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
-            let at = GuestAddress(used_ring + USED_RING_HEADER + USED_ELEM_SIZE as u64 * slot);
-            mem.write_slice(&elem, at)?;
-            services.guest_written(at, USED_ELEM_SIZE as u64);
-            next = next.wrapping_add(1);
-        }
-        if next == old {
+        if entries.is_empty() {
             return Ok(false);
+        }
+        // The entries are written in runs up to the ring's end (usually one or two), one copy
+        // each, rather than one per entry.
+        self.bytes.clear();
+        for (head, len) in &entries {
+            self.bytes.extend_from_slice(&u32::from(*head).to_le_bytes());
+            self.bytes.extend_from_slice(&len.to_le_bytes());
+        }
+        let mut next = old;
+        let mut rest = &self.bytes[..];
+        while !rest.is_empty() {
+            let slot = usize::from(next % size);
+            let run = (usize::from(size) - slot).min(rest.len() / USED_ELEM_SIZE);
+            let (now, later) = rest.split_at(run * USED_ELEM_SIZE);
+            let at = GuestAddress(used_ring + USED_RING_HEADER + (USED_ELEM_SIZE * slot) as u64);
+            mem.write_slice(now, at)?;
+            services.guest_written(at, now.len() as u64);
+            next = next.wrapping_add(run as u16);
+            rest = later;
         }
         if let Some(tracked) = tracked {
             tracked.publishing(entries.iter().map(|(head, _)| *head));
@@ -181,6 +191,29 @@ mod tests {
         queue.set_used_ring_address(Some(0x3000), Some(0));
         queue.set_ready(true);
         (layout, queue)
+    }
+
+    #[test]
+    fn a_batch_across_the_rings_end_wraps_its_entries() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mock, mut vq) = setup(&mem);
+        vq.set_next_used(14);
+        let services = RecordingServices::default();
+        let mut batch = UsedBatch::default();
+        for head in 0..4u16 {
+            batch.push(head, u32::from(head) * 10);
+        }
+        batch.publish(&mut vq, &mem, &services).unwrap();
+        let idx: u16 = mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(idx, 18);
+        for (slot, head) in [(14u64, 0u32), (15, 1), (0, 2), (1, 3)] {
+            let id: u32 = mem.read_obj(mock.used_addr().unchecked_add(4 + 8 * slot)).unwrap();
+            let len: u32 = mem.read_obj(mock.used_addr().unchecked_add(8 + 8 * slot)).unwrap();
+            assert_eq!((id, len), (head, head * 10), "slot {slot}");
+        }
+        assert!(services.covers(mock.used_addr().0 + 4 + 8 * 14, 16), "the run before the end logged");
+        assert!(services.covers(mock.used_addr().0 + 4, 16), "the run after the wrap logged");
+        assert_eq!(vq.next_used(), 18);
     }
 
     #[test]

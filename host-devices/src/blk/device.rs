@@ -210,7 +210,7 @@ impl BlkDevice {
         }
         let PassBuffers { heads, used } = reused;
         // Completions held back until now go first.
-        self.shared.core.held().take_due(queue, Instant::now(), used, self.shared.core.services());
+        self.shared.core.held().take_due(queue, used, self.shared.core.services());
         let released = used.len();
         let vq = state.get_queue_mut();
         let tracked = self.shared.core.inflight().queue(queue);

@@ -64,12 +64,14 @@ impl HeldUsed {
         }
     }
 
-    /// Moves queue `queue`'s entries due by `now` into `used`, in the order they were held,
+    /// Moves queue `queue`'s entries due now into `used`, in the order they were held,
     /// and reports their completions to `services`.
-    pub fn take_due(&self, queue: usize, now: Instant, used: &mut UsedBatch, services: &dyn QueueServices) {
+    pub fn take_due(&self, queue: usize, used: &mut UsedBatch, services: &dyn QueueServices) {
         if !self.holds(queue) {
             return;
         }
+        // The clock only when something is held (most passes hold nothing).
+        let now = Instant::now();
         let Some(held) = self.queues.get(queue) else { return };
         let mut held = lock(held);
         held.retain(|entry| {

@@ -134,7 +134,10 @@ impl DeviceCore {
             for q in queues.iter().filter(|q| serviceable(self, q.index, q.vring)) {
                 let _ = q.vring.disable_notification();
             }
-            let mut last_work = Instant::now();
+            // The clock is read only while polling an idle queue (it is not free: a profile
+            // of the null block backend found 14% of its time in clock_gettime when every pass
+            // read it).
+            let mut idle_since: Option<Instant> = None;
             loop {
                 if self.is_stopped() {
                     return Ok(());
@@ -149,15 +152,20 @@ impl DeviceCore {
                     Err(PassError::Io(e)) => return Err(e),
                 };
                 if work > 0 {
-                    last_work = Instant::now();
-                } else if poll.is_zero() || last_work.elapsed() >= poll {
-                    if let (false, Some(first)) = (poll.is_zero(), queues.first()) {
-                        self.services().polled(first.index, last_work.elapsed());
+                    idle_since = None;
+                    continue;
+                }
+                if poll.is_zero() {
+                    break;
+                }
+                let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+                if idle >= poll {
+                    if let Some(first) = queues.first() {
+                        self.services().polled(first.index, idle);
                     }
                     break;
-                } else {
-                    std::hint::spin_loop();
                 }
+                std::hint::spin_loop();
             }
             let mut more = false;
             for q in queues.iter().filter(|q| serviceable(self, q.index, q.vring)) {

@@ -110,6 +110,15 @@ impl<T> DelayLine<T> {
         Ok(())
     }
 
+    /// Holds `item` until `due`, or (`None`) until the next frame goes past it: what a fault
+    /// rule's delay or reorder asks for.
+    pub fn hold(&mut self, item: T, bytes: usize, due: Option<Instant>) -> Result<(), T> {
+        match due {
+            Some(due) => self.hold_until(item, bytes, due),
+            None => self.hold_for_next(item, bytes, Instant::now()),
+        }
+    }
+
     /// A frame went out directly, past whatever waits to be overtaken.
     pub fn passed(&mut self) {
         if !self.overtaken.is_empty() {

@@ -176,12 +176,7 @@ impl NetDevice {
             _ => return self.send_now(pair, state, header, len, format, sent),
         };
         let frame = (Frame { header, data: state.tx_frame.clone() }, len);
-        let line = &mut state.tx_delayed;
-        let bytes = len as usize;
-        let refused = match held {
-            Some(due) => line.hold_until(frame, bytes, due).is_err(),
-            None => line.hold_for_next(frame, bytes, Instant::now()).is_err(),
-        };
+        let refused = state.tx_delayed.hold(frame, len as usize, held).is_err();
         if refused {
             self.shared.stats.dropped(DropReason::DelayLineFull, &"the transmit delay line is full");
         }
@@ -414,13 +409,8 @@ impl NetDevice {
     /// Puts an admitted frame for the guest into the receive delay line: until `due`, or (None)
     /// until the next frame has gone past it. A full line drops it (counted).
     fn hold_rx(&self, state: &mut PairState, frame: (Frame, Option<Admission>), due: Option<Instant>) {
-        let line = &mut state.rx_delayed;
         let bytes = frame.0.data.len();
-        let refused = match due {
-            Some(due) => line.hold_until(frame, bytes, due),
-            None => line.hold_for_next(frame, bytes, Instant::now()),
-        };
-        if let Err((_, admission)) = refused {
+        if let Err((_, admission)) = state.rx_delayed.hold(frame, bytes, due) {
             self.shared.stats.dropped(DropReason::DelayLineFull, &"the receive delay line is full");
             complete(self.shared.core.services(), admission, false);
         }

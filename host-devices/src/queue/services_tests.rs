@@ -65,6 +65,23 @@ const TAG_OFFSET: u64 = 12 + 14;
 const NET_RX_TIMER: u16 = 2 + 3;
 const NET_TX_TIMER: u16 = 2 + 3 + 1;
 
+/// A loopback net device's receive and transmit rings (at 1 MiB and 2 MiB), with `buffers`
+/// receive buffers of 4 KiB posted from 0x90_0000.
+struct LoopbackRings<'a> {
+    rx_mock: virtio_queue::mock::MockSplitQueue<'a, GuestMemoryMmap>,
+    rx: vhost_user_backend::VringRwLock,
+    tx_mock: virtio_queue::mock::MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: vhost_user_backend::VringRwLock,
+}
+
+fn loopback_rings<'a>(mem: &'a GuestMemoryMmap, atomic: &Memory, buffers: u64) -> LoopbackRings<'a> {
+    let (rx_mock, rx) = ring(mem, atomic, 0x10_0000);
+    let (tx_mock, tx) = ring(mem, atomic, 0x20_0000);
+    let posted: Vec<_> = (0..buffers).map(|i| receive_buffer(0x90_0000 + i * 0x1000)).collect();
+    rx_mock.add_desc_chains(&posted, 0).unwrap();
+    LoopbackRings { rx_mock, rx, tx_mock, tx }
+}
+
 /// Fault rules on received frames: `corrupt` inverts exactly one byte after the Ethernet
 /// header, `duplicate` delivers the frame twice.
 #[test]
@@ -72,11 +89,7 @@ fn received_frames_are_corrupted_or_duplicated_by_their_rules() {
     let (mem, atomic) = memory();
     let services = services_with(crate::services::NET, 2, &["op=rx,seed=5,action=corrupt"]);
     let device = loopback_net(&atomic, services.clone());
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    rx_mock
-        .add_desc_chains(&[receive_buffer(0x90_0000), receive_buffer(0x90_1000), receive_buffer(0x90_2000)], 0)
-        .unwrap();
+    let LoopbackRings { rx_mock, rx, tx_mock, tx } = loopback_rings(&mem, &atomic, 3);
     let send = post_frame(&mem, 0x80_0000);
     let sent = frame_at(&mem, 0x80_0000);
     let frame_at = |at: u64| frame_at(&mem, at);
@@ -107,11 +120,7 @@ fn net_limits_hold_frames_back_until_the_tokens_are_back() {
     let args = ServiceArgs { limits: vec!["tx:ops=10".into(), "rx:ops=10".into()], ..ServiceArgs::default() };
     let services = DeviceServices::new(crate::services::NET, 2, &args).unwrap();
     let device = loopback_net(&atomic, services.clone());
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    rx_mock
-        .add_desc_chains(&[receive_buffer(0x90_0000), receive_buffer(0x90_1000), receive_buffer(0x90_2000)], 0)
-        .unwrap();
+    let LoopbackRings { rx_mock, rx, tx_mock, tx } = loopback_rings(&mem, &atomic, 3);
     let send = post_frame(&mem, 0x80_0000);
     tx_mock.add_desc_chains(&[send], 0).unwrap();
     tx_mock.add_desc_chains(&[send], 1).unwrap();
@@ -210,10 +219,7 @@ fn transmitted_frames_are_delayed_corrupted_and_duplicated_by_their_rules() {
     let (mem, atomic) = memory();
     let services = services_with(crate::services::NET, 2, &["op=tx,action=delay:50"]);
     let device = loopback_net(&atomic, services.clone());
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    let buffers: Vec<_> = (0..4).map(|i| receive_buffer(0x90_0000 + i * 0x1000)).collect();
-    rx_mock.add_desc_chains(&buffers, 0).unwrap();
+    let LoopbackRings { rx_mock, rx, tx_mock, tx } = loopback_rings(&mem, &atomic, 4);
     let send = post_frame(&mem, 0x80_0000);
     let sent = frame_at(&mem, 0x80_0000);
     let vrings = [rx.clone(), tx.clone()];
@@ -249,10 +255,7 @@ fn delayed_and_reordered_frames_arrive_after_the_frames_behind_them() {
     let (mem, atomic) = memory();
     let services = services_with(crate::services::NET, 2, &["op=rx,trigger=once,action=delay:40"]);
     let device = loopback_net(&atomic, services.clone());
-    let (rx_mock, rx) = ring(&mem, &atomic, 0x10_0000);
-    let (tx_mock, tx) = ring(&mem, &atomic, 0x20_0000);
-    let buffers: Vec<_> = (0..4).map(|i| receive_buffer(0x90_0000 + i * 0x1000)).collect();
-    rx_mock.add_desc_chains(&buffers, 0).unwrap();
+    let LoopbackRings { rx_mock, rx, tx_mock, tx } = loopback_rings(&mem, &atomic, 4);
     let vrings = [rx.clone(), tx.clone()];
     let tags = |from: u64| -> Vec<u8> {
         (from..4)

@@ -33,7 +33,7 @@ enum Command {
     },
     /// Live rates of running backends from their control API (--api-socket), like iostat.
     Stat(crate::stat::StatArgs),
-    /// Control a running `pvkit run --api-socket`: pause, resume, info, snapshot, shutdown.
+    /// Control a running `pvkit run --api-socket`: pause, resume, info, snapshot, migrate, shutdown.
     Ctl(crate::ctl::CtlArgs),
     /// Examine a snapshot taken with `pvkit ctl snapshot`.
     Snapshot {

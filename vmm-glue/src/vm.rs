@@ -321,8 +321,11 @@ impl Vm {
             self.vcpus.push(self.fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
         }
         snapshot.machine.chips.apply(&self.fd).map_err(SnapshotError::from)?;
+        let xsave_size = crate::snapshot::vcpu_state::xsave_size(&self.fd);
         for (vcpu_fd, state) in self.vcpus.iter().zip(&snapshot.machine.vcpus) {
-            state.apply(vcpu_fd).map_err(|source| SnapshotError::VcpuState { id: usize::from(state.id), source })?;
+            state
+                .apply(vcpu_fd, xsave_size)
+                .map_err(|source| SnapshotError::VcpuState { id: usize::from(state.id), source })?;
         }
         self.tsc_khz = manifest.tsc_khz;
         Ok(())

@@ -126,15 +126,19 @@ impl VcpuState {
 
     /// Writes this state into `vcpu`, which has not run yet: CPUID first (KVM fixes the
     /// vCPU's model from it), then the special and general registers, the FPU, the APIC and
-    /// the MSRs, and last the events and the multiprocessing state.
-    pub fn apply(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
+    /// the MSRs, and last the events and the multiprocessing state. `xsave_size` is this
+    /// host's XSAVE area size ([`xsave_size`]); a larger one than `kvm_xsave` is refused.
+    pub fn apply(&self, vcpu: &VcpuFd, xsave_size: i32) -> Result<(), StateError> {
+        if xsave_size > XSAVE_AREA {
+            return Err(StateError::XsaveTooLarge(xsave_size));
+        }
         let cpuid = CpuId::from_entries(&self.cpuid)
             .map_err(|_| StateError::TooMany { what: "CPUID", count: self.cpuid.len() })?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
-        // SAFETY: `capture` refused hosts whose XSAVE area is larger than `kvm_xsave` (KVM's
-        // XSAVE2 size was checked), so KVM reads no further than this struct.
+        // SAFETY: this host's XSAVE area is no larger than `kvm_xsave` (KVM's XSAVE2 size was
+        // checked above), so KVM reads no further than this struct.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;

@@ -50,6 +50,18 @@ pub struct CtlArgs {
     pub action: Action,
 }
 
+/// `path` made absolute (the VM's API resolves paths in its own working directory), as text;
+/// `None`, after saying so, when it cannot be.
+fn absolute(path: &std::path::Path) -> Option<String> {
+    match std::path::absolute(path) {
+        Ok(path) => Some(path.display().to_string()),
+        Err(e) => {
+            eprintln!("pvkit ctl: cannot make {} an absolute path: {e}", path.display());
+            None
+        }
+    }
+}
+
 /// Runs `pvkit ctl`.
 pub fn ctl(args: CtlArgs) -> ExitCode {
     let mut body = String::new();
@@ -59,20 +71,13 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
         Action::Info => ("GET", "/vm"),
         Action::Shutdown => ("PUT", "/vm/shutdown"),
         Action::Snapshot { dir } => {
-            let Ok(dir) = std::path::absolute(dir) else {
-                eprintln!("pvkit ctl: cannot make {} an absolute path", dir.display());
-                return ExitCode::from(2);
-            };
-            body = serde_json::json!({ "dir": dir.display().to_string() }).to_string();
+            let Some(dir) = absolute(dir) else { return ExitCode::from(2) };
+            body = serde_json::json!({ "dir": dir }).to_string();
             ("PUT", "/vm/snapshot")
         }
         Action::Migrate { socket, live, live_ms } => {
-            let Ok(socket) = std::path::absolute(socket) else {
-                eprintln!("pvkit ctl: cannot make {} an absolute path", socket.display());
-                return ExitCode::from(2);
-            };
-            body = serde_json::json!({ "socket": socket.display().to_string(), "live": live, "live_ms": live_ms })
-                .to_string();
+            let Some(socket) = absolute(socket) else { return ExitCode::from(2) };
+            body = serde_json::json!({ "socket": socket, "live": live, "live_ms": live_ms }).to_string();
             ("PUT", "/vm/migrate")
         }
     };

@@ -45,12 +45,15 @@ impl VmDescription {
     }
 }
 
+/// The absolute path in `request[key]`, if there is one.
+fn absolute_path(request: &serde_json::Value, key: &str) -> Option<std::path::PathBuf> {
+    request[key].as_str().map(std::path::PathBuf::from).filter(|p| p.is_absolute())
+}
+
 /// `PUT /vm/snapshot` with `body` (`{"dir": PATH}`).
 fn snapshot(control: &VmControl, body: &[u8]) -> Reply {
-    let dir = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["dir"].as_str().map(std::path::PathBuf::from));
-    let Some(dir) = dir.filter(|d| d.is_absolute()) else {
+    let request = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let Some(dir) = absolute_path(&request, "dir") else {
         return error(400, "give the snapshot's directory as {\"dir\": \"/absolute/path\"}");
     };
     match control.snapshot(&dir) {
@@ -73,7 +76,7 @@ fn snapshot(control: &VmControl, body: &[u8]) -> Reply {
 /// `PUT /vm/migrate` with `body` (`{"socket": PATH, "live": BOOL}`).
 fn migrate(control: &VmControl, body: &[u8]) -> Reply {
     let request = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
-    let Some(socket) = request["socket"].as_str().map(std::path::PathBuf::from).filter(|p| p.is_absolute()) else {
+    let Some(socket) = absolute_path(&request, "socket") else {
         return error(400, "give the destination as {\"socket\": \"/absolute/path\", \"live\": true|false}");
     };
     let mode = match (request["live"].as_bool().unwrap_or(false), request["live_ms"].as_u64().unwrap_or(0)) {

@@ -292,7 +292,7 @@ impl VmControl {
                 Ok(migrated)
             }
             Err(e) => {
-                let released = devices.iter().all(|d| !lock(d).connected());
+                let released = devices.iter().any(|d| lock(d).is_released());
                 if was_running && !released {
                     let _ = self.resume();
                 }

@@ -202,19 +202,33 @@ impl VirtioDevice {
     /// a backend that tracks requests in flight gets the area first and goes on from there
     /// instead (resubmitting what the old one left unfinished).
     fn start_rings(&mut self, ram: &GuestRam, restore: bool) -> Result<(), FrontendError> {
-        self.hand_over_inflight_area()?;
-        let queues = self.state.queues().to_vec();
-        let bases: Vec<u16> = queues
+        let bases: Vec<u16> = self
+            .state
+            .queues()
             .iter()
             .map(|q| {
                 if restore && q.ready { ram.memory().read_obj::<u16>(GuestAddress(q.used + 2)).unwrap_or(0) } else { 0 }
             })
             .collect();
+        self.start_rings_at(ram, &bases)
+    }
+
+    /// Starts the rings the driver enabled at `bases` (each queue's next available index),
+    /// after handing over the in-flight area.
+    fn start_rings_at(&mut self, ram: &GuestRam, bases: &[u16]) -> Result<(), FrontendError> {
+        self.hand_over_inflight_area()?;
+        let queues = self.state.queues();
         let features = self.state.driver_features();
         match self.link.as_mut() {
-            Some(link) => link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram).map(|_| ()),
+            Some(link) => link.activate(features, queues, bases, &self.kicks, &self.calls, ram).map(|_| ()),
             None => Ok(()),
         }
+    }
+
+    /// Whether the driver had started the device's rings (DRIVER_OK, a queue ready).
+    fn rings_started(&self) -> bool {
+        self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0
+            && self.state.queues().iter().any(|q| q.ready)
     }
 
     /// Gives the backend the in-flight area (asking it for one the first time), when it
@@ -247,15 +261,10 @@ impl VirtioDevice {
     /// Starts the rings [`VirtioDevice::quiesce`] stopped again, at the indexes it kept.
     pub fn resume(&mut self, ram: &GuestRam) -> Result<(), FrontendError> {
         let Some(bases) = self.paused_bases.take() else { return Ok(()) };
-        self.hand_over_inflight_area()?;
-        let queues = self.state.queues().to_vec();
-        let features = self.state.driver_features();
-        if let Some(link) = self.link.as_mut() {
-            link.activate(features, &queues, &bases, &self.kicks, &self.calls, ram)?;
-        }
+        self.start_rings_at(ram, &bases)?;
         // A kick for every started ring: what the driver offered while the backend was
         // stopped is looked at now (a spurious kick costs one empty pass).
-        for (kick, _) in self.kicks.iter().zip(&queues).filter(|(_, q)| q.ready) {
+        for (kick, _) in self.kicks.iter().zip(self.state.queues()).filter(|(_, q)| q.ready) {
             let _ = kick.write(1);
         }
         Ok(())
@@ -302,9 +311,7 @@ impl VirtioDevice {
             }
         })?;
         self.state = saved.transport.clone();
-        let started = self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0
-            && self.state.queues().iter().any(|q| q.ready);
-        self.paused_bases = started.then(|| saved.rings.iter().map(|r| r.last_avail).collect());
+        self.paused_bases = self.rings_started().then(|| saved.rings.iter().map(|r| r.last_avail).collect());
         Ok(())
     }
 
@@ -329,6 +336,11 @@ impl VirtioDevice {
     pub fn release(&mut self) {
         self.released = true;
         self.link = None;
+    }
+
+    /// Whether [`VirtioDevice::release`] let go of the backend.
+    pub fn is_released(&self) -> bool {
+        self.released
     }
 
     /// The backend went away: forget the link and tell the guest the device needs a reset.
@@ -371,8 +383,7 @@ impl VirtioDevice {
             return false;
         }
         self.link = Some(link);
-        let was_started = self.state.queues().iter().any(|q| q.ready)
-            && self.state.status() & pvkit_protocol::virtio::status::DRIVER_OK != 0;
+        let was_started = self.rings_started();
         if was_started && let Err(e) = self.start_rings(ram, true) {
             warn!("{}: restoring the rings: {e}", self.name);
             self.link = None;

@@ -94,16 +94,26 @@ fn scan_ranges(ram: &GuestRam, data_only: bool) -> Result<Vec<(u64, u64)>, Memor
         return Ok(vec![(0, ram.size())]);
     }
     let failed = |source| MemoryImageError::Io { what: "finding data in", path: "guest memory".into(), source };
-    let mut ranges = Vec::new();
+    let segments = data_segments(ram.file(), ram.size()).map_err(failed)?;
+    Ok(segments
+        .into_iter()
+        .map(|(start, end)| (start / PAGE * PAGE, (end.div_ceil(PAGE) * PAGE).min(ram.size())))
+        .collect())
+}
+
+/// The data segments of `file` below `size` (holes left out), by SEEK_DATA and SEEK_HOLE.
+fn data_segments(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut segments = Vec::new();
     let mut offset = 0;
-    while offset < ram.size() {
-        let Some(start) = seek(ram.file(), offset, libc::SEEK_DATA).map_err(failed)? else { break };
-        let end = seek(ram.file(), start, libc::SEEK_HOLE).map_err(failed)?.unwrap_or(ram.size()).min(ram.size());
-        let (start, end) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
-        ranges.push((start, end.min(ram.size())));
-        offset = end;
+    while offset < size {
+        let Some(start) = seek(file, offset, libc::SEEK_DATA)? else { break };
+        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if start < end {
+            segments.push((start, end));
+        }
+        offset = end.max(start + 1);
     }
-    Ok(ranges)
+    Ok(segments)
 }
 
 /// Passes the runs of pages in `chunk` (at `chunk_start`) to `each`; returns the pages passed.
@@ -160,10 +170,8 @@ pub fn load(ram: &GuestRam, path: &Path) -> Result<u64, MemoryImageError> {
         return Err(MemoryImageError::WrongSize { path: path.display().to_string(), found, expected: ram.size() });
     }
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = 0;
     let mut read = 0;
-    while let Some(start) = seek(&file, offset, libc::SEEK_DATA).map_err(io("finding data in"))? {
-        let end = seek(&file, start, libc::SEEK_HOLE).map_err(io("finding holes in"))?.unwrap_or(found).min(found);
+    for (start, end) in data_segments(&file, found).map_err(io("finding data in"))? {
         let mut at = start;
         while at < end {
             let len = CHUNK.min(end - at) as usize;
@@ -172,10 +180,6 @@ pub fn load(ram: &GuestRam, path: &Path) -> Result<u64, MemoryImageError> {
             at += len as u64;
         }
         read += end - start;
-        offset = end;
-        if offset >= found {
-            break;
-        }
     }
     Ok(read)
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 /// The largest JSON payload taken (the machine state of 8 vCPUs is well under 2 MiB).
 const MAX_JSON: u64 = 64 << 20;
 /// The largest `Pages` payload taken.
-const MAX_PAGES: u64 = (1 << 20) + 8;
+const MAX_PAGES: u64 = super::memory_image::CHUNK + 8;
 /// How long either side waits for the other's next message.
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -84,12 +84,8 @@ pub fn send(channel: &mut Channel, source: &Source, mode: Mode) -> Result<Migrat
     let send_pages = |channel: &mut Channel, wanted: Option<&PageBitmap>| {
         let wanted_fn = wanted.map(|w| move |page: u64| w.has(page));
         let wanted_ref = wanted_fn.as_ref().map(|f| f as &dyn Fn(u64) -> bool);
-        for_each_page_run::<MigrationError, _>(source.ram, wanted_ref, |gpa, bytes| {
-            for (i, piece) in bytes.chunks(super::memory_image::CHUNK as usize).enumerate() {
-                channel.pages(gpa + i as u64 * super::memory_image::CHUNK, piece)?;
-            }
-            Ok(())
-        })
+        // Runs never cross a scan chunk, so each fits one `Pages` message.
+        for_each_page_run::<MigrationError, _>(source.ram, wanted_ref, |gpa, bytes| channel.pages(gpa, bytes))
     };
     let (paused_at, states) = if let Mode::PreCopy { at_least } = mode {
         let live_since = Instant::now();

@@ -47,9 +47,10 @@ pub struct Change {
 }
 
 /// Whether more is better for an extra reading named `name` (a headline metric carries its
-/// own direction): latencies and kicks per operation are better lower.
+/// own direction): latencies, kicks per operation, the backend's CPU time per operation and
+/// times in milliseconds are better lower.
 fn extra_higher_is_better(name: &str) -> bool {
-    !(name.starts_with("lat_") || name == "kicks_per_op")
+    !(name.starts_with("lat_") || name == "kicks_per_op" || name.starts_with("backend_cpu_") || name.ends_with("_ms"))
 }
 
 /// The metrics of a group of samples: headline first, then the extras.
@@ -186,5 +187,13 @@ mod tests {
         // Under the threshold: noise.
         let c = changes(&old, &report(&[97.0, 97.0, 97.0], 10.0), 0.05);
         assert_eq!(c[0].verdict, Verdict::Same, "{c:?}");
+    }
+
+    #[test]
+    fn cpu_per_operation_and_times_are_better_lower() {
+        for name in ["backend_cpu_us_per_req", "backend_cpu_ns_per_frame", "backend_cpu_us_per_MB", "save_ms"] {
+            assert!(!extra_higher_is_better(name), "{name}");
+        }
+        assert!(extra_higher_is_better("MB/s"));
     }
 }

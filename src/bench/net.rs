@@ -1,6 +1,12 @@
-//! `pvkit bench net`: frames per second into a vhost-user-net backend, with DPDK's testpmd and
-//! its `net_virtio_user` PMD as the generator (txonly), against pvkit `vhost-user-net --sink`
-//! (polling on, and `--poll-us 0`) and DPDK's own `net_vhost` PMD in rxonly mode, interleaved.
+//! `pvkit bench net`: frames per second through a vhost-user-net backend, with DPDK's testpmd
+//! and its `net_virtio_user` PMD as the generator, contenders interleaved. Two modes:
+//! - sink: the generator transmits (txonly) into pvkit `vhost-user-net --sink` (polling on,
+//!   and `--poll-us 0`) and DPDK's own `net_vhost` PMD in rxonly mode; the rate is what the
+//!   backend took from the ring;
+//! - loop: every frame goes back to the generator (testpmd `io` forwarding after
+//!   `--tx-first`), through pvkit `--loopback` and through `net_vhost` in `io` forwarding;
+//!   both backends copy every frame out of one ring and into the other, and the rate is what
+//!   came back to the generator.
 
 use super::error::BenchError;
 use super::median;
@@ -34,6 +40,28 @@ pub struct NetBenchArgs {
     /// sandbox's cost).
     #[arg(long)]
     pub compare_sandbox: bool,
+    /// Modes: `sink` (frames into the backend) and `loop` (frames back to the generator).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Sink, Mode::Loop])]
+    pub modes: Vec<Mode>,
+}
+
+/// Where the generator's frames go.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Into the backend, which drops them (pvkit `--sink`, DPDK rxonly).
+    Sink,
+    /// Back to the generator (pvkit `--loopback`, DPDK `io` forwarding).
+    Loop,
+}
+
+impl Mode {
+    /// The case's name for `frame`-byte frames and the plot's group.
+    fn case(self, frame: u16) -> (String, &'static str) {
+        match self {
+            Mode::Sink => (format!("{frame}-byte frames"), "frames per second"),
+            Mode::Loop => (format!("{frame}-byte frames, looped back"), "frames per second, looped back"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,15 +73,23 @@ enum Contender {
 }
 
 impl Contender {
-    fn name(self) -> &'static str {
-        match self {
-            Contender::DpdkVhost => "DPDK net_vhost rxonly",
-            Contender::PvkitPolling => "pvkit --sink (--poll-us 50)",
-            Contender::PvkitNoPoll => "pvkit --sink --poll-us 0",
-            Contender::PvkitUnsandboxed => "pvkit --sink --sandbox off",
+    fn name(self, mode: Mode) -> &'static str {
+        match (mode, self) {
+            (Mode::Sink, Contender::DpdkVhost) => "DPDK net_vhost rxonly",
+            (Mode::Sink, Contender::PvkitPolling) => "pvkit --sink (--poll-us 50)",
+            (Mode::Sink, Contender::PvkitNoPoll) => "pvkit --sink --poll-us 0",
+            (Mode::Sink, Contender::PvkitUnsandboxed) => "pvkit --sink --sandbox off",
+            (Mode::Loop, Contender::DpdkVhost) => "DPDK net_vhost io",
+            (Mode::Loop, Contender::PvkitPolling) => "pvkit --loopback (--poll-us 50)",
+            (Mode::Loop, Contender::PvkitNoPoll) => "pvkit --loopback --poll-us 0",
+            (Mode::Loop, Contender::PvkitUnsandboxed) => "pvkit --loopback --sandbox off",
         }
     }
 }
+
+/// Frames the generator sends first in loop mode, which then circulate (testpmd's burst, at
+/// most 512).
+const LOOP_BURST: u16 = 256;
 
 /// testpmd, with its standard output line-buffered (`stdbuf`) so each periodic reading
 /// arrives when it is printed.
@@ -89,14 +125,18 @@ fn pin_to_cpu0(cmd: &mut Command) {
     }
 }
 
-fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, BenchError> {
+fn backend(contender: Contender, mode: Mode, socket: &Path, log: &Path) -> Result<Spawned, BenchError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pvkit"));
     let mut cmd = match contender {
         Contender::DpdkVhost => {
             let mut cmd = testpmd_base("0@1,1@0", &format!("pvkit-bench-vhost-{}", std::process::id()));
             cmd.args(["--vdev", &format!("net_vhost0,iface={},queues=1", socket.display()), "--"]);
+            cmd.arg(match mode {
+                Mode::Sink => "--forward-mode=rxonly",
+                Mode::Loop => "--forward-mode=io",
+            });
             cmd.args([
-                "--forward-mode=rxonly",
+                "--port-topology=loop",
                 "--stats-period",
                 "1",
                 "--nb-cores",
@@ -110,7 +150,11 @@ fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, B
         }
         Contender::PvkitPolling | Contender::PvkitNoPoll | Contender::PvkitUnsandboxed => {
             let mut cmd = backend_command(&exe, BackendKind::Net);
-            cmd.arg("--sink").arg("--socket-path").arg(socket);
+            cmd.arg(match mode {
+                Mode::Sink => "--sink",
+                Mode::Loop => "--loopback",
+            });
+            cmd.arg("--socket-path").arg(socket);
             if contender == Contender::PvkitUnsandboxed {
                 cmd.args(["--sandbox", "off"]);
             }
@@ -121,20 +165,32 @@ fn backend(contender: Contender, socket: &Path, log: &Path) -> Result<Spawned, B
             cmd
         }
     };
-    Spawned::start(contender.name(), &mut cmd, socket, log)
+    Spawned::start(contender.name(mode), &mut cmd, socket, log)
 }
 
-/// Runs the generator for the warm-up plus `seconds`; returns its per-second Tx-pps readings
-/// after the warm-up, and the backend's and the generator's usage over them.
+/// Runs the generator for the warm-up plus `seconds`; returns its per-second readings after
+/// the warm-up (Tx-pps in sink mode, Rx-pps, what came back, in loop mode), and the backend's
+/// and the generator's usage over them.
 fn generate(
-    socket: &Path,
+    (socket, mode): (&Path, Mode),
     frame: u16,
     seconds: f64,
     child: &Spawned,
 ) -> Result<(Vec<f64>, ProcessUsage, ProcessUsage), BenchError> {
     let mut cmd = testpmd_base("0@0,1@1", &format!("pvkit-bench-gen-{}", std::process::id()));
     cmd.args(["--vdev", &format!("net_virtio_user0,path={},queues=1,queue_size=1024", socket.display()), "--"]);
-    cmd.args(["--forward-mode=txonly", &format!("--txpkts={frame}"), "--stats-period", "1"]);
+    let reading = match mode {
+        Mode::Sink => {
+            cmd.arg("--forward-mode=txonly");
+            "Tx-pps:"
+        }
+        Mode::Loop => {
+            // One burst of LOOP_BURST txonly frames, then whatever comes back goes out again.
+            cmd.args(["--forward-mode=io", "--tx-first", &format!("--burst={LOOP_BURST}")]);
+            "Rx-pps:"
+        }
+    };
+    cmd.args([&format!("--txpkts={frame}"), "--port-topology=loop", "--stats-period", "1"]);
     cmd.args(["--nb-cores", "1", "--txd", "1024", "--rxd", "1024"]);
     let mut generator = cmd
         .stdin(Stdio::null())
@@ -148,7 +204,7 @@ fn generate(
         let stdout = generator.stdout.take().ok_or_else(|| BenchError::Measurement("no testpmd output".into()))?;
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.trim().strip_prefix("Tx-pps:")
+                if let Some(rest) = line.trim().strip_prefix(reading)
                     && let Some(pps) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())
                 {
                     lock(&readings).push(pps);
@@ -217,6 +273,9 @@ pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     if let Some(bad) = args.frame_sizes.iter().find(|s| !(60..=1514).contains(*s)) {
         return Err(BenchError::Options(format!("frame size {bad} is outside 60..=1514")));
     }
+    if args.modes.is_empty() {
+        return Err(BenchError::Options("--modes: name at least one of sink, loop".into()));
+    }
     let mut contenders = vec![Contender::PvkitPolling, Contender::PvkitNoPoll];
     if args.compare_sandbox {
         contenders.push(Contender::PvkitUnsandboxed);
@@ -226,27 +285,35 @@ pub fn run(args: &NetBenchArgs, rec: &mut Recorder) -> Result<(), BenchError> {
     }
     let work = std::env::temp_dir().join(format!("pvkit-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(BenchError::io(format!("cannot create {}", work.display())))?;
-    let total = args.rounds * contenders.len() * args.frame_sizes.len();
+    let total = args.rounds * contenders.len() * args.frame_sizes.len() * args.modes.len();
     rec.begin("net", format!("{args:?}"), total);
     rec.note(format!(
-        "pvkit bench net: DPDK testpmd net_virtio_user txonly as the generator (1 queue, 1024 descriptors), {} round(s) of {} s, interleaved",
+        "pvkit bench net: DPDK testpmd net_virtio_user as the generator (1 queue, 1024 descriptors), {} round(s) of {} s, interleaved",
         args.rounds, args.seconds
     ));
-    rec.note("pvkit's sink reads only each frame's header; DPDK's rxonly copies every frame into an mbuf.");
+    if args.modes.contains(&Mode::Sink) {
+        rec.note("sink: pvkit's sink reads only each frame's header; DPDK's rxonly copies every frame into an mbuf.");
+    }
+    if args.modes.contains(&Mode::Loop) {
+        rec.note(format!(
+            "looped back: {LOOP_BURST} frames circulate (testpmd io --tx-first); both backends copy each frame from the transmit ring into the receive ring; the rate is what came back"
+        ));
+    }
     let result = (|| {
-        for &frame in &args.frame_sizes {
+        for (&mode, &frame) in args.modes.iter().flat_map(|m| args.frame_sizes.iter().map(move |f| (m, f))) {
+            let (case, group) = mode.case(frame);
             for round in 0..args.rounds {
                 for &contender in &contenders {
-                    let case = format!("{frame}-byte frames");
-                    rec.step(format!("round {} {case}: {}", round + 1, contender.name()));
+                    let name = contender.name(mode);
+                    rec.step(format!("round {} {case}: {name}", round + 1));
                     let socket = work.join("net.sock");
-                    let child = backend(contender, &socket, &work.join("backend.log"))?;
-                    let outcome = generate(&socket, frame, args.seconds, &child);
+                    let child = backend(contender, mode, &socket, &work.join("backend.log"))?;
+                    let outcome = generate((&socket, mode), frame, args.seconds, &child);
                     child.interrupt(Duration::from_secs(5));
                     let (mut readings, usage, generator) = outcome?;
                     let pps = median(&mut readings);
-                    let mut sample = rec.sample(&case, contender.name(), round);
-                    sample.group = "frames per second".into();
+                    let mut sample = rec.sample(&case, name, round);
+                    sample.group = group.into();
                     sample.x = Some(f64::from(frame));
                     sample.x_label = "frame bytes".into();
                     (sample.metric, sample.value) = ("Mpps".into(), pps / 1e6);

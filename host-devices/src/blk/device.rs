@@ -6,9 +6,8 @@ use super::engine::{BlockEngine, Engine, RwOp};
 use super::request::{self, Limits, Operation, Request, RequestError, Segment};
 use super::stats::Stats;
 use crate::queue::chain::stream_len;
-use crate::queue::inflight::TrackedQueue;
-use crate::queue::resubmit::Resubmission;
 use crate::queue::services::{Completion, Work};
+use crate::queue::split_ring::SplitRing;
 use crate::queue::throttle::Throttles;
 use crate::queue::worker::PassContext;
 use crate::queue::{
@@ -25,21 +24,6 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-
-/// The chains of the requests a restarted ring resubmits (none on later passes).
-fn resubmission(
-    tracked: &TrackedQueue<'_>,
-    vq: &mut virtio_queue::Queue,
-    mem: &GuestMemoryMmap,
-) -> Option<Resubmission> {
-    let heads = tracked.resume(vq, mem);
-    if heads.is_empty() {
-        return None;
-    }
-    Resubmission::new(mem, vq, &heads)
-        .inspect_err(|e| log::error!("the {} request(s) in flight cannot be resubmitted: {e}", heads.len()))
-        .ok()
-}
 
 /// Largest number of data segments in one request (`seg_max`).
 pub const SEG_MAX: u32 = 254;
@@ -222,26 +206,27 @@ impl BlkDevice {
             return Ok(released);
         }
         // After a restart, the requests the last backend left in flight come first.
-        let resubmission = tracked.as_ref().and_then(|t| resubmission(t, vq, &ring_mem));
-        let mut chains = resubmission.as_ref().map(Resubmission::chains).unwrap_or_default();
-        let resubmitted = chains.len();
-        let mut popper = ring::Popper::new(queue);
-        popper.take(vq, &*ring_mem, &mut chains, usize::MAX);
+        heads.clear();
         if let Some(tracked) = &tracked {
-            for chain in &chains[resubmitted..] {
-                tracked.taken(chain.head_index());
+            heads.extend(tracked.resume(vq, &*ring_mem));
+        }
+        let resubmitted = heads.len();
+        let mut popper = ring::Popper::new(queue);
+        popper.take_heads(vq, &ring_mem, heads, usize::MAX);
+        if let Some(tracked) = &tracked {
+            for &head in &heads[resubmitted..] {
+                tracked.taken(head);
             }
         }
-        if chains.is_empty() && released == 0 {
+        if heads.is_empty() && released == 0 {
             return popper.finish(0);
         }
         // Only services need the time a batch was taken.
         let started = self.shared.core.services().is_active().then(Instant::now);
         let data_mem = memory.memory();
-        heads.clear();
-        heads.extend(chains.iter().map(|c| c.head_index()));
+        let ring = SplitRing::new(vq, &data_mem);
         let mut batch: Vec<request::Parsed> =
-            chains.into_iter().map(|chain| request::parse(chain, &*data_mem, &self.shared.limits)).collect();
+            heads.iter().map(|&head| request::parse_head(ring.as_ref(), head, &self.shared.limits)).collect();
         if let Some((index, wait)) = self.first_throttled(queue, &batch, resubmitted, started) {
             // It and everything after it go back to the ring, in order, until the tokens are back.
             for head in heads.drain(index..).rev() {

@@ -7,6 +7,7 @@
 
 pub use crate::queue::chain::Segment;
 use crate::queue::chain::{ChainBuffers, ChainError, drop_front, pop_last_byte, read_stream, stream_len};
+use crate::queue::split_ring::SplitRing;
 use pvkit_protocol::blk::{self, RequestHeaderRepr, RequestType, SECTOR_SIZE, SEGMENT_SIZE, SegmentRepr};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
@@ -186,6 +187,19 @@ where
 {
     match ChainBuffers::collect(chain, MAX_CHAIN_BYTES) {
         Ok(buffers) => parse_buffers(buffers, mem, limits),
+        Err(e) => Parsed { status: None, result: Err(e.into()) },
+    }
+}
+
+/// Walks the chain at `head` of `ring` and checks the request it holds against `limits`
+/// (`None`: the queue has no rings, and the chain cannot be walked).
+pub fn parse_head(ring: Option<&SplitRing<'_>>, head: u16, limits: &Limits) -> Parsed {
+    let Some(ring) = ring else {
+        return Parsed { status: None, result: Err(ChainError::Malformed.into()) };
+    };
+    let mut buffers = ChainBuffers::default();
+    match ring.walk(head, MAX_CHAIN_BYTES, &mut buffers) {
+        Ok(()) => parse_buffers(buffers, ring.memory(), limits),
         Err(e) => Parsed { status: None, result: Err(e.into()) },
     }
 }

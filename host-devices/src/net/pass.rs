@@ -8,13 +8,13 @@ use super::rings::{self, FrameFormat, RxOutcome};
 use super::side::{Frame, INBOX_CAPACITY, NetworkSide};
 use super::stats::DropReason;
 use crate::queue::services::{Admission, Verdict, Work, admit, complete, is_served, verdict_of};
+use crate::queue::split_ring::SplitRing;
 use crate::queue::worker::PassContext;
 use crate::queue::{ChainBuffers, Memory, PassError, QueueService, Rearm, UsedBatch, ring};
 use log::warn;
 use pvkit_protocol::net::{self, NetHeaderRepr};
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestAddressSpace;
@@ -31,6 +31,10 @@ pub(super) struct PairState {
     tx_buffers: ChainBuffers,
     /// A transmitted frame, copied out of the guest.
     tx_frame: Vec<u8>,
+    /// The heads of a transmit burst (kept to reuse the vector).
+    tx_heads: Vec<u16>,
+    /// The receive chains one frame takes (kept to reuse their vectors).
+    rx_chains: Vec<ChainBuffers>,
     /// A frame read from the tap.
     tap_buffer: Vec<u8>,
     /// Loopback frames on their way back.
@@ -49,6 +53,8 @@ impl PairState {
         PairState {
             tx_buffers: ChainBuffers::default(),
             tx_frame: Vec::with_capacity(2048),
+            tx_heads: Vec::with_capacity(TX_BATCH),
+            rx_chains: Vec::new(),
             tap_buffer: if tap { vec![0; TAP_BUFFER] } else { Vec::new() },
             loopback: VecDeque::new(),
             held: None,
@@ -102,27 +108,31 @@ impl NetDevice {
         let released = self.release_delayed_tx(pair, state, format, &mut sent);
         let mut popper = ring::Popper::new(tx_queue(pair));
         let throttles = &self.shared.throttles;
-        let mut chains = Vec::with_capacity(TX_BATCH);
+        let mut heads = std::mem::take(&mut state.tx_heads);
+        heads.clear();
         if !throttles.is_waiting(tx_queue(pair)) {
-            popper.take(vring.get_queue_mut(), &*ring_mem, &mut chains, TX_BATCH);
+            popper.take_heads(vring.get_queue_mut(), &ring_mem, &mut heads, TX_BATCH);
         }
         // Buffers are looked up in a map loaded after the chains were seen (see DESIGN.md).
         let data_mem = memory.memory();
-        let mut chains = chains.into_iter();
-        while let Some(chain) = chains.next() {
-            used.push(chain.head_index(), 0);
+        let ring = SplitRing::new(vring.get_queue(), &data_mem);
+        for (taken, &head) in heads.iter().enumerate() {
+            let Some(ring) = &ring else { break };
+            used.push(head, 0);
             let PairState { tx_buffers, tx_frame, .. } = state;
             let buffer = if copy { Some(tx_frame) } else { None };
-            match rings::read_tx_chain(chain, &*data_mem, format, tx_buffers, buffer) {
+            let walked = ring.walk(head, rings::tx_cap(format), tx_buffers);
+            match rings::read_tx_buffers(walked, &*data_mem, format, tx_buffers, buffer) {
                 Ok(frame) => {
                     let work = Work::new(tx_queue(pair), "tx", frame.frame_len as u64);
                     if let Some(wait) = self.over_limit(limited, &work) {
                         // This chain and the rest of the burst go back to the ring: sent when
                         // the tokens are back.
                         used.pop_last();
-                        for _ in 0..=chains.len() {
-                            virtio_queue::QueueOwnedT::go_to_previous_position(vring.get_queue_mut());
-                        }
+                        let back = (heads.len() - taken) as u16;
+                        let vq = vring.get_queue_mut();
+                        use virtio_queue::QueueT;
+                        vq.set_next_avail(vq.next_avail().wrapping_sub(back));
                         throttles.wait(tx_queue(pair), wait)?;
                         break;
                     }
@@ -140,6 +150,7 @@ impl NetDevice {
                 Err(refused) => self.shared.stats.dropped(refused.reason, &refused),
             }
         }
+        state.tx_heads = heads;
         let count = used.len();
         if sent.packets > 0 {
             self.shared.stats.transmitted(sent.packets, sent.bytes);
@@ -308,6 +319,22 @@ impl NetDevice {
         let services = self.shared.core.services();
         let limited = services.throttles();
         let mut popper = ring::Popper::new(rx_queue(pair));
+        let pending = state.held.is_some()
+            || !state.loopback.is_empty()
+            || !state.rx_delayed.is_empty()
+            || !inbox.is_empty()
+            || matches!(self.shared.side, NetworkSide::Tap(_));
+        if !pending {
+            return Ok(0);
+        }
+        // One read of the available index per pass; the buffers it announces are looked up in
+        // a map loaded after it (see DESIGN.md).
+        if let Some(announcing) = SplitRing::new(vring.get_queue(), &ring_mem) {
+            popper.refresh(vring.get_queue(), &announcing);
+        }
+        let data_mem = memory.memory();
+        let Some(ring) = SplitRing::new(vring.get_queue(), &data_mem) else { return popper.finish(0) };
+        let mut scratch = std::mem::take(&mut state.rx_chains);
         loop {
             if self.shared.throttles.is_waiting(rx_queue(pair)) {
                 break;
@@ -359,10 +386,12 @@ impl NetDevice {
                     (frame, admission)
                 }
             };
-            let data_mem = memory.memory();
             let queue = vring.get_queue_mut();
             let frame_parts = (&frame.header, &frame.data[..]);
-            match rings::write_rx_frame((queue, &mut popper), &*data_mem, format, frame_parts, &mut used, services) {
+            let mut write = |queue: &mut virtio_queue::Queue, used: &mut UsedBatch| {
+                rings::write_rx_frame((queue, &ring, &mut popper), format, frame_parts, used, services, &mut scratch)
+            };
+            match write(queue, &mut used) {
                 RxOutcome::Delivered(_) => {
                     state.rx_delayed.passed();
                     packets += 1;
@@ -370,23 +399,13 @@ impl NetDevice {
                     // A duplicate goes right after the original when buffers are there for it.
                     let duplicate = verdict_of(&admission) == Verdict::Duplicate;
                     complete(services, admission, true);
-                    if duplicate
-                        && let RxOutcome::Delivered(_) = rings::write_rx_frame(
-                            (queue, &mut popper),
-                            &*data_mem,
-                            format,
-                            frame_parts,
-                            &mut used,
-                            services,
-                        )
-                    {
+                    if duplicate && let RxOutcome::Delivered(_) = write(queue, &mut used) {
                         packets += 1;
                         bytes += frame.data.len() as u64;
                     }
                 }
                 RxOutcome::NoBuffers => {
-                    let avail = virtio_queue::QueueT::avail_idx(vring.get_queue(), &*ring_mem, Ordering::Acquire);
-                    state.held = Some(Held { frame, admission, blocked_at: avail.ok().map(|a| a.0) });
+                    state.held = Some(Held { frame, admission, blocked_at: popper.seen() });
                     break;
                 }
                 RxOutcome::Refused(refused) => {
@@ -398,6 +417,7 @@ impl NetDevice {
                 break;
             }
         }
+        state.rx_chains = scratch;
         if packets > 0 {
             self.shared.stats.received(packets, bytes);
         }

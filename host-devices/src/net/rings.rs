@@ -7,9 +7,10 @@
 use super::stats::DropReason;
 use crate::queue::chain::read_stream;
 use crate::queue::ring::Popper;
+use crate::queue::split_ring::SplitRing;
 use crate::queue::{ChainBuffers, ChainError, QueueServices, UsedBatch};
 use pvkit_protocol::net::{ETH_HEADER_LEN, GsoType, MAX_GSO_FRAME, NetHeaderRepr};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestMemory};
 
 /// Bytes a VLAN tag adds to a frame on top of the MTU and the Ethernet header.
@@ -52,6 +53,11 @@ pub struct TxFrame {
     pub frame_len: usize,
 }
 
+/// Bytes one transmit chain may hold: the header and the largest GSO frame.
+pub fn tx_cap(format: &FrameFormat) -> u64 {
+    (format.header_len + MAX_GSO_FRAME) as u64
+}
+
 /// Reads a transmit chain, walking it into `buffers` (reused from frame to frame). With
 /// `copy`, the frame (without header) is copied into it; without, only the header is read (the
 /// sink needs no more). Every refusal is a [`Refused`], never a panic: lengths, flags and
@@ -63,9 +69,21 @@ pub fn read_tx_chain<M: GuestMemory>(
     buffers: &mut ChainBuffers,
     copy: Option<&mut Vec<u8>>,
 ) -> Result<TxFrame, Refused> {
+    let walked = buffers.refill(chain, tx_cap(format));
+    read_tx_buffers(walked, mem, format, buffers, copy)
+}
+
+/// Reads a transmit chain already walked into `buffers` (`walked`: how the walk went), as
+/// [`read_tx_chain`] does.
+pub fn read_tx_buffers<M: GuestMemory>(
+    walked: Result<(), ChainError>,
+    mem: &M,
+    format: &FrameFormat,
+    buffers: &ChainBuffers,
+    copy: Option<&mut Vec<u8>>,
+) -> Result<TxFrame, Refused> {
     let header_len = format.header_len;
-    let cap = (header_len + MAX_GSO_FRAME) as u64;
-    buffers.refill(chain, cap).map_err(|e| match e {
+    walked.map_err(|e| match e {
         ChainError::TooLong { .. } => {
             Refused::new(DropReason::TooLong, format!("a transmit chain exceeds the {MAX_GSO_FRAME}-byte frame limit"))
         }
@@ -120,36 +138,39 @@ pub enum RxOutcome {
 /// Most bytes one receive chain may offer.
 const MAX_RX_CHAIN: u64 = 1 << 32;
 
-/// Writes `header` and `frame` into the receive queue `vq`: one chain, or with
-/// `format.mergeable` as many as it takes (`num_buffers` says how many). The chains' used
-/// entries are added to `used`, to be published with the batch; every byte written is
-/// reported to `services`. A broken ring offers no buffers (`popper` keeps the error).
-pub fn write_rx_frame<M: GuestMemory>(
-    (vq, popper): (&mut Queue, &mut Popper),
-    mem: &M,
+/// Writes `header` and `frame` into the receive queue `vq` (read through `ring`): one chain,
+/// or with `format.mergeable` as many as it takes (`num_buffers` says how many), taken from
+/// what the popper's last read of the available index announced. The chains' used entries
+/// are added to `used`, to be published with the batch; every byte written is reported to
+/// `services`. `scratch` keeps the walked chains from frame to frame. A broken ring offers no
+/// buffers (`popper` keeps the error).
+pub fn write_rx_frame(
+    (vq, ring, popper): (&mut Queue, &SplitRing<'_>, &mut Popper),
     format: &FrameFormat,
     frame: (&NetHeaderRepr, &[u8]),
     used: &mut UsedBatch,
     services: &dyn QueueServices,
+    scratch: &mut Vec<ChainBuffers>,
 ) -> RxOutcome {
     let (header, frame) = frame;
+    let mem = ring.memory();
     let total = format.header_len + frame.len();
     // First find buffers enough, without writing, so that `num_buffers` is known up front.
-    let mut chains: Vec<ChainBuffers> = Vec::new();
-    let mut capacity = 0usize;
+    let (mut taken, mut capacity) = (0usize, 0usize);
     while capacity < total {
-        if !format.mergeable && !chains.is_empty() {
+        if !format.mergeable && taken > 0 {
             break;
         }
-        let Some(chain) = popper.next(vq, mem) else { break };
-        let head = chain.head_index();
-        let usable = ChainBuffers::collect(chain, MAX_RX_CHAIN)
-            .ok()
-            .filter(|b| b.readable.is_empty() && !b.misordered && b.writable_len() > 0);
-        let Some(buffers) = usable else {
+        let Some(head) = popper.next_head(vq, ring) else { break };
+        if scratch.len() == taken {
+            scratch.push(ChainBuffers::default());
+        }
+        let buffers = &mut scratch[taken];
+        let walked = ring.walk(head, MAX_RX_CHAIN, buffers);
+        if walked.is_err() || !buffers.readable.is_empty() || buffers.misordered || buffers.writable_len() == 0 {
             // Unusable for any frame: every chain taken for this frame goes back empty (none
             // is left out of the ring) and the frame is dropped.
-            for taken in &chains {
+            for taken in &scratch[..taken] {
                 used.push(taken.head, 0);
             }
             used.push(head, 0);
@@ -157,16 +178,13 @@ pub fn write_rx_frame<M: GuestMemory>(
                 DropReason::RxChainTooSmall,
                 format!("receive chain {head} has no usable device-writable buffer"),
             ));
-        };
+        }
         capacity = capacity.saturating_add(buffers.writable_len().min(usize::MAX as u64) as usize);
-        chains.push(buffers);
+        taken += 1;
     }
     if capacity < total {
-        let popped = chains.len();
-        for _ in 0..popped {
-            vq.go_to_previous_position();
-        }
-        if !format.mergeable && popped > 0 {
+        popper.put_back(vq, taken as u16);
+        if !format.mergeable && taken > 0 {
             return RxOutcome::Refused(Refused::new(
                 DropReason::RxChainTooSmall,
                 format!("a {total}-byte frame does not fit a {capacity}-byte receive chain (no MRG_RXBUF)"),
@@ -174,13 +192,14 @@ pub fn write_rx_frame<M: GuestMemory>(
         }
         return RxOutcome::NoBuffers;
     }
+    let chains = &scratch[..taken];
     let mut header_bytes = [0u8; pvkit_protocol::net::HEADER_SIZE];
     let header = NetHeaderRepr { num_buffers: chains.len() as u16, ..*header };
     // header_len is 10 or 12, both within HEADER_SIZE.
     let _ = header.emit(&mut header_bytes, format.header_len);
     let header_part = &header_bytes[..format.header_len];
     let mut pos = 0usize;
-    for buffers in &chains {
+    for buffers in chains {
         let mut written_here = 0u32;
         for seg in &buffers.writable {
             if pos == total {

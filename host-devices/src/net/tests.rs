@@ -6,6 +6,7 @@ use super::device::{NetDevice, NetOptions};
 use super::rings::{self, FrameFormat, RxOutcome};
 use super::side::{Frame, NetworkSide};
 use super::stats::{DropReason, NetStats};
+use crate::queue::split_ring::SplitRing;
 use crate::queue::{ChainBuffers, NoServices, UsedBatch};
 use pvkit_protocol::net::{self, GsoType, NetHeaderRepr, feature as netf, hdr_flags};
 use pvkit_protocol::virtio::{Features, feature as vf};
@@ -32,8 +33,10 @@ fn rx_frame(
     used: &mut UsedBatch,
 ) -> RxOutcome {
     let mut popper = crate::queue::ring::Popper::new(0);
-    let outcome =
-        rings::write_rx_frame((vq, &mut popper), mem, format, (&NetHeaderRepr::default(), frame), used, &NoServices);
+    let ring = SplitRing::new(vq, mem).unwrap();
+    popper.refresh(vq, &ring);
+    let frame = (&NetHeaderRepr::default(), frame);
+    let outcome = rings::write_rx_frame((vq, &ring, &mut popper), format, frame, used, &NoServices, &mut Vec::new());
     popper.finish(outcome).unwrap()
 }
 

@@ -79,34 +79,46 @@ impl ChainBuffers {
         M: Deref,
         M::Target: GuestMemory,
     {
-        self.head = chain.head_index();
+        self.begin(chain.head_index());
+        let mut count = 0usize;
+        for desc in chain {
+            count += 1;
+            self.add(desc.addr(), u64::from(desc.len()), desc.is_write_only(), cap)?;
+        }
+        if count == 0 {
+            return Err(ChainError::Malformed);
+        }
+        Ok(())
+    }
+
+    /// Starts a walk of the chain at `head` (the vectors keep their capacity).
+    pub fn begin(&mut self, head: u16) {
+        self.head = head;
         self.readable.clear();
         self.writable.clear();
         self.misordered = false;
         self.readable_len = 0;
         self.writable_len = 0;
-        let mut count = 0usize;
-        for desc in chain {
-            count += 1;
-            let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
-            if seg.addr.checked_add(seg.len).is_none() {
-                return Err(ChainError::AddressWraps(seg.addr.raw_value()));
-            }
-            if self.readable_len + self.writable_len + seg.len > cap {
-                return Err(ChainError::TooLong { cap });
-            }
-            if desc.is_write_only() {
-                self.writable.push(seg);
-                self.writable_len += seg.len;
-            } else if self.writable.is_empty() {
-                self.readable.push(seg);
-                self.readable_len += seg.len;
-            } else {
-                self.misordered = true;
-            }
+    }
+
+    /// Adds the next descriptor of the walk: `len` bytes at `addr`, device-writable or not,
+    /// refusing a buffer that wraps the address space and more than `cap` bytes in all.
+    pub fn add(&mut self, addr: GuestAddress, len: u64, write_only: bool, cap: u64) -> Result<(), ChainError> {
+        let seg = Segment { addr, len };
+        if addr.checked_add(len).is_none() {
+            return Err(ChainError::AddressWraps(addr.raw_value()));
         }
-        if count == 0 {
-            return Err(ChainError::Malformed);
+        if self.readable_len + self.writable_len + len > cap {
+            return Err(ChainError::TooLong { cap });
+        }
+        if write_only {
+            self.writable.push(seg);
+            self.writable_len += len;
+        } else if self.writable.is_empty() {
+            self.readable.push(seg);
+            self.readable_len += len;
+        } else {
+            self.misordered = true;
         }
         Ok(())
     }

@@ -2,9 +2,10 @@
 //! (chosen completion orders and crashes at chosen points), regions that cannot be believed,
 //! and the block device serving resubmitted requests.
 
+use super::ChainBuffers;
 use super::inflight::{Inflight, InflightError, allocate};
 use super::inflight_resume::{RegionError, RegionState};
-use super::resubmit::Resubmission;
+use super::split_ring::SplitRing;
 use super::{NoServices, UsedBatch, ring};
 use crate::blk::device::{BlkDevice, BlkOptions};
 use crate::blk::engine::{Engine, SyncEngine};
@@ -139,9 +140,16 @@ fn exactly_the_unfinished_requests_are_resubmitted_in_the_order_taken() {
     assert_eq!(heads, [1, 3]);
     assert_eq!(vq.next_avail(), 4, "the ring goes on after everything taken");
     assert_eq!(second.resubmitted(), 2);
-    let chains = Resubmission::new(&mem, &vq, &heads).unwrap();
-    let addrs: Vec<(u16, u64)> =
-        chains.chains().into_iter().map(|mut c| (c.head_index(), c.next().unwrap().addr().raw_value())).collect();
+    let ring = SplitRing::new(&vq, &mem).unwrap();
+    let addrs: Vec<(u16, u64)> = heads
+        .iter()
+        .map(|&head| {
+            let mut buffers = ChainBuffers::default();
+            ring.walk(head, 1 << 20, &mut buffers).unwrap();
+            let first = buffers.readable.first().or(buffers.writable.first()).unwrap();
+            (buffers.head, first.addr.raw_value())
+        })
+        .collect();
     assert_eq!(addrs, [(1, 0x10_1000), (3, 0x10_3000)], "the chains walk the guest's descriptors");
     assert!(tracked.resume(&mut vq, &mem).is_empty(), "only the first pass resumes");
     drop(tracked);

@@ -13,6 +13,9 @@
 //! - [`ring`]: popping chains with the ring checked. An available index more than the ring
 //!   size ahead marks the queue broken: logged once, counted, not served again until the
 //!   frontend stops it (GET_VRING_BASE); the other queues and the next connection go on.
+//! - [`split_ring`]: the rings read through mappings translated once per pass: heads taken in
+//!   bursts with one read of the available index, chains walked without a lookup per
+//!   descriptor.
 //! - [`chain`]: one walk of a descriptor chain into readable and writable segments, with a byte
 //!   cap, and copies in and out of them.
 //! - [`used`]: one used-publication and notification policy: entries written, the used index
@@ -23,7 +26,7 @@
 //!   `guest_written` in front of whatever services are attached.
 //! - [`inflight`]: in-flight I/O tracking (INFLIGHT_SHMFD): heads taken and not yet used are
 //!   kept in an area the frontend holds across backend restarts, and a restarted ring
-//!   resubmits them ([`resubmit`] makes their chains) before anything new.
+//!   resubmits them (walked from their heads by [`split_ring`]) before anything new.
 //! - [`device_core`]: what every `VhostUserBackend` implementation shares (the memory slot,
 //!   the exit events, the stop flag, broken queues) behind one [`DeviceCore`].
 
@@ -36,11 +39,11 @@ mod inflight_resume;
 #[cfg(test)]
 mod inflight_tests;
 pub mod quiesce;
-pub mod resubmit;
 pub mod ring;
 pub mod services;
 #[cfg(test)]
 mod services_tests;
+pub mod split_ring;
 #[cfg(test)]
 mod tests;
 pub mod throttle;

@@ -5,11 +5,12 @@
 //! empty one and a worker that re-enables notifications finds "more" forever. [`pop`] says
 //! which it is; the worker loop ([`super::worker`]) marks such a queue broken.
 
+use super::split_ring::{self, SplitRing};
 use super::worker::PassError;
 use std::num::Wrapping;
 use std::ops::Deref;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 /// What makes a ring unserviceable until the frontend resets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -69,16 +70,24 @@ where
 /// `None` at the end of the available chains and from a broken ring on, and
 /// [`Popper::finish`] turns the pass's value into its result (the ring's error, for the
 /// worker to mark, once everything taken so far was completed).
+///
+/// Hot paths take heads through a [`SplitRing`]: [`Popper::take_heads`] in bursts, or
+/// [`Popper::next_head`] one at a time from what one read of the available index announced
+/// ([`Popper::refresh`]).
 #[derive(Debug)]
 pub struct Popper {
     queue: usize,
     broken: Option<RingError>,
+    /// Chains the last read of the available index announced and not taken yet.
+    announced: u16,
+    /// That available index.
+    seen: Option<u16>,
 }
 
 impl Popper {
     /// For the device's queue `queue`.
     pub fn new(queue: usize) -> Popper {
-        Popper { queue, broken: None }
+        Popper { queue, broken: None, announced: 0, seen: None }
     }
 
     /// The next available chain of `vq`.
@@ -96,42 +105,66 @@ impl Popper {
         })
     }
 
-    /// Pops up to `limit` chains into `into` in one burst: the available index is read once,
-    /// and the heads up to it are taken without reading it again (a driver on another core
-    /// writes that index for every chain it adds; reading it per chain moves its cache line
-    /// back and forth each time). Returns how many were taken; chains the driver adds during
-    /// the burst wait for the next one.
-    pub fn take<'m, M>(
-        &mut self,
-        vq: &mut Queue,
-        mem: &'m M,
-        into: &mut Vec<DescriptorChain<&'m M>>,
-        limit: usize,
-    ) -> usize
-    where
-        M: GuestMemory,
-    {
+    /// Takes up to `limit` heads of `vq` (in `mem`) into `into` in one burst: the available
+    /// index is read once, and the heads up to it are taken without reading it again (a
+    /// driver on another core writes that index for every chain it adds; reading it per chain
+    /// moves its cache line back and forth each time). Returns how many were taken; chains the
+    /// driver adds during the burst wait for the next one.
+    pub fn take_heads(&mut self, vq: &mut Queue, mem: &GuestMemoryMmap, into: &mut Vec<u16>, limit: usize) -> usize {
         if self.broken.is_some() || limit == 0 {
             return 0;
         }
-        let size = vq.size();
-        let Ok(mut chains) = vq.iter(mem) else {
-            // `pop` tells the cases apart: a queue not ready is empty, the rest is broken.
-            if let Err(broken) = pop(vq, mem) {
-                self.broken = Some(broken);
-            }
-            return 0;
-        };
+        let Some(ring) = SplitRing::new(vq, mem) else { return 0 };
         let before = into.len();
-        while into.len() - before < limit {
-            let Some(chain) = chains.next() else { break };
-            if chain.head_index() >= size {
-                self.broken = Some(RingError::HeadOutOfRange { head: chain.head_index(), size });
-                break;
-            }
-            into.push(chain);
+        if let Err(error) = split_ring::take_heads(vq, &ring, into, limit) {
+            self.broken = Some(error);
         }
         into.len() - before
+    }
+
+    /// Reads the available index of `vq` (in `ring`) once: [`Popper::next_head`] takes the
+    /// chains it announces. Returns how many there are.
+    pub fn refresh(&mut self, vq: &Queue, ring: &SplitRing<'_>) -> u16 {
+        if self.broken.is_some() {
+            return 0;
+        }
+        match ring.waiting(vq.next_avail()) {
+            Ok(waiting) => {
+                self.announced = waiting;
+                self.seen = Some(vq.next_avail().wrapping_add(waiting));
+            }
+            Err(error) => self.broken = Some(error),
+        }
+        self.announced
+    }
+
+    /// The next head the last [`Popper::refresh`] announced, taken from `vq`.
+    pub fn next_head(&mut self, vq: &mut Queue, ring: &SplitRing<'_>) -> Option<u16> {
+        if self.broken.is_some() || self.announced == 0 {
+            return None;
+        }
+        match ring.head(vq.next_avail()) {
+            Ok(head) => {
+                vq.set_next_avail(vq.next_avail().wrapping_add(1));
+                self.announced -= 1;
+                Some(head)
+            }
+            Err(error) => {
+                self.broken = Some(error);
+                None
+            }
+        }
+    }
+
+    /// Gives the last `count` heads taken with [`Popper::next_head`] back to `vq`.
+    pub fn put_back(&mut self, vq: &mut Queue, count: u16) {
+        vq.set_next_avail(vq.next_avail().wrapping_sub(count));
+        self.announced += count;
+    }
+
+    /// The available index the last [`Popper::refresh`] read.
+    pub fn seen(&self) -> Option<u16> {
+        self.seen
     }
 
     /// `value`, or the broken ring this pass found.
@@ -208,13 +241,12 @@ mod tests {
         let mut queue: Queue = mock.create_queue().unwrap();
         let mut popper = Popper::new(0);
         let mut taken = Vec::new();
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0, "an empty ring");
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 0, "an empty ring");
         chains_of(&mock, 5);
         // A partial burst: the limit stops it, the rest waits for the next one.
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 3), 3);
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 2);
-        let heads: Vec<u16> = taken.iter().map(|c| c.head_index()).collect();
-        assert_eq!(heads, [0, 1, 2, 3, 4]);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 3), 3);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 2);
+        assert_eq!(taken, [0, 1, 2, 3, 4]);
         assert_eq!(queue.next_avail(), 5);
         assert!(popper.finish(()).is_ok());
     }
@@ -229,15 +261,14 @@ mod tests {
         mem.write_obj(u16::MAX - 1, mock.avail_addr().unchecked_add(2)).unwrap();
         queue.set_next_avail(u16::MAX - 1);
         let mut taken = Vec::new();
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 0);
         // Four more chains: ring slots 2, 3, 0, 1 (avail index 65534 .. 1).
         for (slot, head) in [(2u64, 3u16), (3, 0), (0, 1), (1, 2)] {
             mem.write_obj(head, mock.avail_addr().unchecked_add(4 + 2 * slot)).unwrap();
         }
         mem.write_obj(2u16, mock.avail_addr().unchecked_add(2)).unwrap();
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 4);
-        let heads: Vec<u16> = taken.iter().map(|c| c.head_index()).collect();
-        assert_eq!(heads, [3, 0, 1, 2]);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 4);
+        assert_eq!(taken, [3, 0, 1, 2]);
         assert_eq!(queue.next_avail(), 2);
     }
 
@@ -250,8 +281,8 @@ mod tests {
         mem.write_obj(5000u16, mock.avail_addr().unchecked_add(6)).unwrap();
         let mut popper = Popper::new(3);
         let mut taken = Vec::new();
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 1, "the good chain before the bad head");
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 8), 0, "nothing after a broken ring");
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 1, "the good chain before the bad head");
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 8), 0, "nothing after a broken ring");
         assert!(matches!(
             popper.finish(()),
             Err(PassError::Ring { queue: 3, error: RingError::HeadOutOfRange { head: 5000, size: 16 } })
@@ -259,7 +290,7 @@ mod tests {
         let mut too_far = Popper::new(0);
         let mut fresh: Queue = mock.create_queue().unwrap();
         mem.write_obj(1000u16, mock.avail_addr().unchecked_add(2)).unwrap();
-        assert_eq!(too_far.take(&mut fresh, &mem, &mut taken, 8), 0);
+        assert_eq!(too_far.take_heads(&mut fresh, &mem, &mut taken, 8), 0);
         assert!(matches!(too_far.finish(()), Err(PassError::Ring { error: RingError::AvailIndex { .. }, .. })));
     }
 
@@ -271,13 +302,13 @@ mod tests {
         queue.set_event_idx(true);
         chains_of(&mock, 6);
         let (mut popper, mut taken) = (Popper::new(0), Vec::new());
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 4), 4);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 4), 4);
         // Re-arming after the burst: avail_event is set to the next index, and the two chains
         // left are reported, so the worker takes another pass instead of sleeping on them.
         assert!(queue.enable_notification(&mem).unwrap(), "chains left behind must count as work");
         let avail_event: u16 = mem.read_obj(mock.used_addr().unchecked_add(4 + 8 * 16)).unwrap();
         assert_eq!(avail_event, 4);
-        assert_eq!(popper.take(&mut queue, &mem, &mut taken, 4), 2);
+        assert_eq!(popper.take_heads(&mut queue, &mem, &mut taken, 4), 2);
         assert!(!queue.enable_notification(&mem).unwrap(), "all taken");
     }
 }

@@ -5,7 +5,7 @@
 use super::delay::DelayLine;
 use super::device::NetDevice;
 use super::rings::{self, FrameFormat, RxOutcome};
-use super::side::{Frame, INBOX_CAPACITY, NetworkSide};
+use super::side::{Frame, Loopback, NetworkSide};
 use super::stats::DropReason;
 use crate::queue::services::{Admission, Verdict, Work, admit, complete, is_served, verdict_of};
 use crate::queue::split_ring::SplitRing;
@@ -13,7 +13,6 @@ use crate::queue::worker::PassContext;
 use crate::queue::{ChainBuffers, Memory, PassError, QueueService, Rearm, UsedBatch, ring};
 use log::warn;
 use pvkit_protocol::net::{self, NetHeaderRepr};
-use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -38,7 +37,7 @@ pub(super) struct PairState {
     /// A frame read from the tap.
     tap_buffer: Vec<u8>,
     /// Loopback frames on their way back.
-    loopback: VecDeque<Frame>,
+    loopback: Loopback,
     /// A frame that found the receive queue without buffers, first in line.
     held: Option<Held>,
     /// Transmitted frames fault rules delay or reorder, with their lengths.
@@ -56,7 +55,7 @@ impl PairState {
             tx_heads: Vec::with_capacity(TX_BATCH),
             rx_chains: Vec::new(),
             tap_buffer: if tap { vec![0; TAP_BUFFER] } else { Vec::new() },
-            loopback: VecDeque::new(),
+            loopback: Loopback::default(),
             held: None,
             tx_delayed: DelayLine::default(),
             rx_delayed: DelayLine::default(),
@@ -260,7 +259,7 @@ impl NetDevice {
     fn pass_on(
         &self,
         pair: usize,
-        loopback: &mut VecDeque<Frame>,
+        loopback: &mut Loopback,
         header: NetHeaderRepr,
         data: &[u8],
         format: &FrameFormat,
@@ -269,12 +268,11 @@ impl NetDevice {
         match &self.shared.side {
             NetworkSide::Sink => true,
             NetworkSide::Loopback => {
-                if loopback.len() >= INBOX_CAPACITY {
+                let queued = loopback.push(header, data);
+                if !queued {
                     stats.dropped(DropReason::RxNoBuffers, &"the loopback queue is full");
-                    return false;
                 }
-                loopback.push_back(Frame { header, data: data.to_vec() });
-                true
+                queued
             }
             NetworkSide::Tap(tap) => {
                 let mut header_bytes = [0u8; net::HEADER_SIZE];
@@ -335,8 +333,10 @@ impl NetDevice {
         let data_mem = memory.memory();
         let Some(ring) = SplitRing::new(vring.get_queue(), &data_mem) else { return popper.finish(0) };
         let mut scratch = std::mem::take(&mut state.rx_chains);
+        // A queue starts waiting for its limits only where this loop ends.
+        let waiting = self.shared.throttles.is_waiting(rx_queue(pair));
         loop {
-            if self.shared.throttles.is_waiting(rx_queue(pair)) {
+            if waiting {
                 break;
             }
             // A held frame was prepared and admitted before it waited for buffers or tokens.
@@ -354,7 +354,7 @@ impl NetDevice {
                         state.held = Some(Held { frame, admission, blocked_at: None });
                         continue;
                     }
-                    let next = state.loopback.pop_front().or_else(|| inbox.pop());
+                    let next = state.loopback.pop().or_else(|| inbox.pop());
                     let Some(mut frame) = next.or_else(|| self.read_tap(pair, state)) else { break };
                     if let Err(refused) = self.prepare_for_guest(&mut frame) {
                         self.shared.stats.dropped(refused.reason, &refused);
@@ -413,6 +413,7 @@ impl NetDevice {
                     complete(services, admission, false);
                 }
             }
+            state.loopback.recycle(frame.data);
             if used.len() >= TX_BATCH {
                 break;
             }

@@ -325,7 +325,10 @@ fn contenders(args: &BlkBenchArgs) -> Result<Vec<Contender>, BenchError> {
             .cloned()
             .ok_or_else(|| BenchError::Options("--peer: empty command".into()))?;
         let name = Path::new(&program).file_name().map_or(program.clone(), |n| n.to_string_lossy().into_owned());
-        list.push(Contender { name: format!("{name} (--peer)"), kind: Kind::Peer(template.clone()) });
+        // Two peers of one program (the same daemon with other options) stay apart.
+        let same = list.iter().filter(|c| c.name.starts_with(&format!("{name} (--peer"))).count();
+        let name = if same == 0 { format!("{name} (--peer)") } else { format!("{name} (--peer #{})", same + 1) };
+        list.push(Contender { name, kind: Kind::Peer(template.clone()) });
     }
     if list.is_empty() {
         return Err(BenchError::Options("nothing to measure: no engines and no peers".into()));
@@ -448,5 +451,26 @@ mod tests {
         assert_eq!(shell_words("a 'b c' \"d\"  e").unwrap(), ["a", "b c", "d", "e"]);
         assert_eq!(shell_words("x ''").unwrap(), ["x", ""]);
         assert!(shell_words("a 'b").is_err());
+    }
+
+    #[test]
+    fn two_peers_of_one_program_are_two_contenders() {
+        use clap::{Args, FromArgMatches};
+        let argv = [
+            "blk",
+            "--no-qsd",
+            "--engines",
+            "null",
+            "--peer",
+            "/usr/bin/qsd --a {socket}",
+            "--peer",
+            "qsd --b {socket}",
+            "--peer",
+            "other {socket}",
+        ];
+        let matches = BlkBenchArgs::augment_args(clap::Command::new("blk")).try_get_matches_from(argv).unwrap();
+        let args = BlkBenchArgs::from_arg_matches(&matches).unwrap();
+        let names: Vec<String> = contenders(&args).unwrap().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["pvkit vhost-user-blk (null)", "qsd (--peer)", "qsd (--peer #2)", "other (--peer)"]);
     }
 }

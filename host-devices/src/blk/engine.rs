@@ -228,6 +228,18 @@ impl BlockEngine for SyncEngine {
     }
 }
 
+/// Fills `slice` with zeros: a memset, half the memory traffic of copying a buffer of zeros
+/// (which was a quarter of the null engine's time at queue depth 32).
+fn zero_fill<B: BitmapSlice>(slice: &VolatileSlice<'_, B>) {
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: a VolatileSlice covers `len()` bytes of mapped memory for as long as it lives,
+    // and the guard keeps its pointer valid for writes of that many bytes; bytes need no
+    // alignment. Guest memory is shared with the frontend, which may read it concurrently as it
+    // may during any copy into it; the bytes it sees are zeros or what was there.
+    unsafe { std::ptr::write_bytes(guard.as_ptr(), 0, slice.len()) };
+    slice.bitmap().mark_dirty(0, slice.len());
+}
+
 /// Completes reads with zeros and drops writes: measures the virtio path alone.
 pub struct NullEngine {
     size: u64,
@@ -248,15 +260,7 @@ impl BlockEngine for NullEngine {
         self.size
     }
     fn read<B: BitmapSlice>(&self, _offset: u64, bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        for slice in bufs {
-            let mut done = 0;
-            while done < slice.len() {
-                let n = (slice.len() - done).min(ZEROS.len());
-                slice.subslice(done, n).map_err(io::Error::other)?.copy_from(&ZEROS[..n]);
-                done += n;
-            }
-        }
+        bufs.iter().for_each(zero_fill);
         Ok(())
     }
     fn write<B: BitmapSlice>(&self, _offset: u64, _bufs: &[VolatileSlice<'_, B>]) -> io::Result<()> {

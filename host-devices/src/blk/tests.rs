@@ -390,3 +390,20 @@ fn io_uring_round_trip(policy: super::uring::InlinePolicy) {
         assert_eq!(f.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), Status::Ok as u8);
     }
 }
+
+#[test]
+fn the_null_engine_reads_zeros_over_whatever_the_buffers_held() {
+    let f = fixture_with(false, |_, _| Engine::Null(super::engine::NullEngine::new(DISK).unwrap()));
+    // Two descriptors, one not a multiple of a page long, both full of stale bytes.
+    f.mem.write_slice(&[0xa5u8; 12288], GuestAddress(DATA)).unwrap();
+    header(&f.mem, RequestType::In, 0);
+    let descs =
+        [desc(HEADER, 16, READ), desc(DATA, 4608, WRITE), desc(DATA + 8192, 3584, WRITE), desc(STATUS, 1, WRITE)];
+    assert_eq!(f.run(&descs), (Status::Ok as u8, 8193));
+    let mut back = vec![0u8; 12288];
+    f.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back[..4608].iter().all(|&b| b == 0), "the first buffer is zeros");
+    assert!(back[4608..8192].iter().all(|&b| b == 0xa5), "nothing written between the buffers");
+    assert!(back[8192..11776].iter().all(|&b| b == 0), "the second buffer is zeros");
+    assert!(back[11776..].iter().all(|&b| b == 0xa5), "nothing written past the request");
+}

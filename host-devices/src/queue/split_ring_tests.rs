@@ -54,7 +54,7 @@ fn walks_agree_with_virtio_queue_on_random_tables() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let (mut walked, mut refused, mut through_indirect) = (0, 0, 0);
     for seed in 1..400u64 {
-        let mut rng = Random(seed * 0x9e37_79b9_7f4a_7c15);
+        let mut rng = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let size = [4u16, 8, 16][rng.below(3) as usize];
         let mock = MockSplitQueue::new(&mem, size);
         let descs: Vec<Descriptor> = (0..size).map(|_| random_descriptor(&mut rng, size)).collect();

@@ -5,13 +5,13 @@
 //! because a [`UsedBatch`] stores the used index once.
 
 use super::stats::DropReason;
-use crate::queue::chain::read_stream;
+use crate::queue::chain::{read_stream, write_guest};
 use crate::queue::ring::Popper;
 use crate::queue::split_ring::SplitRing;
 use crate::queue::{ChainBuffers, ChainError, QueueServices, UsedBatch};
 use pvkit_protocol::net::{ETH_HEADER_LEN, GsoType, MAX_GSO_FRAME, NetHeaderRepr};
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Address, Bytes, GuestMemory};
+use vm_memory::{Address, GuestMemoryBackend};
 
 /// Bytes a VLAN tag adds to a frame on top of the MTU and the Ethernet header.
 pub const VLAN_TAG_LEN: usize = 4;
@@ -62,7 +62,7 @@ pub fn tx_cap(format: &FrameFormat) -> u64 {
 /// `copy`, the frame (without header) is copied into it; without, only the header is read (the
 /// sink needs no more). Every refusal is a [`Refused`], never a panic: lengths, flags and
 /// offsets all come from the guest.
-pub fn read_tx_chain<M: GuestMemory>(
+pub fn read_tx_chain<M: GuestMemoryBackend>(
     chain: DescriptorChain<&M>,
     mem: &M,
     format: &FrameFormat,
@@ -75,7 +75,7 @@ pub fn read_tx_chain<M: GuestMemory>(
 
 /// Reads a transmit chain already walked into `buffers` (`walked`: how the walk went), as
 /// [`read_tx_chain`] does.
-pub fn read_tx_buffers<M: GuestMemory>(
+pub fn read_tx_buffers<M: GuestMemoryBackend>(
     walked: Result<(), ChainError>,
     mem: &M,
     format: &FrameFormat,
@@ -215,7 +215,7 @@ pub fn write_rx_frame(
                     .unwrap_or(&[]),
             ];
             for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
-                if mem.write_slice(piece, at).is_ok() {
+                if write_guest(mem, at, piece).is_ok() {
                     services.guest_written(at, piece.len() as u64);
                 } else {
                     // Outside guest memory: the driver gave a bad address. The chain still

@@ -413,7 +413,11 @@ impl NetDevice {
                     complete(services, admission, false);
                 }
             }
-            state.loopback.recycle(frame.data);
+            if matches!(self.shared.side, NetworkSide::Loopback) {
+                // Only the loopback takes buffers back: kept on another side (a tap's frames,
+                // a switch port's), they would be held and never reused.
+                state.loopback.recycle(frame.data);
+            }
             if used.len() >= TX_BATCH {
                 break;
             }

@@ -5,7 +5,7 @@
 use super::delay::DelayLine;
 use super::device::NetDevice;
 use super::rings::{self, FrameFormat, RxOutcome};
-use super::side::{Frame, Loopback, NetworkSide};
+use super::side::{Frame, Inbox, Loopback, NetworkSide};
 use super::stats::DropReason;
 use crate::queue::services::{Admission, Verdict, Work, admit, complete, is_served, verdict_of};
 use crate::queue::split_ring::SplitRing;
@@ -60,6 +60,14 @@ impl PairState {
             tx_delayed: DelayLine::default(),
             rx_delayed: DelayLine::default(),
         }
+    }
+}
+
+impl PairState {
+    /// Whether frames wait for the receive queue: the held one, looped-back ones, the inbox's
+    /// (delayed frames and the tap wake the pair by their own events).
+    fn frames_waiting(&self, inbox: &Inbox) -> bool {
+        self.held.is_some() || !self.loopback.is_empty() || !inbox.is_empty()
     }
 }
 
@@ -128,10 +136,7 @@ impl NetDevice {
                         // This chain and the rest of the burst go back to the ring: sent when
                         // the tokens are back.
                         used.pop_last();
-                        let back = (heads.len() - taken) as u16;
-                        let vq = vring.get_queue_mut();
-                        use virtio_queue::QueueT;
-                        vq.set_next_avail(vq.next_avail().wrapping_sub(back));
+                        popper.put_back(vring.get_queue_mut(), (heads.len() - taken) as u16);
                         throttles.wait(tx_queue(pair), wait)?;
                         break;
                     }
@@ -317,12 +322,11 @@ impl NetDevice {
         let services = self.shared.core.services();
         let limited = services.throttles();
         let mut popper = ring::Popper::new(rx_queue(pair));
-        let pending = state.held.is_some()
-            || !state.loopback.is_empty()
+        let pending = state.frames_waiting(inbox)
             || !state.rx_delayed.is_empty()
-            || !inbox.is_empty()
             || matches!(self.shared.side, NetworkSide::Tap(_));
-        if !pending {
+        // A queue starts waiting for its limits only where the loop below ends.
+        if !pending || self.shared.throttles.is_waiting(rx_queue(pair)) {
             return Ok(0);
         }
         // One read of the available index per pass; the buffers it announces are looked up in
@@ -333,12 +337,7 @@ impl NetDevice {
         let data_mem = memory.memory();
         let Some(ring) = SplitRing::new(vring.get_queue(), &data_mem) else { return popper.finish(0) };
         let mut scratch = std::mem::take(&mut state.rx_chains);
-        // A queue starts waiting for its limits only where this loop ends.
-        let waiting = self.shared.throttles.is_waiting(rx_queue(pair));
         loop {
-            if waiting {
-                break;
-            }
             // A held frame was prepared and admitted before it waited for buffers or tokens.
             let (frame, admission) = match state.held.take() {
                 Some(Held { frame, admission, blocked_at: None }) if self.over_limit_rx(limited, pair, &frame)? => {
@@ -520,9 +519,7 @@ impl QueueService for PairPass<'_> {
         if let Some(Held { blocked_at: Some(seen), .. }) = self.state.held {
             return Rearm::Blocked { seen };
         }
-        let waiting =
-            self.state.held.is_some() || !self.state.loopback.is_empty() || !self.device.inbox(self.pair).is_empty();
-        if waiting { Rearm::Work } else { Rearm::Parked }
+        if self.state.frames_waiting(self.device.inbox(self.pair)) { Rearm::Work } else { Rearm::Parked }
     }
 }
 

@@ -123,10 +123,10 @@ impl Popper {
     }
 
     /// Reads the available index of `vq` (in `ring`) once: [`Popper::next_head`] takes the
-    /// chains it announces. Returns how many there are.
-    pub fn refresh(&mut self, vq: &Queue, ring: &SplitRing<'_>) -> u16 {
+    /// chains it announces.
+    pub fn refresh(&mut self, vq: &Queue, ring: &SplitRing<'_>) {
         if self.broken.is_some() {
-            return 0;
+            return;
         }
         match ring.waiting(vq.next_avail()) {
             Ok(waiting) => {
@@ -135,7 +135,6 @@ impl Popper {
             }
             Err(error) => self.broken = Some(error),
         }
-        self.announced
     }
 
     /// The next head the last [`Popper::refresh`] announced, taken from `vq`.
@@ -156,7 +155,7 @@ impl Popper {
         }
     }
 
-    /// Gives the last `count` heads taken with [`Popper::next_head`] back to `vq`.
+    /// Gives the last `count` heads taken (one at a time or in a burst) back to `vq`.
     pub fn put_back(&mut self, vq: &mut Queue, count: u16) {
         vq.set_next_avail(vq.next_avail().wrapping_sub(count));
         self.announced += count;

@@ -86,11 +86,6 @@ impl<'m> SplitRing<'m> {
         })
     }
 
-    /// The ring's size.
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
     /// The memory the rings (and buffers) are in.
     pub fn memory(&self) -> &'m GuestMemoryMmap {
         self.mem
